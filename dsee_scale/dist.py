@@ -1,0 +1,54 @@
+"""Rank/world helpers and collectives that also work in a single process without a process group."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def comm_device() -> torch.device:
+    """Where tensors must live for collectives: the accelerator's device (CPU under gloo)."""
+    if not initialized() or dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """Broadcast from src; returns the received tensor (on the tensor's original device)."""
+    if not initialized() or world_size() == 1:
+        return tensor
+    buf = tensor.to(comm_device())
+    dist.broadcast(buf, src=src)
+    return buf.to(tensor.device)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """All-reduce a copy of tensor ('sum', 'max' or 'min'); returns it on the original device."""
+    if not initialized() or world_size() == 1:
+        return tensor
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    buf = tensor.to(comm_device())
+    dist.all_reduce(buf, op=ops[op])
+    return buf.to(tensor.device)
+
+
+def barrier() -> None:
+    if initialized():
+        dist.barrier()

@@ -1,0 +1,55 @@
+"""DeepSpeed engine for a DSEE model: only adapters (and the head) reach the optimizer."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from dsee_scale import zero
+from dsee_scale.inject import ADAPTER_PARAMS
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed() -> None:
+    """Join (or create) the process group with the accelerator's backend: NCCL on GPUs, gloo on CPU.
+
+    Ranks are discovered from the launcher's environment (deepspeed, torchrun, accelerate) or,
+    failing that, through mpi4py (mpirun, srun).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def adapter_parameters(model: nn.Module) -> list[torch.Tensor]:
+    return [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ADAPTER_PARAMS]
+
+
+def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):
+    """deepspeed.initialize with a torch AdamW over the trainable parameters only.
+
+    Frozen weights therefore get no gradient buffers, no fp32 master copy and no optimizer state;
+    adapters are kept whole on every rank (see zero.keep_whole). A torch AdamW needs no op
+    compile, unlike the config optimizer "AdamW" (FusedAdam) on CPU.
+    """
+    import deepspeed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters: call apply_dsee first")
+    if "optimizer" in ds_config:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, betas=betas)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    zero.keep_whole(engine, adapter_parameters(model))
+    return engine
+
+
+def optimizer_state_numel(engine) -> int:
+    """Elements of optimizer state held by this rank (all tensors of every state entry)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return sum(t.numel() for state in inner.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)

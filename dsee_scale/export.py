@@ -1,0 +1,148 @@
+"""Files users keep: adapter-only safetensors (with Ω and the DSEE config) and merged HF folders."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dsee_scale import dist
+from dsee_scale.config import DSEEConfig
+from dsee_scale.inject import apply_dsee, dsee_layers, dsee_state_dict, load_dsee_state_dict, support_from_layers
+
+ADAPTER_FILE = "dsee_adapter.safetensors"
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write then rename, so a crash never leaves a half-written file under the final name."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _model_type(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
+
+
+def save_adapter(model: nn.Module, folder: str | Path, config: DSEEConfig) -> Path:
+    """Adapter-only file: A, B, S values, Ω and the task head. Collective under ZeRO-3; rank 0 writes."""
+    state = dsee_state_dict(model)
+    path = Path(folder) / ADAPTER_FILE
+    if dist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"dsee_config": json.dumps(config.to_dict()), "model_type": _model_type(model), "format": "dsee_scale/1"}
+        atomic_save_file(state, path, metadata)
+    dist.barrier()
+    return path
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], DSEEConfig, dict[str, str]]:
+    """Tensors, DSEE config and metadata of an adapter file (safetensors: no code is executed)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no DSEE adapter at {path}: expected a {ADAPTER_FILE} written by save_adapter")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "dsee_config" not in metadata:
+        raise ValueError(f"{path} is not a dsee_scale adapter (no dsee_config in its metadata)")
+    return tensors, DSEEConfig(**json.loads(metadata["dsee_config"])), metadata
+
+
+def load_adapter(model: nn.Module, path: str | Path, ds_config: dict | None = None) -> nn.Module:
+    """Put a saved adapter on `model`: adapts a fresh base model first (reusing the saved Ω)."""
+    tensors, config, metadata = read_adapter(path)
+    if metadata.get("model_type") != _model_type(model):
+        raise ValueError(f"adapter was saved from a {metadata.get('model_type')!r} model, this one is {_model_type(model)!r}")
+    if not dsee_layers(model):
+        suffix = ".sparse_index"
+        support = {k[: -len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}
+        apply_dsee(model, config, ds_config=ds_config, support=support_from_layers(model, config, support))
+    load_dsee_state_dict(model, tensors)
+    return model
+
+
+
+class _ShardWriter:
+    """Writes a state dict in safetensors shards of bounded size, then HF's index file."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.pending[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        self.pending_bytes += tensor.numel() * tensor.element_size()
+        if self.pending_bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f"shard-{len(self.shards):05d}.safetensors.part"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        if len(self.shards) == 1:
+            os.replace(self.shards[0][0], self.folder / "model.safetensors")
+            return
+        weight_map, total = {}, 0
+        for i, (path, names) in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            os.replace(path, self.folder / final)
+            total += (self.folder / final).stat().st_size
+            weight_map.update({n: final for n in names})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, max_shard_bytes: int = 1 << 30) -> Path:
+    """An ordinary HF folder (config + safetensors) that `from_pretrained` loads without dsee_scale.
+
+    merge=True stores W + ΔW for every adapted weight; merge=False stores the base weights alone
+    (pair it with `save_adapter` for the exact adapted function). Collective under ZeRO-3: one module's parameters are
+    gathered at a time and rank 0 writes shards of at most max_shard_bytes.
+    """
+    from dsee_scale import zero
+    from dsee_scale.layer import DSEELayer
+
+    folder = Path(folder)
+    writer = _ShardWriter(folder, max_shard_bytes) if dist.is_main() else None
+    seen: set[int] = set()
+    bases = {id(m.base): m for m in model.modules() if isinstance(m, DSEELayer)}
+    for name, module in model.named_modules():
+        if isinstance(module, DSEELayer):
+            continue
+        prefix = name[: -len(".base")] if id(module) in bases else name
+        params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in params)
+        layer = bases.get(id(module))
+        extra = [layer.lora_A, layer.lora_B, layer.sparse_values] if layer is not None and merge else []
+        with torch.no_grad(), zero.gathered([p for _, p in params] + extra):
+            for pname, param in params:
+                tensor = param.data
+                if pname == "weight" and extra:
+                    delta = layer.delta_weight().to(tensor.dtype)
+                    tensor = tensor + (delta.t() if layer.transposed else delta)
+                if writer is not None:
+                    writer.add(f"{prefix}.{pname}" if prefix else pname, tensor)
+        for bname, buf in module.named_buffers(recurse=False):
+            if bname not in module._non_persistent_buffers_set and bname != "sparse_index" and writer is not None:
+                writer.add(f"{prefix}.{bname}" if prefix else bname, buf)
+    if writer is not None:
+        writer.close()
+        model.config.save_pretrained(str(folder))
+    dist.barrier()
+    return folder

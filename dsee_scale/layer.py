@@ -1,0 +1,142 @@
+"""The DSEE adapter: a frozen base layer plus (alpha/r)·B·A + S, S stored as indices + values.
+
+The base layer's own forward is called (so ZeRO-3's module hooks fetch its partitioned weight);
+W + ΔW is never rebuilt in the forward pass. S is a trainable vector of `nnz` values and an
+int64 buffer of flat indices into the (out_features × in_features) weight: never dense.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from dsee_scale import zero
+
+
+def weight_is_transposed(base: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as (in, out); nn.Linear as (out, in)."""
+    return type(base).__name__ == "Conv1D"
+
+
+def base_dims(base: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear or Conv1D, read from ds_shape when partitioned."""
+    rows, cols = zero.full_shape(base.weight)
+    return (cols, rows) if weight_is_transposed(base) else (rows, cols)
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A per-module seed that depends on the module's name only (not on build order or world size)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+class DSEELayer(nn.Module):
+    """Wraps a frozen Linear/Conv1D; adapts all its outputs, or only some row slices of a fused one.
+
+    `slices` are (start, stop) ranges of output features, each with its own A (r × in) and B
+    (len × r) and its own share of the sparse support. `support` holds flat indices into the
+    (out × in) weight, nnz per slice, already chosen (see `dsee_scale.support`).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        support: torch.Tensor,
+        slices: list[tuple[int, int]] | None = None,
+        dropout: float = 0.0,
+        init: str = "lora",
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.out_features, self.in_features = base_dims(base)
+        self.slices = [tuple(s) for s in (slices or [(0, self.out_features)])]
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.transposed = weight_is_transposed(base)
+        self.merged = False
+        dtype = dtype or zero.full_dtype(base.weight)
+        n_rows = sum(stop - start for start, stop in self.slices)
+        generator = torch.Generator().manual_seed(seed)
+        a = torch.empty(len(self.slices) * rank, self.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        b = torch.zeros(n_rows, rank)
+        values = torch.zeros(support.numel())
+        if init == "normal":
+            a, b, values = (torch.randn(t.shape, generator=generator) * 0.02 for t in (a, b, values))
+        self.lora_A = nn.Parameter(a.to(dtype))
+        self.lora_B = nn.Parameter(b.to(dtype))
+        self.sparse_values = nn.Parameter(values.to(dtype))
+        self.register_buffer("sparse_index", support.to(torch.int64).clone())
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+            f"slices={self.slices}, nnz={self.sparse_index.numel()}, merged={self.merged}"
+        )
+
+    def _low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """(alpha/r)·B·A·x for every slice, zero elsewhere, over all out_features."""
+        h = x @ self.lora_A.t()
+        pieces, cursor, row = [], 0, 0
+        for i, (start, stop) in enumerate(self.slices):
+            if start > cursor:
+                pieces.append(x.new_zeros(*x.shape[:-1], start - cursor))
+            b = self.lora_B[row : row + stop - start]
+            pieces.append(h[..., i * self.rank : (i + 1) * self.rank] @ b.t())
+            cursor, row = stop, row + stop - start
+        if cursor < self.out_features:
+            pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - cursor))
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+        return out * self.scaling
+
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        """S·x with S given by (sparse_index, sparse_values): gather inputs, scatter-add outputs."""
+        rows = self.sparse_index // self.in_features
+        cols = self.sparse_index % self.in_features
+        contrib = x.index_select(-1, cols) * self.sparse_values
+        out = x.new_zeros(*x.shape[:-1], self.out_features)
+        return out.index_add(-1, rows, contrib)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        h = self.dropout(x)
+        delta = self._low_rank(h)
+        if self.sparse_index.numel():
+            delta = delta + self._sparse(h)
+        return y + delta.to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense ΔW (out × in) of this one matrix; call inside `zero.gathered` under ZeRO-3."""
+        delta = self.lora_A.new_zeros(self.out_features, self.in_features)
+        row = 0
+        for i, (start, stop) in enumerate(self.slices):
+            a = self.lora_A[i * self.rank : (i + 1) * self.rank]
+            delta[start:stop] = self.lora_B[row : row + stop - start] @ a * self.scaling
+            row += stop - start
+        delta.view(-1).index_add_(0, self.sparse_index, self.sparse_values.detach())
+        return delta
+
+    @torch.no_grad()
+    def _add_delta(self, sign: float) -> None:
+        with zero.gathered([self.base.weight, self.lora_A, self.lora_B, self.sparse_values], modify=True):
+            delta = self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight.data.add_(delta.t() if self.transposed else delta, alpha=sign)
+
+    def merge(self) -> None:
+        """W ← W + ΔW, after which forward is the base layer's alone."""
+        if not self.merged:
+            self._add_delta(+1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._add_delta(-1.0)
+            self.merged = False

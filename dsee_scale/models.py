@@ -1,0 +1,71 @@
+"""Building models: HF configs, local folders or hub names; partitioned at birth under ZeRO-3."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+)
+
+TASK_MODELS = {"lm": AutoModelForCausalLM, "cls": AutoModelForSequenceClassification}
+
+
+def tiny_config(kind: str, vocab_size: int = 128, **overrides) -> PretrainedConfig:
+    """A few-layer config of each supported architecture, sized for tests on 2 CPU cores."""
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    elif kind == "bert":
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    elif kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}: choose gpt2, bert or llama")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def is_zero3(ds_config: dict | None) -> bool:
+    return bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+
+
+def build_model(
+    source: str | Path | PretrainedConfig,
+    task: str = "lm",
+    ds_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    **config_overrides,
+) -> nn.Module:
+    """A model from a config (random init), a local folder or a hub name.
+
+    Under a ZeRO-3 `ds_config`, weights are partitioned as they are created and Hugging Face's
+    own initialisation still runs (HfDeepSpeedConfig, kept alive on the model: a bare zero.Init
+    would skip it). `config_overrides` set config fields (e.g. num_labels for classification).
+    """
+    if task not in TASK_MODELS:
+        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASK_MODELS)}")
+    hf_ds_config = None
+    if is_zero3(ds_config):
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+    auto = TASK_MODELS[task]
+    if isinstance(source, PretrainedConfig):
+        for key, value in config_overrides.items():
+            setattr(source, key, value)
+        model = auto.from_config(source, dtype=dtype)
+    else:
+        config = AutoConfig.from_pretrained(str(source), **config_overrides)
+        model = auto.from_pretrained(str(source), config=config, dtype=dtype)
+    if task == "cls" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
+    model._dsee_hf_ds_config = hf_ds_config  # keeps the weakref'd global config alive with the model
+    return model

@@ -1,0 +1,128 @@
+"""The one place that knows DeepSpeed ZeRO-3 internals (ds_tensor, ds_shape, ds_status, ...).
+
+Everything works without DeepSpeed or a process group too: then a parameter is its own
+"local shard" and gathers are no-ops. A DeepSpeed upgrade should be this file's work alone.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """True for a parameter that ZeRO-3 owns (it has a ds_id)."""
+    return hasattr(param, "ds_id")
+
+
+def zero3_active(module: nn.Module) -> bool:
+    return any(is_partitioned(p) for p in module.parameters())
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    return param.ds_shape if is_partitioned(param) else param.shape
+
+
+def full_numel(param: torch.Tensor) -> int:
+    return param.ds_numel if is_partitioned(param) else param.numel()
+
+
+def full_dtype(param: torch.Tensor) -> torch.dtype:
+    return param.ds_tensor.dtype if is_partitioned(param) else param.dtype
+
+
+def _partition_rank(param: torch.Tensor) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group=param.ds_process_group)
+
+
+def is_whole(param: torch.Tensor) -> bool:
+    """A partitioned parameter whose full copy is currently materialised (persistent or fetched)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return is_partitioned(param) and param.ds_status == ZeroParamStatus.AVAILABLE
+
+
+def shard_range(param: torch.Tensor) -> tuple[int, int]:
+    """[start, stop) of this rank's slice of the flattened full parameter, padding excluded."""
+    if not is_partitioned(param):
+        return 0, param.numel()
+    size = param.ds_tensor.ds_numel
+    start = min(_partition_rank(param) * size, param.ds_numel)
+    return start, min(start + size, param.ds_numel)
+
+
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """This rank's elements of the flattened parameter (padding excluded), as a view."""
+    if not is_partitioned(param):
+        return param.data.view(-1)
+    start, stop = shard_range(param)
+    return param.ds_tensor.data.view(-1).narrow(0, 0, stop - start)
+
+
+@torch.no_grad()
+def edit_local_shard(param: torch.Tensor, fn) -> None:
+    """Apply fn(shard_view, start) in place to this rank's shard; keep a whole copy in step.
+
+    Editing ds_tensor of a parameter that is currently whole (persistent or fetched) does not
+    change its full copy, so the same edit is made to that copy's slice too.
+    """
+    start, stop = shard_range(param)
+    fn(local_shard(param), start)
+    if is_partitioned(param) and is_whole(param):
+        param.data.view(-1)[start:stop].copy_(local_shard(param))
+        _sync_whole_copy(param)
+
+
+def _sync_whole_copy(param: torch.Tensor) -> None:
+    """After each rank edited its own slice of a whole copy, share the slices (all-gather)."""
+    import torch.distributed as dist
+
+    size = param.ds_tensor.ds_numel
+    world = dist.get_world_size(group=param.ds_process_group)
+    flat = torch.zeros(size * world, dtype=param.ds_tensor.dtype, device=param.ds_tensor.device)
+    dist.all_gather_into_tensor(flat, param.ds_tensor.data.view(-1), group=param.ds_process_group)
+    param.data.view(-1).copy_(flat[: param.ds_numel])
+
+
+@contextlib.contextmanager
+def gathered(params: Sequence[torch.Tensor], modify: bool = False) -> Iterator[None]:
+    """Make full copies of params available; with modify=True, rank 0's edits are kept everywhere.
+
+    A no-op for parameters that ZeRO-3 does not own.
+    """
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
+
+
+def init_context(ds_config: dict | None, dtype: torch.dtype, enabled: bool):
+    """Context to create new parameters that ZeRO-3 partitions at once (or a no-op)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
+
+
+def keep_whole(engine, params: Sequence[torch.Tensor]) -> None:
+    """Keep small trainable parameters (the adapters) whole on every rank, whatever the
+    persistence threshold: no rank ever waits on a gather for them. DeepSpeed re-gathers
+    persistent parameters after every optimizer step, so they are added to its list too."""
+    optimizer = getattr(engine, "optimizer", None)
+    registry = getattr(optimizer, "persistent_parameters", None)
+    params = [p for p in params if is_partitioned(p) and not p.ds_persist]
+    if registry is None or not params:
+        return
+    for p in params:
+        p.ds_persist = True
+        registry.append(p)
+    params[0].all_gather(params)

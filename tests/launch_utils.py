@@ -1,0 +1,36 @@
+"""Run a script under a real launcher with 2 CPU ranks; fail the test with its output if it fails."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command(launcher: str, script: str, nproc: int = 2) -> list[str]:
+    port = str(free_port())
+    if launcher == "deepspeed":
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, script]
+    if launcher == "torchrun":
+        return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, script]
+    if launcher == "mpirun":
+        return ["mpirun", "-np", str(nproc), "--allow-run-as-root", "--oversubscribe", "-x", f"MASTER_PORT={port}", sys.executable, script]
+    raise ValueError(launcher)
+
+
+def run_launcher(launcher: str, script: str, args: list, timeout: int = 300, nproc: int = 2, env: dict | None = None) -> str:
+    cmd = launcher_command(launcher, script, nproc) + [str(a) for a in args]
+    full_env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+    return output

@@ -1,0 +1,96 @@
+"""The adapter layer against the dense formula x·(W + (α/r)·B·A + S)ᵀ + b."""
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from dsee_scale.layer import DSEELayer
+from dsee_scale.support import choose_support
+
+
+def dense_reference(layer: DSEELayer, x: torch.Tensor) -> torch.Tensor:
+    w = layer.base.weight.detach()
+    w = w.t() if layer.transposed else w
+    delta = torch.zeros_like(w)
+    row = 0
+    for i, (start, stop) in enumerate(layer.slices):
+        a = layer.lora_A[i * layer.rank : (i + 1) * layer.rank]
+        delta[start:stop] = layer.lora_B[row : row + stop - start] @ a * layer.scaling
+        row += stop - start
+    s_dense = torch.zeros(w.numel())
+    s_dense[layer.sparse_index] = layer.sparse_values
+    return x @ (w + delta + s_dense.view_as(w)).t() + layer.base.bias
+
+
+def make_layer(kind: str, init: str = "normal", dropout: float = 0.0) -> DSEELayer:
+    torch.manual_seed(1)
+    if kind == "linear":
+        base, slices = nn.Linear(24, 40), None
+        out = 40
+    elif kind == "conv1d":
+        base, slices = Conv1D(40, 24), None  # Conv1D(nf=out, nx=in): weight is (in, out)
+        out = 40
+    else:  # q and v of a fused c_attn with hidden 24: out = 3 × 24
+        base, slices = Conv1D(72, 24), [(0, 24), (48, 72)]
+        out = 72
+    nn.init.normal_(base.bias)
+    rows = slices or [(0, out)]
+    index = torch.cat([choose_support(torch.randn(stop - start, 24), 10, "random", seed=i) + start * 24 for i, (start, stop) in enumerate(rows)])
+    return DSEELayer(base.requires_grad_(False), rank=4, alpha=8.0, support=index, slices=slices, init=init, dropout=dropout)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "fused_qv"])
+def test_forward_matches_dense_formula(kind):
+    layer = make_layer(kind)
+    x = torch.randn(3, 5, 24)
+    torch.testing.assert_close(layer(x), dense_reference(layer, x), atol=1e-6, rtol=1e-6)
+
+
+def test_fused_slice_leaves_k_untouched():
+    layer = make_layer("fused_qv")
+    x = torch.randn(2, 24)
+    torch.testing.assert_close(layer(x)[:, 24:48], layer.base(x)[:, 24:48], atol=0, rtol=0)
+    assert not torch.allclose(layer(x)[:, :24], layer.base(x)[:, :24])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "fused_qv"])
+def test_gradients_reach_only_adapter_values(kind):
+    layer = make_layer(kind)
+    layer(torch.randn(4, 24)).pow(2).sum().backward()
+    grads = {n: p.grad for n, p in layer.named_parameters()}
+    assert set(n for n, g in grads.items() if g is not None) == {"lora_A", "lora_B", "sparse_values"}
+    assert all(grads[n].abs().sum() > 0 for n in ("lora_A", "lora_B", "sparse_values"))
+    assert layer.sparse_index.dtype == torch.int64 and layer.sparse_values.shape == layer.sparse_index.shape
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "fused_qv"])
+def test_merge_unmerge_round_trip(kind):
+    layer = make_layer(kind)
+    w0 = layer.base.weight.detach().clone()
+    x = torch.randn(3, 24)
+    expected = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, w0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_lora_init_leaves_model_unchanged_and_normal_init_does_not():
+    x = torch.randn(3, 24)
+    lora = make_layer("linear", init="lora")
+    assert torch.equal(lora(x), lora.base(x))
+    assert lora.lora_A.abs().sum() > 0 and lora.lora_B.abs().sum() == 0 and lora.sparse_values.abs().sum() == 0
+    normal = make_layer("linear", init="normal")
+    assert not torch.allclose(normal(x), normal.base(x))
+    assert 0.01 < normal.lora_B.std().item() < 0.04
+
+
+def test_dropout_applies_to_adapter_input_only_in_training():
+    layer = make_layer("linear", dropout=0.5)
+    x = torch.randn(8, 24)
+    layer.eval()
+    torch.testing.assert_close(layer(x), dense_reference(layer, x), atol=1e-6, rtol=1e-6)
+    layer.train()
+    assert not torch.allclose(layer(x), dense_reference(layer, x))

@@ -1,0 +1,122 @@
+"""ZeRO-3 with 2 real CPU ranks: equivalence with one plain process, shards, optimizer state,
+checkpoint resume, HF export. Each launch is a real `deepspeed --num_gpus 2` job (gloo)."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, tiny_model
+from launch_utils import run_launcher
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(ROOT / "tests" / "dist"))
+from common import batch, eval_batch  # noqa: E402
+
+from dsee_scale import DSEEConfig, apply_dsee, dsee_state_dict  # noqa: E402
+
+pytestmark = pytest.mark.multiproc
+SCRIPT = "tests/dist/zero3_tiny.py"
+KINDS = {"gpt2": "lm", "bert": "cls", "llama": "lm"}
+
+
+def reference_run(base: Path, task: str, steps: int):
+    """The same training in one process, without DeepSpeed, on the global batch."""
+    from dsee_scale.models import build_model
+
+    model = build_model(base, task)
+    apply_dsee(model, DSEEConfig(rank=4, alpha=8.0, nnz=8, support="grebsmo", init="lora"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        loss = model(**batch(step, task)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, dsee_state_dict(model), model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 20-step 2-rank run per architecture (saved and exported), shared by the tests below."""
+    root = tmp_path_factory.mktemp("zero3")
+    result = {}
+    for kind, task in KINDS.items():
+        base = root / f"base_{kind}"
+        tiny_model(kind, task).save_pretrained(base)
+        out = root / f"run_{kind}"
+        args = ["--base", base, "--task", task, "--out", out, "--steps", 20, "--export"]
+        if kind == "gpt2":
+            args += ["--save", root / "ckpt20"]
+        run_launcher("deepspeed", SCRIPT, args)
+        report = json.loads((out / "report_rank0.json").read_text())
+        result[kind] = dict(base=base, out=out, report=report, reports=[json.loads((out / f"report_rank{r}.json").read_text()) for r in range(2)])
+    result["root"] = root
+    return result
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_zero3_two_ranks_equal_one_plain_process(runs, kind):
+    run = runs[kind]
+    ref_losses, ref_state, _ = reference_run(run["base"], KINDS[kind], 20)
+    torch.testing.assert_close(torch.tensor(run["report"]["losses"]), torch.tensor(ref_losses), rtol=1e-4, atol=0)
+    saved = load_file(str(run["out"] / "adapter" / "dsee_adapter.safetensors"))
+    assert set(saved) == set(ref_state)
+    for name, tensor in ref_state.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert ref_losses[-1] < ref_losses[0] or kind != "bert"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_frozen_weights_stay_partitioned_unchanged_and_outside_the_optimizer(runs, kind):
+    for report in runs[kind]["reports"]:
+        for name, numel in report["full_numel"].items():
+            assert report["shard_numel_during"][name] in (math.ceil(numel / 2), numel - math.ceil(numel / 2)), name
+            assert report["shard_numel_after"][name] == report["shard_numel_during"][name]
+        big = {n: v for n, v in report["full_numel"].items() if v > 1}
+        assert all(report["shard_numel_after"][n] < v for n, v in big.items())
+        assert report["frozen_checksum_before"] == report["frozen_checksum_after"] != 0.0
+        assert report["optimizer_state_numel"] == 2 * report["trainable"] // 2
+        assert report["adapters_whole"] and report["frozen_grads"] == 0
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_exported_hf_folder_reloads_without_deepspeed(runs, kind):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if KINDS[kind] == "cls" else AutoModelForCausalLM
+    model = auto.from_pretrained(runs[kind]["out"] / "hf").eval()
+    expected = torch.load(runs[kind]["out"] / "logits.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=eval_batch()).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_full_checkpoint_resume_continues_the_same_run(runs):
+    root, base = runs["root"], runs["gpt2"]["base"]
+    common = ["--base", base, "--task", "lm"]
+    run_launcher("deepspeed", SCRIPT, common + ["--out", root / "first10", "--steps", 10, "--save", root / "ckpt10"])
+    run_launcher("deepspeed", SCRIPT, common + ["--out", root / "last10", "--steps", 10, "--start", 10, "--resume", root / "ckpt10"])
+    first = json.loads((root / "first10" / "report_rank0.json").read_text())["losses"]
+    last = json.loads((root / "last10" / "report_rank0.json").read_text())["losses"]
+    assert first + last == runs["gpt2"]["report"]["losses"]
+
+
+def test_random_init_gpt2_under_zero3_keeps_hf_initialisation(tmp_path):
+    run_launcher("deepspeed", SCRIPT, ["--base", "config:tiny-gpt2", "--out", tmp_path, "--steps", 1])
+    report = json.loads((tmp_path / "report_rank0.json").read_text())
+    assert abs(report["losses"][0] - math.log(report["vocab"])) < 0.1, report["losses"][0]
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_adapter_only_checkpoint_is_under_one_percent_of_full(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run_launcher("deepspeed", SCRIPT, ["--base", "config:gpt2-small", "--out", tmp_path / "out", "--steps", 1, "--save", ckpt], timeout=600)
+    full, adapter_only = folder_bytes(ckpt), folder_bytes(Path(str(ckpt) + "_adapter_only"))
+    adapter_file = (tmp_path / "out" / "adapter" / "dsee_adapter.safetensors").stat().st_size
+    assert full > 400e6  # 124M fp32 frozen shards
+    assert adapter_only < 0.01 * full and adapter_file < 0.01 * full
