@@ -1,8 +1,13 @@
 """DSEE configuration: plain data, validated once, before any heavy work."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 INIT_METHODS = ("lora", "normal")
 SUPPORT_METHODS = ("grebsmo", "grebsmo_released", "magnitude", "random")
@@ -62,3 +67,208 @@ class DSEEConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+PRUNE_SCORES = ("weight", "merged", "delta")
+PRUNE_SCOPES = ("global", "layer")
+HEAD_SCORES = ("dsee", "weight", "gradient")
+
+
+@dataclass
+class PruneConfig:
+    """Sparsity after tuning: unstructured magnitude pruning and/or removal of heads and FFN neurons."""
+
+    sparsity: float = field(default=0.0, metadata={"help": "fraction of selected weights set to zero (0 disables unstructured pruning)"})
+    scope: str = field(default="global", metadata={"help": "'global': one threshold over all selected weights; 'layer': one per matrix"})
+    score: str = field(default="weight", metadata={"help": "'weight': |W|; 'merged': |W + ΔW|; 'delta': |ΔW| (the released DSEE code)"})
+    include: list[str] = field(
+        default_factory=lambda: [r".*\.(layers?|h|block)\.\d+\..*weight$"],
+        metadata={"help": "regexes on parameter names to prune (2-D weights of the transformer blocks by default)"},
+    )
+    exclude: list[str] = field(default_factory=lambda: [r".*(norm|ln_|embed|wte|wpe|LayerNorm).*"], metadata={"help": "regexes never pruned"})
+    heads: float = field(default=0.0, metadata={"help": "structured: fraction of attention heads to remove"})
+    ffn: float = field(default=0.0, metadata={"help": "structured: fraction of FFN neurons to remove"})
+    structured_score: str = field(default="dsee", metadata={"help": "head/neuron importance: dsee (|ΔW|), weight (|W|) or gradient (gate gradient × output)"})
+    structured_scope: str = field(default="global", metadata={"help": "'global' budget across layers, or 'layer': the same count in every layer"})
+
+    def __post_init__(self) -> None:
+        for name in ("sparsity", "heads", "ffn"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"prune.{name} must be in [0, 1), got {value!r}")
+        if self.score not in PRUNE_SCORES:
+            raise ValueError(f"unknown prune.score {self.score!r}: choose one of {', '.join(PRUNE_SCORES)}")
+        for name in ("scope", "structured_scope"):
+            if getattr(self, name) not in PRUNE_SCOPES:
+                raise ValueError(f"unknown prune.{name} {getattr(self, name)!r}: choose global or layer")
+        if self.structured_score not in HEAD_SCORES:
+            raise ValueError(f"unknown prune.structured_score {self.structured_score!r}: choose one of {', '.join(HEAD_SCORES)}")
+
+
+STAGES = ("tune", "prune", "retune", "evaluate", "export")
+TASKS = ("lm", "cls")
+
+
+@dataclass
+class TrainConfig:
+    """One run of launch/train.py. Recipe files (YAML/JSON) fill it; CLI flags win."""
+
+    model: str = field(default="builtin:tiny-llama", metadata={"help": "local folder, hub name (online), or builtin:<tiny-llama|tiny-gpt2|gpt2|gpt2-medium|gpt2-xl|...> (random init)"})
+    task: str = field(default="lm", metadata={"help": "'lm' (causal LM) or 'cls' (sequence classification)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or hub name; default: the model's; builtin models train a SentencePiece tokenizer"})
+    train_file: str | None = field(default=None, metadata={"help": "training data: .tsv/.csv/.json/.jsonl/.txt, or E2E 'source||target' lines (.txt with ||)"})
+    eval_file: str | None = field(default=None, metadata={"help": "evaluation data (same formats)"})
+    dataset: str | None = field(default=None, metadata={"help": "HF hub dataset name instead of files (online), e.g. 'glue'"})
+    dataset_config: str | None = field(default=None, metadata={"help": "hub dataset configuration, e.g. 'sst2'"})
+    eval_split: str = field(default="validation", metadata={"help": "hub dataset split to evaluate on"})
+    text_column: str = field(default="text", metadata={"help": "column with the input text (classification, JSON LM data)"})
+    text_pair_column: str | None = field(default=None, metadata={"help": "second text column for pair tasks"})
+    label_column: str = field(default="label", metadata={"help": "classification label column (strings or integers)"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example (longer ones are truncated)"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N examples"})
+    ds_config: str = field(default="ds_configs/zero3.json", metadata={"help": "DeepSpeed JSON config"})
+    output_dir: str = field(default="runs/default", metadata={"help": "run folder: config, metrics, checkpoints, exports"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in output_dir from its latest checkpoint"})
+    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": f"stages to run, in order: {', '.join(STAGES)}"})
+    steps: int = field(default=300, metadata={"help": "tuning steps (optimizer updates)"})
+    retune_steps: int = field(default=50, metadata={"help": "re-tuning steps after pruning, masks fixed"})
+    lr: float = field(default=1e-2, metadata={"help": "peak learning rate (AdamW); about 1e-3 suits pretrained models"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps, then linear decay to 0"})
+    micro_batch_size: int | None = field(default=None, metadata={"help": "per-rank batch; default: the DeepSpeed config's"})
+    grad_accum: int | None = field(default=None, metadata={"help": "gradient accumulation steps; default: the DeepSpeed config's"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps during tuning (0: only at stage ends)"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0: only at stage ends)"})
+    log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})
+    seed: int = field(default=42, metadata={"help": "seed for data order, init and random support"})
+    gen_samples: int = field(default=32, metadata={"help": "LM with source||target data: examples generated for BLEU"})
+    gen_max_new_tokens: int = field(default=40, metadata={"help": "tokens generated per example for BLEU"})
+    dsee: DSEEConfig = field(default_factory=DSEEConfig)
+    prune: PruneConfig = field(default_factory=lambda: PruneConfig(sparsity=0.5))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dsee, dict):
+            self.dsee = DSEEConfig(**self.dsee)
+        if isinstance(self.prune, dict):
+            self.prune = PruneConfig(**self.prune)
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}: choose 'lm' or 'cls'")
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stages {unknown}: choose from {', '.join(STAGES)}")
+        for name in ("steps", "retune_steps", "max_length", "log_every"):
+            if getattr(self, name) < (1 if name in ("max_length", "log_every") else 0):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.resume and self.overwrite:
+            raise ValueError("choose --resume or --overwrite, not both")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flat_fields(cls, prefix: str = ""):
+    """(dotted name, field, type) of a config dataclass, nested dataclasses flattened."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from _flat_fields(kind, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, kind
+
+
+def _parse_value(kind, text: str):
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    base = typing.get_origin(kind)
+    if base in (list, typing.Union, types.UnionType) and args and typing.get_origin(args[0]) is list:
+        kind, base, args = args[0], list, list(typing.get_args(args[0]))
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(kind):
+        return None
+    if base is list:
+        return [] if text == "" else [_parse_value(args[0], t) for t in text.split(",")]
+    target = args[0] if args else kind
+    if target is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true/false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    return target(text)
+
+
+def config_parser() -> argparse.ArgumentParser:
+    """Every TrainConfig field as a flag (--dsee.rank 16, --prune.sparsity 0.5, ...)."""
+    parser = argparse.ArgumentParser(
+        description="DSEE fine-tuning on DeepSpeed: choose Ω → tune → prune → re-tune → evaluate → export.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="recipe file (YAML or JSON) with TrainConfig fields; flags override it")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    defaults = TrainConfig()
+    for name, f, kind in _flat_fields(TrainConfig):
+        value = defaults
+        for part in name.split("."):
+            value = getattr(value, part)
+        flag_help = f.metadata.get("help", "")
+        if value is not None:
+            flag_help += f" (default: {','.join(map(str, value)) if isinstance(value, list) else value})"
+        extra = {"nargs": "?", "const": "true"} if kind is bool else {}
+        parser.add_argument(f"--{name}", dest=name, default=None, metavar=name.rsplit(".", 1)[-1].upper(), help=flag_help, **extra)
+    parser.formatter_class = argparse.HelpFormatter
+    return parser
+
+
+def _nest(flat: dict) -> dict:
+    nested: dict = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def load_recipe(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must hold a mapping of TrainConfig fields")
+    return data
+
+
+def train_config_from_argv(argv: list[str] | None = None) -> TrainConfig:
+    """Recipe file first, then flags; unknown keys and bad values are named in the error."""
+    args = config_parser().parse_args(argv)
+    data = load_recipe(args.config) if args.config else {}
+    kinds = {name: kind for name, _, kind in _flat_fields(TrainConfig)}
+    flat = {}
+    for name, kind in kinds.items():
+        text = getattr(args, name)
+        if text is not None:
+            try:
+                flat[name] = _parse_value(kind, text)
+            except ValueError as err:
+                raise ValueError(f"--{name}: {err}") from None
+    merged = data
+    for key, value in _nest(flat).items():
+        if isinstance(value, dict):
+            merged[key] = {**(merged.get(key) or {}), **value}
+        else:
+            merged[key] = value
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields {unknown} in {args.config or 'flags'}: see launch/train.py --help")
+    for section, cls in (("dsee", DSEEConfig), ("prune", PruneConfig)):
+        extra = sorted(set(merged.get(section) or {}) - {f.name for f in dataclasses.fields(cls)})
+        if extra:
+            raise ValueError(f"unknown {section} fields {extra}: see launch/train.py --help")
+    return TrainConfig(**merged)

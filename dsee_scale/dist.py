@@ -52,3 +52,12 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def barrier() -> None:
     if initialized():
         dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's obj, in rank order (a one-element list without a process group)."""
+    if not initialized() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -108,11 +108,12 @@ class _ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, max_shard_bytes: int = 1 << 30) -> Path:
+def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: bool = False, max_shard_bytes: int = 1 << 30) -> Path:
     """An ordinary HF folder (config + safetensors) that `from_pretrained` loads without dsee_scale.
 
     merge=True stores W + ΔW for every adapted weight; merge=False stores the base weights alone
-    (pair it with `save_adapter` for the exact adapted function). Collective under ZeRO-3: one module's parameters are
+    (pair it with `save_adapter` for the exact adapted function). remask=True keeps pruned
+    entries (zeros of the base weight) zero in the merged weight, so it is exactly as sparse. Collective under ZeRO-3: one module's parameters are
     gathered at a time and rank 0 writes shards of at most max_shard_bytes.
     """
     from dsee_scale import zero
@@ -135,7 +136,8 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, max_shar
                 tensor = param.data
                 if pname == "weight" and extra:
                     delta = layer.delta_weight().to(tensor.dtype)
-                    tensor = tensor + (delta.t() if layer.transposed else delta)
+                    merged = tensor + (delta.t() if layer.transposed else delta)
+                    tensor = merged.masked_fill(tensor == 0, 0) if remask else merged
                 if writer is not None:
                     writer.add(f"{prefix}.{pname}" if prefix else pname, tensor)
         for bname, buf in module.named_buffers(recurse=False):

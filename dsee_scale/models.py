@@ -69,3 +69,22 @@ def build_model(
         model.config.pad_token_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
     model._dsee_hf_ds_config = hf_ds_config  # keeps the weakref'd global config alive with the model
     return model
+
+
+def builtin_config(name: str, vocab_size: int | None = None) -> PretrainedConfig:
+    """Random-init configs by name ('builtin:<name>'); vocab_size defaults to the tokenizer's."""
+    key = name.removeprefix("builtin:")
+    gpt2_sizes = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
+    if key == "tiny-llama":
+        return LlamaConfig(vocab_size=vocab_size or 512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    if key == "tiny-gpt2":
+        return GPT2Config(vocab_size=vocab_size or 512, n_positions=256, n_embd=128, n_layer=4, n_head=4)
+    if key in gpt2_sizes:
+        d, layers, heads = gpt2_sizes[key]
+        return GPT2Config(vocab_size=50257, n_embd=d, n_layer=layers, n_head=heads)
+    if key == "tiny-bert":
+        return BertConfig(vocab_size=vocab_size or 512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
+    raise ValueError(f"unknown builtin model {name!r}: choose builtin:tiny-llama, builtin:tiny-gpt2, builtin:tiny-bert, or builtin:{'/'.join(gpt2_sizes)}")
+
+
+BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

@@ -1,0 +1,208 @@
+"""Tasks and data: local files or hub datasets → tokenized examples → per-rank micro-batches.
+
+Batches are a pure function of (seed, step): every rank slices the same global batch, so a run
+resumes exactly from its step counter and gives the same global batches at any world size.
+"""
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PAIR_SEPARATOR = "||"
+
+
+def _load_local(path: str):
+    """A local file as an HF Dataset: .tsv/.csv (header row), .json/.jsonl, .txt (one example per line)."""
+    import datasets
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist (check --train_file / --eval_file)")
+    try:
+        with file.open("rb") as handle:
+            handle.read(1)
+    except OSError as err:
+        raise ValueError(f"data file {path} cannot be read: {err}") from None
+    suffix = file.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        delimiter = "\t" if suffix == ".tsv" else ","
+        return datasets.load_dataset("csv", data_files=str(file), delimiter=delimiter, quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL, split="train")
+    if suffix in (".json", ".jsonl"):
+        return datasets.load_dataset("json", data_files=str(file), split="train")
+    if suffix == ".txt":
+        lines = [line.rstrip("\n") for line in file.open(encoding="utf-8") if line.strip()]
+        if lines and all(PAIR_SEPARATOR in line for line in lines[:100]):
+            pairs = [line.split(PAIR_SEPARATOR, 1) for line in lines]
+            return datasets.Dataset.from_dict({"source": [s.strip() for s, _ in pairs], "target": [t.strip() for _, t in pairs]})
+        return datasets.Dataset.from_dict({"text": lines})
+    raise ValueError(f"data file {path}: unsupported format {suffix!r}; use .tsv, .csv, .json, .jsonl or .txt")
+
+
+def load_split(cfg, split: str):
+    """The train or eval split named by a TrainConfig: a local file, or a hub dataset (online)."""
+    path = cfg.train_file if split == "train" else cfg.eval_file
+    if path:
+        ds = _load_local(path)
+    elif cfg.dataset:
+        import datasets
+
+        ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split="train" if split == "train" else cfg.eval_split)
+    else:
+        return None
+    limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    if len(ds) == 0:
+        raise ValueError(f"the {split} data ({path or cfg.dataset}) is empty")
+    return ds
+
+
+def check_columns(ds, cfg, where: str) -> None:
+    """Name the missing column and the ones present, before any tokenization."""
+    needed = []
+    if cfg.task == "cls":
+        needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    elif "source" not in ds.column_names:
+        needed = [cfg.text_column]
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{where}: column(s) {missing} not found; columns are {ds.column_names} (set --text_column / --label_column)")
+
+
+def label_map(train_ds, cfg) -> dict:
+    """Label value → class id: integers are kept, strings are numbered in sorted order."""
+    values = sorted(set(train_ds[cfg.label_column]), key=str)
+    if all(isinstance(v, int) for v in values):
+        if min(values) < 0:
+            raise ValueError(f"integer labels must be >= 0, found {min(values)}")
+        return {v: v for v in range(max(values) + 1)}
+    return {v: i for i, v in enumerate(values)}
+
+
+def tokenize(ds, tokenizer, cfg, labels: dict | None = None) -> list[dict]:
+    """Examples as lists of token ids; LM pairs get labels -100 on the source (loss on the target only)."""
+    out = []
+    for row in ds:
+        if cfg.task == "cls":
+            args = (row[cfg.text_column],) + ((row[cfg.text_pair_column],) if cfg.text_pair_column else ())
+            ids = tokenizer(*args, truncation=True, max_length=cfg.max_length)["input_ids"]
+            value = row[cfg.label_column]
+            if value not in labels:
+                raise ValueError(f"label {value!r} in the evaluation data does not occur in the training data")
+            out.append({"input_ids": ids, "label": labels[value]})
+        elif "source" in row:
+            src = tokenizer(row["source"] + " " + PAIR_SEPARATOR, add_special_tokens=False)["input_ids"]
+            tgt = tokenizer(" " + row["target"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = (src + tgt)[: cfg.max_length]
+            out.append({"input_ids": ids, "labels": ([-100] * len(src) + tgt)[: cfg.max_length], "source": row["source"], "target": row["target"]})
+        else:
+            ids = tokenizer(row[cfg.text_column], truncation=True, max_length=cfg.max_length)["input_ids"]
+            out.append({"input_ids": ids, "labels": list(ids)})
+    return out
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; padded label positions are -100."""
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[i, : len(e["input_ids"])] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "label" in examples[0]:
+        batch["labels"] = torch.tensor([e["label"] for e in examples])
+    else:
+        labels = torch.full((len(examples), length), -100, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+        batch["labels"] = labels
+    return batch
+
+
+@dataclass
+class GlobalBatches:
+    """Step s → the s-th global batch of a seeded per-epoch shuffle; rank r takes its slice."""
+
+    n_examples: int
+    micro_batch: int
+    grad_accum: int
+    world: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.n_examples))
+        random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        return order
+
+    def global_indices(self, step: int) -> list[int]:
+        start = step * self.global_batch
+        out = []
+        while len(out) < self.global_batch:
+            epoch, offset = divmod(start + len(out), self.n_examples)
+            order = self._order(epoch)
+            out.extend(order[offset : offset + self.global_batch - len(out)])
+        return out
+
+    def micro_indices(self, step: int, accum: int, rank: int) -> list[int]:
+        """Rows of micro-step `accum` of `step` on `rank`: contiguous, accumulation-major."""
+        indices = self.global_indices(step)
+        per_accum = self.micro_batch * self.world
+        start = accum * per_accum + rank * self.micro_batch
+        return indices[start : start + self.micro_batch]
+
+
+# ---- the built-in offline corpus: E2E-style restaurant records → sentences --------------------
+
+_NAMES = ["The Eagle", "Blue Spice", "The Mill", "Zizzi", "Aromi", "The Punter", "Cotto", "Giraffe", "Wildwood", "Alimentum", "Strada", "Loch Fyne", "The Vaults", "Bibimbap House", "Clowns", "The Phoenix"]
+_FOOD = ["Italian", "French", "Chinese", "Indian", "English", "Japanese", "fast food"]
+_AREA = ["city centre", "riverside"]
+_PRICE = ["cheap", "moderate", "high"]
+_TEMPLATES = [
+    "{name} is a {price} {food} restaurant in the {area} .",
+    "In the {area} there is a {price} {food} place called {name} .",
+    "{name} serves {food} food at {price} prices in the {area} .",
+    "For {price} {food} food , try {name} in the {area} .",
+]
+
+
+def generate_corpus(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(meaning representation, sentence) pairs, deterministic: the default run's data."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        slots = {"name": rng.choice(_NAMES), "food": rng.choice(_FOOD), "area": rng.choice(_AREA), "price": rng.choice(_PRICE)}
+        source = f"name : {slots['name']} | food : {slots['food']} | price : {slots['price']} | area : {slots['area']}"
+        pairs.append((source, rng.choice(_TEMPLATES).format(**slots)))
+    return pairs
+
+
+def write_corpus(path: Path, n: int, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{s}{PAIR_SEPARATOR}{t}\n" for s, t in generate_corpus(n, seed)), encoding="utf-8")
+    return path
+
+
+def train_sentencepiece(corpus: Path, folder: Path, vocab_size: int):
+    """A SentencePiece tokenizer trained on the corpus, saved as an HF tokenizer folder."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [part for line in corpus.read_text(encoding="utf-8").splitlines() for part in line.split(PAIR_SEPARATOR)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, model_type="unigram",
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, user_defined_symbols=[PAIR_SEPARATOR], hard_vocab_limit=False, minloglevel=2,
+    )
+    tokenizer = LlamaTokenizer.from_pretrained(str(folder))
+    tokenizer.pad_token = "<pad>"
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer

@@ -1,0 +1,67 @@
+"""Analytic inference FLOPs per token, read off the model's actual layer shapes.
+
+A matmul with a (d_out × d_in) weight costs 2·d_out·d_in FLOPs per token; attention adds
+2·2·ctx·(heads·head_dim) per layer (QKᵀ and AV) for a context of `ctx` tokens; an unmerged DSEE
+adapter adds 2·r·(d_in + d_out) per slice and 2·nnz. The LM head is a matmul like any other (tied or not); embedding lookups, biases,
+norms and softmax are ignored.
+Because shapes are read from the modules, removed heads and neurons count automatically.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from dsee_scale.layer import DSEELayer, base_dims, weight_is_transposed
+
+
+def _attention_width(config) -> tuple[int, int]:
+    """(layers, total query width heads·head_dim) from an HF config, after any head pruning."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return layers, heads * head_dim
+
+
+def _query_widths(model: nn.Module) -> list[int] | None:
+    """Per-layer query widths (out features of the q projection), when they can be read."""
+    widths = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        base = module.base if isinstance(module, DSEELayer) else module
+        if leaf in ("q_proj", "query") and (isinstance(base, nn.Linear) or weight_is_transposed(base)):
+            widths.append(base_dims(base)[0])
+        elif leaf == "c_attn" and (isinstance(base, nn.Linear) or weight_is_transposed(base)):
+            widths.append(base_dims(base)[0] // 3)
+    return widths or None
+
+
+def inference_flops(model: nn.Module, ctx: int, sparse_zeros: int = 0) -> dict:
+    """FLOPs per token at context length ctx: matmuls, attention, adapters, and the dense-
+    equivalent saving of `sparse_zeros` zeroed weight entries (each saves 2 FLOPs)."""
+    matmul = adapters = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, DSEELayer):
+            if not module.merged:
+                rows = sum(stop - start for start, stop in module.slices)
+                adapters += 2 * module.rank * (len(module.slices) * module.in_features + rows) + 2 * module.sparse_index.numel()
+            continue
+        if (isinstance(module, nn.Linear) or weight_is_transposed(module)) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            out_f, in_f = base_dims(module)
+            matmul += 2 * out_f * in_f
+    config = getattr(model, "config", None)
+    widths = _query_widths(model)
+    if widths is None and config is not None:
+        layers, width = _attention_width(config)
+        widths = [width] * layers
+    attention = sum(4 * ctx * w for w in (widths or []))
+    total = matmul + attention + adapters
+    return {
+        "total": total,
+        "matmul": matmul,
+        "attention": attention,
+        "adapters": adapters,
+        "sparse_saved": 2 * sparse_zeros,
+        "sparse_saved_fraction": 2 * sparse_zeros / total if total else 0.0,
+    }

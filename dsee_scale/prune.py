@@ -1,0 +1,241 @@
+"""Exact distributed magnitude pruning on ZeRO-3 shards.
+
+Each rank scores only its local shard of each selected weight (padding excluded), a chunk at a
+time. The exact k-th smallest score over all ranks comes from two all-reduced 65,536-bin
+histograms of the scores' float32 bit patterns (which order like the values for scores >= 0);
+ties at the threshold are broken by (parameter order, flat index), so exactly k elements are
+pruned. Masks are applied in place to the shards and kept as bit-packed buffers per shard.
+No rank ever holds more than one chunk of scores.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dsee_scale import dist, zero
+from dsee_scale.layer import DSEELayer
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 22
+BINS = 1 << 16
+
+
+@dataclass
+class PruneTarget:
+    name: str
+    param: nn.Parameter
+    layer: DSEELayer | None  # the adapter on this weight, for 'merged' / 'delta' scores
+
+
+def prune_targets(model: nn.Module, include: list[str], exclude: list[str]) -> list[PruneTarget]:
+    """Weights to prune, in model order (the same on every rank). Names are those of the plain
+    model: an adapted layer's weight 'x.base.weight' is reported as 'x.weight'."""
+    layers = {id(m.base.weight): m for m in model.modules() if isinstance(m, DSEELayer)}
+    found = []
+    for name, param in model.named_parameters():
+        plain = name.replace(".base.", ".")
+        if len(zero.full_shape(param)) != 2 or param.requires_grad:
+            continue
+        if any(re.fullmatch(p, plain) for p in include) and not any(re.fullmatch(p, plain) for p in exclude):
+            found.append(PruneTarget(plain, param, layers.get(id(param))))
+    if not found:
+        raise ValueError(f"no weight matched the prune patterns include={include} exclude={exclude}")
+    return found
+
+
+def _delta_rows(layer: DSEELayer, first: int, last: int, transposed: bool) -> torch.Tensor:
+    """Rows [first, last) of ΔW in the base weight's storage layout (ΔWᵀ for Conv1D)."""
+    with torch.no_grad():
+        a, b = layer.lora_A.data.float(), layer.lora_B.data.float()
+        if transposed:  # storage rows are input features: ΔWᵀ[r, :]
+            block = torch.zeros(last - first, layer.out_features)
+        else:
+            block = torch.zeros(last - first, layer.in_features)
+        row = 0
+        for i, (start, stop) in enumerate(layer.slices):
+            a_i, b_i = a[i * layer.rank : (i + 1) * layer.rank], b[row : row + stop - start]
+            row += stop - start
+            if transposed:
+                block[:, start:stop] = (a_i[:, first:last].t() @ b_i.t()) * layer.scaling
+            else:
+                lo, hi = max(first, start), min(last, stop)
+                if lo < hi:
+                    block[lo - first : hi - first] = (b_i[lo - start : hi - start] @ a_i) * layer.scaling
+        rows = layer.sparse_index // layer.in_features
+        cols = layer.sparse_index % layer.in_features
+        r, c = (cols, rows) if transposed else (rows, cols)
+        keep = (r >= first) & (r < last)
+        block.index_put_((r[keep] - first, c[keep]), layer.sparse_values.data.float()[keep], accumulate=True)
+    return block
+
+
+def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset in the local shard, float32 scores) over this rank's shard, a chunk at a time.
+
+    'weight': |W|; 'merged': |W + ΔW|; 'delta': |ΔW| (|W| for weights without an adapter).
+    ΔW is computed only for the rows that the chunk touches, never as a full matrix.
+    """
+    shard = zero.local_shard(target.param)
+    start, _ = zero.shard_range(target.param)
+    shape = zero.full_shape(target.param)
+    use_delta = score in ("merged", "delta") and target.layer is not None
+    adapter = [target.layer.lora_A, target.layer.lora_B, target.layer.sparse_values] if use_delta else []
+    with zero.gathered(adapter):  # collective: every rank enters it once per target, even with an empty shard
+        yield from _chunks(shard, start, shape, target, score, use_delta, chunk)
+
+
+def _chunks(shard, start, shape, target, score, use_delta, chunk):
+    for offset in range(0, shard.numel(), chunk):
+        w = shard[offset : offset + chunk].detach().float()
+        if use_delta:
+            lo = start + offset
+            hi = lo + w.numel()
+            first, last = lo // shape[1], (hi - 1) // shape[1] + 1
+            delta = _delta_rows(target.layer, first, last, target.layer.transposed).reshape(-1)
+            delta = delta[lo - first * shape[1] : hi - first * shape[1]]
+            w = delta if score == "delta" else w + delta
+        yield offset, w.abs()
+
+
+def _bits(scores: torch.Tensor) -> torch.Tensor:
+    return scores.contiguous().view(torch.int32).long()
+
+
+def _histogram(targets: list[PruneTarget], score: str, prefix: int | None) -> torch.Tensor:
+    """All-reduced counts of the high 16 bits (prefix None) or of the low 16 bits among
+    scores whose high 16 bits equal prefix."""
+    counts = torch.zeros(BINS, dtype=torch.int64)
+    for target in targets:
+        for _, s in score_chunks(target, score):
+            bits = _bits(s)
+            if prefix is None:
+                counts += torch.bincount(bits >> 16, minlength=BINS)
+            else:
+                counts += torch.bincount(bits[(bits >> 16) == prefix] & 0xFFFF, minlength=BINS)
+    return dist.all_reduce(counts)
+
+
+def kth_smallest(targets: list[PruneTarget], score: str, k: int) -> tuple[int, int]:
+    """(bit pattern t of the k-th smallest score, count of scores strictly below t); k >= 1."""
+    high = _histogram(targets, score, None)
+    cum = high.cumsum(0)
+    b1 = int(torch.searchsorted(cum, torch.tensor(k)).item())
+    below = int(cum[b1 - 1]) if b1 else 0
+    low = _histogram(targets, score, b1).cumsum(0)
+    b2 = int(torch.searchsorted(low, torch.tensor(k - below)).item())
+    return (b1 << 16) | b2, below + (int(low[b2 - 1]) if b2 else 0)
+
+
+def _tie_quota(targets: list[PruneTarget], score: str, t: int, ties_needed: int) -> list[int]:
+    """How many of this rank's ties (score == t) to prune in each target: lowest flat index first."""
+    rank, world = dist.rank(), dist.world_size()
+    table = torch.zeros(len(targets), world, dtype=torch.int64)
+    for i, target in enumerate(targets):
+        table[i, rank] = sum(int((_bits(s) == t).sum()) for _, s in score_chunks(target, score))
+    table = dist.all_reduce(table)
+    order = table.flatten()  # parameter-major, then rank: the global flat order
+    before = order.cumsum(0) - order
+    take = (ties_needed - before).clamp(min=0).minimum(order).view(len(targets), world)
+    return take[:, rank].tolist()
+
+
+@dataclass
+class ShardMask:
+    """Pruned positions of one weight's local shard, bit-packed (1 = pruned)."""
+
+    start: int
+    numel: int
+    bits: np.ndarray
+
+    def dense(self) -> torch.Tensor:
+        return torch.from_numpy(np.unpackbits(self.bits, count=self.numel).astype(bool))
+
+
+def _apply(targets, score, t: int | None, quota: list[int]) -> dict[str, ShardMask]:
+    masks = {}
+    for target, q in zip(targets, quota):
+        parts = []
+        for _, s in score_chunks(target, score):
+            bits = _bits(s)
+            pruned = bits < t if t is not None else torch.zeros_like(bits, dtype=torch.bool)
+            ties = bits == t if t is not None else pruned
+            if q > 0:
+                tie_rank = ties.cumsum(0)
+                pruned |= ties & (tie_rank <= q)
+                q -= int(ties.sum().clamp(max=q))
+            parts.append(pruned)
+        mask = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+        start, _ = zero.shard_range(target.param)
+        masks[target.name] = ShardMask(start, mask.numel(), np.packbits(mask.numpy()))
+        apply_mask(target.param, masks[target.name])
+    return masks
+
+
+def apply_mask(param: torch.Tensor, mask: ShardMask) -> None:
+    """Zero the masked entries of this rank's shard (and of a whole copy, if one exists)."""
+    dense = mask.dense()
+    zero.edit_local_shard(param, lambda shard, _start: shard.masked_fill_(dense.to(shard.device), 0))
+
+
+def _select(targets, score: str, sparsity: float) -> dict[str, ShardMask]:
+    total = int(dist.all_reduce(torch.tensor(sum(zero.local_shard(t.param).numel() for t in targets))).item())
+    k = int(round(sparsity * total))  # as torch.nn.utils.prune
+    if k == 0:
+        return _apply(targets, score, None, [0] * len(targets))
+    t, below = kth_smallest(targets, score, k)
+    return _apply(targets, score, t, _tie_quota(targets, score, t, k - below))
+
+
+def magnitude_prune(
+    model: nn.Module,
+    sparsity: float,
+    scope: str = "global",
+    score: str = "weight",
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> dict[str, ShardMask]:
+    """Prune exactly round(sparsity × N) elements (global) or per matrix (layer); collective."""
+    from dsee_scale.config import PruneConfig
+
+    defaults = PruneConfig()
+    targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude)
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if scope == "global":
+        masks = _select(targets, score, sparsity)
+    elif scope == "layer":
+        masks = {}
+        for target in targets:
+            masks.update(_select([target], score, sparsity))
+    else:
+        raise ValueError(f"unknown prune scope {scope!r}: choose global or layer")
+    return masks
+
+
+def reapply_masks(model: nn.Module, masks: dict[str, ShardMask]) -> None:
+    """Zero pruned entries again (after loading base weights); masks must match this sharding."""
+    params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
+    for name, mask in masks.items():
+        start, stop = zero.shard_range(params[name])
+        if (start, stop - start) != (mask.start, mask.numel):
+            raise ValueError(f"mask for {name} covers [{mask.start}, {mask.start + mask.numel}), this rank holds [{start}, {stop}): load masks saved at the same world size")
+        apply_mask(params[name], mask)
+
+
+def sparsity_report(model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None) -> dict:
+    """Zeros per selected weight and in total, counted over shards and all-reduced."""
+    from dsee_scale.config import PruneConfig
+
+    defaults = PruneConfig()
+    targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude)
+    counts = torch.tensor([[int((zero.local_shard(t.param) == 0).sum()), zero.local_shard(t.param).numel()] for t in targets], dtype=torch.int64)
+    counts = dist.all_reduce(counts)
+    per_layer = {t.name: counts[i, 0].item() / max(1, counts[i, 1].item()) for i, t in enumerate(targets)}
+    zeros, total = counts.sum(0).tolist()
+    return {"total": zeros / max(1, total), "zeros": zeros, "numel": total, "per_layer": per_layer}

@@ -1,0 +1,138 @@
+"""Checks that run before any heavy work (model loading, process-group collectives).
+
+Each failure is a ConfigError whose message names the problem and the fix. Every rank runs the
+same checks on the same inputs, so all of them fail together, before any collective.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dsee_scale.config import TrainConfig
+
+RUN_MARKER = "dsee_run.json"
+
+
+class ConfigError(ValueError):
+    """Bad input found before launch; the message says what to change."""
+
+
+def launched_world_size() -> int:
+    """World size announced by the launcher (torchrun/deepspeed/accelerate, Open MPI, MPICH/srun)."""
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 1
+
+
+def on_cpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
+
+
+def load_ds_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist: pass --ds_config ds_configs/zero3.json (or another file in ds_configs/)")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return config
+
+
+def resolve_batch_sizes(config: dict, cfg: TrainConfig, world: int, source: str) -> None:
+    """Fill micro-batch / accumulation / global batch so that global = micro × accum × world,
+    from the config, the CLI (which wins) or each other; refuse numbers that disagree."""
+    def number(key):
+        value = config.get(key)
+        return None if value in (None, "auto") else value
+
+    micro = cfg.micro_batch_size or number("train_micro_batch_size_per_gpu")
+    accum = cfg.grad_accum or number("gradient_accumulation_steps")
+    total = number("train_batch_size")
+    if total is not None and micro is not None and accum is not None and total != micro * accum * world:
+        raise ConfigError(
+            f"batch sizes disagree: train_batch_size {total} in {source} != micro-batch {micro} × accumulation {accum} × world size {world}: "
+            f"fix one of them or drop train_batch_size from the config (it is derived)"
+        )
+    if micro is None:
+        micro = total // ((accum or 1) * world) if total else 8
+    if accum is None:
+        accum = max(1, total // (micro * world)) if total else 1
+    if total is not None and total != micro * accum * world:
+        raise ConfigError(f"train_batch_size {total} in {source} is not divisible into micro-batch {micro} × accumulation × world size {world}")
+    for name, value in (("micro_batch_size", micro), ("grad_accum", accum)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["gradient_accumulation_steps"] = accum
+    config["train_batch_size"] = micro * accum * world
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    folder = Path(cfg.output_dir)
+    if not folder.exists() or cfg.overwrite:
+        return
+    if cfg.resume:
+        if not (folder / RUN_MARKER).exists():
+            raise ConfigError(f"--resume: {folder} holds no dsee_scale run ({RUN_MARKER} missing)")
+        return
+    if any(folder.iterdir()):
+        raise ConfigError(f"output folder {folder} exists and holds another run: pass --resume to continue it, --overwrite to replace it, or choose another --output_dir")
+
+
+def check_model(cfg: TrainConfig) -> None:
+    from dsee_scale.models import BUILTIN_MODELS
+
+    if cfg.model.startswith("builtin:"):
+        if cfg.model.removeprefix("builtin:") not in BUILTIN_MODELS:
+            raise ConfigError(f"unknown builtin model {cfg.model!r}: choose builtin:{', builtin:'.join(BUILTIN_MODELS)}")
+        return
+    path = Path(cfg.model)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model folder {path} has no config.json: point --model at a save_pretrained folder")
+        return
+    looks_local = cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    if looks_local or offline:
+        raise ConfigError(f"unknown model {cfg.model!r}: no such folder{' and the hub is offline (HF_HUB_OFFLINE=1)' if offline else ''}; use a local folder or builtin:<name>")
+
+
+def check_data(cfg: TrainConfig) -> None:
+    for flag, path in (("--train_file", cfg.train_file), ("--eval_file", cfg.eval_file)):
+        if path is None:
+            continue
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{flag} {path} does not exist")
+        if not os.access(file, os.R_OK):
+            raise ConfigError(f"{flag} {path} is not readable (check its permissions)")
+        if file.stat().st_size == 0:
+            raise ConfigError(f"{flag} {path} is empty")
+    if cfg.task == "cls" and not (cfg.train_file or cfg.dataset):
+        raise ConfigError("task 'cls' needs data: pass --train_file (TSV/CSV/JSON with text and label columns) or --dataset")
+    if cfg.eval_file is None and cfg.train_file and "evaluate" in cfg.stages:
+        raise ConfigError("the evaluate stage needs --eval_file (or drop 'evaluate' from --stages)")
+
+
+def validate_before_launch(cfg: TrainConfig) -> dict:
+    """All cheap checks; returns the DeepSpeed config with batch sizes resolved (and fp32 on CPU)."""
+    config = load_ds_config(cfg.ds_config)
+    resolve_batch_sizes(config, cfg, launched_world_size(), cfg.ds_config)
+    check_output_dir(cfg)
+    check_model(cfg)
+    check_data(cfg)
+    if on_cpu():
+        for key in ("bf16", "fp16"):
+            if config.get(key, {}).get("enabled"):
+                config[key]["enabled"] = False  # fp16 is refused and bf16 is ~10x slower on CPUs
+    return config

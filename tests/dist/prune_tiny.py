@@ -1,0 +1,77 @@
+"""2-rank ZeRO-3 pruning of tiny models: writes full masks (rank 0) and zero-checks to --out."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import batch, ds_config, shard  # noqa: E402
+
+from dsee_scale import DSEEConfig, apply_dsee, zero  # noqa: E402
+from dsee_scale import dist as ddist  # noqa: E402
+from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
+from dsee_scale.models import build_model  # noqa: E402
+from dsee_scale.prune import magnitude_prune, reapply_masks, sparsity_report  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--base", required=True)
+p.add_argument("--task", default="lm")
+p.add_argument("--out", required=True)
+p.add_argument("--retune", type=int, default=0, help="after a 50%% global prune: re-tune steps, then save")
+p.add_argument("--resume", help="load this checkpoint and only check the zeros")
+args, _ = p.parse_known_args()
+
+init_distributed()
+rank, world = dist.get_rank(), dist.get_world_size()
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+config = ds_config(world)
+DSEE = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="magnitude", init="normal")
+
+
+def fresh_model():
+    model = build_model(args.base, args.task, ds_config=config)
+    return apply_dsee(model, DSEE, ds_config=config)
+
+
+def full_masks(masks):
+    """Each rank's shard masks → whole-matrix masks on every rank (test only)."""
+    parts = ddist.all_gather_object({n: (m.start, m.dense()) for n, m in masks.items()})
+    result = {}
+    for name in masks:
+        pieces = sorted((part[name] for part in parts), key=lambda x: x[0])
+        result[name] = torch.cat([d for _, d in pieces])
+    return result
+
+
+if args.retune or args.resume:
+    model = fresh_model()
+    engine = create_engine(model, config, lr=1e-2)
+    masks = magnitude_prune(model, 0.5)
+    if args.resume:
+        engine.load_checkpoint(args.resume)
+        reapply_masks(model, masks)  # masks recomputed from the same weights: same positions
+    for step in range(args.retune):
+        loss = engine(**shard(batch(step, args.task), rank, world)).loss
+        engine.backward(loss)
+        engine.step()
+    params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
+    still_zero = all(bool((zero.local_shard(params[n])[m.dense()] == 0).all()) for n, m in masks.items())
+    pruned = sum(int(m.dense().sum()) for m in masks.values())
+    if args.retune:
+        engine.save_checkpoint(str(out / "ckpt"))
+    report = {"still_zero": still_zero, "pruned_local": pruned, "sparsity": sparsity_report(model)["total"]}
+    (out / f"retune_rank{rank}.json").write_text(json.dumps(report))
+else:
+    results = {}
+    for scope, score, sparsity in [("global", "weight", 0.1), ("global", "weight", 0.5), ("global", "weight", 0.9), ("layer", "weight", 0.5), ("global", "merged", 0.5), ("global", "delta", 0.5)]:
+        model = fresh_model()
+        masks = full_masks(magnitude_prune(model, sparsity, scope=scope, score=score))
+        report = sparsity_report(model)
+        results[f"{scope}-{score}-{sparsity}"] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"]}
+    if rank == 0:
+        torch.save(results, out / "masks.pt")
+dist.barrier()

@@ -1,0 +1,137 @@
+"""Exact magnitude pruning: single process vs torch.nn.utils.prune, and 2-rank ZeRO-3 shards."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.utils.prune as torch_prune
+from conftest import tiny_model
+from launch_utils import run_launcher
+
+from dsee_scale import DSEEConfig, apply_dsee
+from dsee_scale.config import PruneConfig
+from dsee_scale.export import export_hf
+from dsee_scale.prune import magnitude_prune, prune_targets, score_chunks, sparsity_report
+
+DSEE = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="magnitude", init="normal")
+DEFAULTS = PruneConfig()
+
+
+def adapted(kind: str, task: str = "lm"):
+    return apply_dsee(tiny_model(kind, task), DSEE)
+
+
+def reference_masks(model, sparsity: float, scope: str = "global", score: str = "weight") -> dict[str, torch.Tensor]:
+    """Masks (True = pruned) from torch.nn.utils.prune on dense scores of the same weights."""
+    targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
+    holders = []
+    for t in targets:
+        holder = torch.nn.Module()
+        dense = t.param.data.float()
+        if score != "weight" and t.layer is not None:
+            delta = t.layer.delta_weight().detach()
+            delta = delta.t() if t.layer.transposed else delta
+            dense = delta if score == "delta" else dense + delta
+        holder.weight = torch.nn.Parameter(dense.abs().contiguous().clone())
+        holders.append(holder)
+    if scope == "global":
+        torch_prune.global_unstructured([(h, "weight") for h in holders], pruning_method=torch_prune.L1Unstructured, amount=sparsity)
+    else:
+        for h in holders:
+            torch_prune.l1_unstructured(h, "weight", amount=sparsity)
+    return {t.name: (h.weight_mask == 0).flatten() for t, h in zip(targets, holders)}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
+def test_global_prune_matches_torch_and_prunes_exactly_k(kind, sparsity):
+    model = adapted(kind)
+    expected = reference_masks(model, sparsity)
+    masks = magnitude_prune(model, sparsity)
+    for name, mask in masks.items():
+        assert torch.equal(mask.dense(), expected[name]), name
+    report = sparsity_report(model)
+    assert report["zeros"] == round(sparsity * report["numel"])
+
+
+@pytest.mark.parametrize("score", ["weight", "merged", "delta"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_scores_and_scopes_match_dense_reference(score, scope):
+    model = adapted("gpt2")
+    expected = reference_masks(model, 0.5, scope, score)
+    masks = magnitude_prune(model, 0.5, scope=scope, score=score)
+    for name, mask in masks.items():
+        assert torch.equal(mask.dense(), expected[name]), name
+
+
+def test_delta_scores_are_computed_per_chunk_without_a_full_matrix():
+    model = adapted("llama")
+    target = next(t for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude) if t.layer is not None)
+    chunks = list(score_chunks(target, "merged", chunk=100))
+    assert len(chunks) > 1 and all(c.numel() <= 100 for _, c in chunks)
+    dense = (target.param.data + target.layer.delta_weight()).abs().flatten()
+    torch.testing.assert_close(torch.cat([c for _, c in chunks]), dense)
+
+
+def test_ties_are_broken_by_index_so_exactly_k_are_pruned():
+    model = adapted("gpt2")
+    for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
+        t.param.data.fill_(0.5)  # every score ties
+    magnitude_prune(model, 0.3)
+    report = sparsity_report(model)
+    assert report["zeros"] == round(0.3 * report["numel"])
+    first = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)[0].param.data.flatten()
+    assert (first == 0).all()  # the lowest (parameter, index) positions go first
+
+
+def test_merged_export_is_exactly_as_sparse_as_the_mask(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = adapted("gpt2")
+    masks = magnitude_prune(model, 0.5)
+    export_hf(model, tmp_path, merge=True, remask=True)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    params = dict(plain.named_parameters())
+    for name, mask in masks.items():
+        weight = params[name].detach().flatten()
+        assert torch.equal(weight == 0, mask.dense()), name
+
+
+def test_bad_sparsity_and_patterns_are_named():
+    with pytest.raises(ValueError, match="prune.sparsity must be in"):
+        PruneConfig(sparsity=1.0)
+    with pytest.raises(ValueError, match="no weight matched the prune patterns"):
+        magnitude_prune(adapted("gpt2"), 0.5, include=[r"nothing\..*"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("kind, task", [("gpt2", "lm"), ("bert", "cls")])
+def test_two_rank_zero3_masks_equal_single_process(kind, task, tmp_path):
+    base = tmp_path / "base"
+    tiny_model(kind, task).save_pretrained(base)
+    run_launcher("deepspeed", "tests/dist/prune_tiny.py", ["--base", base, "--task", task, "--out", tmp_path])
+    results = torch.load(tmp_path / "masks.pt", weights_only=True)
+    from dsee_scale.models import build_model
+
+    for key, got in results.items():
+        scope, score, sparsity = key.split("-")
+        model = apply_dsee(build_model(base, task), DSEE)
+        expected = reference_masks(model, float(sparsity), scope, score)
+        assert set(got["masks"]) == set(expected)
+        for name, mask in got["masks"].items():
+            assert torch.equal(mask, expected[name]), (key, name)
+        if scope == "global":
+            assert got["zeros"] == round(float(sparsity) * got["numel"])
+
+
+@pytest.mark.multiproc
+def test_pruned_entries_stay_zero_through_retuning_and_reload(tmp_path):
+    base = tmp_path / "base"
+    tiny_model("gpt2").save_pretrained(base)
+    run_launcher("deepspeed", "tests/dist/prune_tiny.py", ["--base", base, "--out", tmp_path / "a", "--retune", 20])
+    run_launcher("deepspeed", "tests/dist/prune_tiny.py", ["--base", base, "--out", tmp_path / "b", "--resume", tmp_path / "a" / "ckpt"])
+    for run in ("a", "b"):
+        for rank in range(2):
+            report = json.loads((tmp_path / run / f"retune_rank{rank}.json").read_text())
+            assert report["still_zero"] and report["pruned_local"] > 0
+            assert report["sparsity"] == 0.5
