@@ -105,7 +105,7 @@ class PruneConfig:
             raise ValueError(f"unknown prune.structured_score {self.structured_score!r}: choose one of {', '.join(HEAD_SCORES)}")
 
 
-STAGES = ("tune", "prune", "retune", "evaluate", "export")
+STAGES = ("tune", "prune", "retune", "export", "evaluate")
 TASKS = ("lm", "cls")
 
 
@@ -131,7 +131,7 @@ class TrainConfig:
     output_dir: str = field(default="runs/default", metadata={"help": "run folder: config, metrics, checkpoints, exports"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
     resume: bool = field(default=False, metadata={"help": "continue the run in output_dir from its latest checkpoint"})
-    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": f"stages to run, in order: {', '.join(STAGES)}"})
+    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": f"stages to run, in order: {', '.join(STAGES)} (evaluate after export measures the exported model)"})
     steps: int = field(default=300, metadata={"help": "tuning steps (optimizer updates)"})
     retune_steps: int = field(default=50, metadata={"help": "re-tuning steps after pruning, masks fixed"})
     lr: float = field(default=1e-2, metadata={"help": "peak learning rate (AdamW); about 1e-3 suits pretrained models"})

@@ -73,14 +73,15 @@ def check_columns(ds, cfg, where: str) -> None:
         raise ValueError(f"{where}: column(s) {missing} not found; columns are {ds.column_names} (set --text_column / --label_column)")
 
 
-def label_map(train_ds, cfg) -> dict:
-    """Label value → class id: integers are kept, strings are numbered in sorted order."""
+def label_map(train_ds, cfg) -> dict[str, int]:
+    """str(label value) → class id: integer labels keep their value, strings are numbered in
+    sorted order. Keys are strings so the map survives JSON (it is stored in exported configs)."""
     values = sorted(set(train_ds[cfg.label_column]), key=str)
     if all(isinstance(v, int) for v in values):
         if min(values) < 0:
             raise ValueError(f"integer labels must be >= 0, found {min(values)}")
-        return {v: v for v in range(max(values) + 1)}
-    return {v: i for i, v in enumerate(values)}
+        return {str(v): v for v in range(max(values) + 1)}
+    return {str(v): i for i, v in enumerate(values)}
 
 
 def tokenize(ds, tokenizer, cfg, labels: dict | None = None) -> list[dict]:
@@ -90,9 +91,9 @@ def tokenize(ds, tokenizer, cfg, labels: dict | None = None) -> list[dict]:
         if cfg.task == "cls":
             args = (row[cfg.text_column],) + ((row[cfg.text_pair_column],) if cfg.text_pair_column else ())
             ids = tokenizer(*args, truncation=True, max_length=cfg.max_length)["input_ids"]
-            value = row[cfg.label_column]
+            value = str(row[cfg.label_column])
             if value not in labels:
-                raise ValueError(f"label {value!r} in the evaluation data does not occur in the training data")
+                raise ValueError(f"label {value!r} does not occur in the training data (labels: {', '.join(labels)})")
             out.append({"input_ids": ids, "label": labels[value]})
         elif "source" in row:
             src = tokenizer(row["source"] + " " + PAIR_SEPARATOR, add_special_tokens=False)["input_ids"]

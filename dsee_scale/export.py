@@ -113,8 +113,9 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: 
 
     merge=True stores W + ΔW for every adapted weight; merge=False stores the base weights alone
     (pair it with `save_adapter` for the exact adapted function). remask=True keeps pruned
-    entries (zeros of the base weight) zero in the merged weight, so it is exactly as sparse. Collective under ZeRO-3: one module's parameters are
-    gathered at a time and rank 0 writes shards of at most max_shard_bytes.
+    entries (zeros of the base weight) zero in the merged weight, so it is exactly as sparse.
+    Collective under ZeRO-3: one module's parameters are gathered at a time and rank 0 writes
+    shards of at most max_shard_bytes.
     """
     from dsee_scale import zero
     from dsee_scale.layer import DSEELayer
@@ -130,7 +131,7 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: 
         params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for _, p in params)
         layer = bases.get(id(module))
-        extra = [layer.lora_A, layer.lora_B, layer.sparse_values] if layer is not None and merge else []
+        extra = [layer.lora_A, layer.lora_B, layer.sparse_values] if layer is not None and merge and not layer.merged else []
         with torch.no_grad(), zero.gathered([p for _, p in params] + extra):
             for pname, param in params:
                 tensor = param.data

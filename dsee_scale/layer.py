@@ -125,18 +125,25 @@ class DSEELayer(nn.Module):
         return delta
 
     @torch.no_grad()
-    def _add_delta(self, sign: float) -> None:
+    def _add_delta(self, sign: float, remask: bool = False) -> None:
         with zero.gathered([self.base.weight, self.lora_A, self.lora_B, self.sparse_values], modify=True):
             delta = self.delta_weight().to(self.base.weight.dtype)
-            self.base.weight.data.add_(delta.t() if self.transposed else delta, alpha=sign)
+            weight = self.base.weight.data
+            pruned = weight == 0 if remask else None
+            weight.add_(delta.t() if self.transposed else delta, alpha=sign)
+            if pruned is not None:
+                weight.masked_fill_(pruned, 0)
 
-    def merge(self) -> None:
-        """W ← W + ΔW, after which forward is the base layer's alone."""
+    def merge(self, remask: bool = False) -> None:
+        """W ← W + ΔW, after which forward is the base layer's alone. remask=True keeps the
+        zeros of a pruned W zero (the merged weight is exactly as sparse; not reversible)."""
         if not self.merged:
-            self._add_delta(+1.0)
-            self.merged = True
+            self._add_delta(+1.0, remask)
+            self.merged = "remasked" if remask else True
 
     def unmerge(self) -> None:
+        if self.merged == "remasked":
+            raise RuntimeError("a merge with remask=True dropped ΔW at pruned entries and cannot be undone")
         if self.merged:
             self._add_delta(-1.0)
             self.merged = False

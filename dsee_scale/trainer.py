@@ -21,9 +21,10 @@ from dsee_scale import dist, zero
 from dsee_scale.config import TrainConfig
 from dsee_scale.data import GlobalBatches, check_columns, collate, label_map, load_split, tokenize, train_sentencepiece, write_corpus
 from dsee_scale.engine import create_engine, init_distributed
+from dsee_scale.evaluate import finish, metric_sums
 from dsee_scale.export import atomic_save_file, export_hf, save_adapter
 from dsee_scale.flops import inference_flops
-from dsee_scale.inject import apply_dsee, count_parameters, support_of
+from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.models import build_model, builtin_config
 from dsee_scale.prune import ShardMask, magnitude_prune, reapply_masks, sparsity_report
 from dsee_scale.validate import RUN_MARKER, validate_before_launch
@@ -57,7 +58,9 @@ class Recipe:
         dist.barrier()
         self.tokenizer = self._tokenizer()
         self._load_data()
-        overrides = {"num_labels": len(self.labels)} if cfg.task == "cls" else {}
+        overrides = {}
+        if cfg.task == "cls":
+            overrides = {"num_labels": len(self.labels), "id2label": {i: v for v, i in self.labels.items()}, "label2id": dict(self.labels), "dsee_label_map": dict(self.labels)}
         source = builtin_config(cfg.model, vocab_size=len(self.tokenizer)) if cfg.model.startswith("builtin:") else cfg.model
         self.model = build_model(source, cfg.task, ds_config=self.ds_config, dtype=self._dtype(), **overrides)
         vocab = self.model.config.vocab_size
@@ -213,24 +216,10 @@ class Recipe:
         sums = torch.zeros(2, dtype=torch.float64)
         for rows, real in self._eval_batches():
             batch = self._to_device(collate(rows, self.tokenizer.pad_token_id))
-            out = engine(**batch)
-            if cfg.task == "cls":
-                correct = (out.logits.argmax(-1).cpu() == batch["labels"].cpu()) & real
-                sums += torch.tensor([correct.sum().item(), real.sum().item()], dtype=torch.float64)
-            else:
-                logits = out.logits[:, :-1].float()
-                labels = batch["labels"][:, 1:]
-                losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").cpu()
-                counted = (labels.cpu() != -100) & real[:, None]
-                sums += torch.tensor([(losses * counted).sum().item(), counted.sum().item()], dtype=torch.float64)
-        sums = dist.all_reduce(sums)
-        if cfg.task == "cls":
-            result = {"accuracy": sums[0].item() / max(1.0, sums[1].item())}
-        else:
-            loss = sums[0].item() / max(1.0, sums[1].item())
-            result = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
-            if bleu and self.eval_rows and "source" in self.eval_rows[0]:
-                result["bleu"] = self._bleu()
+            sums += metric_sums(engine(**batch).logits, batch["labels"], cfg.task, real)
+        result = finish(dist.all_reduce(sums), cfg.task)
+        if cfg.task == "lm" and bleu and self.eval_rows and "source" in self.eval_rows[0]:
+            result["bleu"] = self._bleu()
         if self.metrics:
             self.metrics.write({"stage": "evaluate", "tag": tag, **result})
         log.info("evaluation %s: %s", tag, result)
@@ -267,9 +256,13 @@ class Recipe:
 
     # ---- export and checkpoints --------------------------------------------------------------
     def export(self) -> None:
+        """Adapter-only file, then the adapters merged in place (re-masked when pruned) and the
+        model written as a plain HF folder. A later `evaluate` measures exactly that model."""
         out = self.run_dir / "export"
         save_adapter(self.model, out / "adapter", self.cfg.dsee)
-        export_hf(self.model, out / "merged", merge=True, remask=bool(self.masks) or self.cfg.prune.sparsity > 0)
+        for layer in dsee_layers(self.model).values():
+            layer.merge(remask=bool(self.masks))
+        export_hf(self.model, out / "merged", merge=False)
         if dist.is_main():
             self.tokenizer.save_pretrained(str(out / "merged"))
             self.tokenizer.save_pretrained(str(out / "adapter"))
