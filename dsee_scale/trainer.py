@@ -25,7 +25,7 @@ from dsee_scale.evaluate import finish, metric_sums
 from dsee_scale.export import atomic_save_file, export_hf, save_adapter
 from dsee_scale.flops import inference_flops
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
-from dsee_scale.models import build_model, builtin_config
+from dsee_scale.models import build_model, builtin_config, resolve_model_path
 from dsee_scale.prune import ShardMask, magnitude_prune, reapply_masks, sparsity_report
 from dsee_scale.validate import RUN_MARKER, validate_before_launch
 
@@ -108,7 +108,7 @@ class Recipe:
         from transformers import AutoTokenizer
 
         if cfg.tokenizer or not cfg.model.startswith("builtin:"):
-            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.tokenizer or cfg.model))
         else:
             folder = self.run_dir / "tokenizer"
             if dist.is_main() and not (folder / "tokenizer_config.json").exists():

