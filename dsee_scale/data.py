@@ -61,16 +61,37 @@ def load_split(cfg, split: str):
     return ds
 
 
-def check_columns(ds, cfg, where: str) -> None:
+def check_columns(columns: list[str], cfg, where: str) -> None:
     """Name the missing column and the ones present, before any tokenization."""
     needed = []
     if cfg.task == "cls":
         needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-    elif "source" not in ds.column_names:
+    elif "source" not in columns:
         needed = [cfg.text_column]
-    missing = [c for c in needed if c not in ds.column_names]
+    missing = [c for c in needed if c not in columns]
     if missing:
-        raise ValueError(f"{where}: column(s) {missing} not found; columns are {ds.column_names} (set --text_column / --label_column)")
+        raise ValueError(f"{where}: column(s) {missing} not found; columns are {columns} (set --text_column / --label_column)")
+
+
+def peek_columns(path: str) -> tuple[list[str], bool]:
+    """(column names, has at least one example) of a local file, reading only its first lines."""
+    file = Path(path)
+    suffix = file.suffix.lower()
+    with file.open(encoding="utf-8") as handle:
+        lines = [line for _, line in zip(range(2), (line for line in handle if line.strip()))]
+    if suffix in (".tsv", ".csv"):
+        header = next(csv.reader(lines[:1], delimiter="\t" if suffix == ".tsv" else ",")) if lines else []
+        return header, len(lines) > 1
+    if suffix == ".jsonl" or (suffix == ".json" and lines and lines[0].lstrip().startswith("{")):
+        import json
+
+        try:
+            return (list(json.loads(lines[0])) if lines else []), bool(lines)
+        except json.JSONDecodeError:
+            return [], bool(lines)  # a JSON document, not lines: checked after loading
+    if suffix == ".txt":
+        return (["source", "target"] if lines and PAIR_SEPARATOR in lines[0] else ["text"]), bool(lines)
+    raise ValueError(f"data file {path}: unsupported format {suffix!r}; use .tsv, .csv, .json, .jsonl or .txt")
 
 
 def label_map(train_ds, cfg) -> dict[str, int]:

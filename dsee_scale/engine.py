@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from dsee_scale.inject import ADAPTER_PARAMS
 log = logging.getLogger(__name__)
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_min: float = 30.0) -> None:
     """Join (or create) the process group with the accelerator's backend: NCCL on GPUs, gloo on CPU.
 
     Ranks are discovered from the launcher's environment (deepspeed, torchrun, accelerate) or,
@@ -25,7 +26,7 @@ def init_distributed() -> None:
 
     # DeepSpeed calls collectives that torch marks deprecated, once per call: keep logs readable.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timedelta(minutes=timeout_min))
 
 
 def adapter_parameters(model: nn.Module) -> list[torch.Tensor]:

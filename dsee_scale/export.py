@@ -61,9 +61,7 @@ def load_adapter(model: nn.Module, path: str | Path, ds_config: dict | None = No
     if metadata.get("model_type") != _model_type(model):
         raise ValueError(f"adapter was saved from a {metadata.get('model_type')!r} model, this one is {_model_type(model)!r}")
     if not dsee_layers(model):
-        suffix = ".sparse_index"
-        support = {k[: -len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}
-        apply_dsee(model, config, ds_config=ds_config, support=support_from_layers(model, config, support))
+        apply_dsee(model, config, ds_config=ds_config, support=load_support(model, config, Path(path) / ADAPTER_FILE if Path(path).is_dir() else path))
     load_dsee_state_dict(model, tensors)
     return model
 
@@ -149,3 +147,14 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: 
         model.config.save_pretrained(str(folder))
     dist.barrier()
     return folder
+
+
+def load_support(model: nn.Module, config: DSEEConfig, path: str | Path) -> dict[str, torch.Tensor]:
+    """Ω saved by an earlier run (support.safetensors) or inside an adapter file, as apply_dsee's
+    `support` argument for this model."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    suffix = ".sparse_index"
+    if any(k.endswith(suffix) for k in tensors):
+        return support_from_layers(model, config, {k[: -len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)})
+    return tensors

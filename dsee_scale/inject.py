@@ -79,7 +79,9 @@ def find_targets(model: nn.Module, config: DSEEConfig) -> list[tuple[str, nn.Mod
     return found
 
 
-def _validate(found, config: DSEEConfig) -> None:
+def check_targets(model: nn.Module, config: DSEEConfig) -> list[tuple[str, nn.Module, list[tuple[int, int]]]]:
+    """find_targets, then refuse ranks and nnz that do not fit a matrix (works on a meta model)."""
+    found = find_targets(model, config)
     for name, module, slices in found:
         out_features, in_features = base_dims(module)
         for start, stop in slices:
@@ -88,6 +90,7 @@ def _validate(found, config: DSEEConfig) -> None:
                 raise ValueError(f"DSEE rank {config.rank} is larger than a dimension of {name} ({rows}×{in_features}): use rank <= {min(rows, in_features)}")
             if config.nnz > rows * in_features:
                 raise ValueError(f"DSEE nnz {config.nnz} is larger than the {rows}×{in_features} matrix {name}: use nnz <= {rows * in_features}")
+    return found
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -111,8 +114,7 @@ def apply_dsee(
     spread over ranks. Under ZeRO-3 pass the engine's `ds_config` (or keep an HfDeepSpeedConfig
     alive) so that adapter parameters are created partitioned, in the model's dtype.
     """
-    found = find_targets(model, config)
-    _validate(found, config)
+    found = check_targets(model, config)
     jobs = [
         SupportJob(_job_name(name, i), module.weight, weight_is_transposed(module), rows)
         for name, module, slices in found

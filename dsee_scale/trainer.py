@@ -1,28 +1,28 @@
-"""The DSEE recipe: setup → tune → prune → re-tune → evaluate → export, over a DeepSpeed engine.
+"""The DSEE recipe: setup → tune → prune → re-tune → export → evaluate, over a DeepSpeed engine.
 
-Plain code, top to bottom. Every stage checkpoints (atomically) so a run resumes exactly: data
-order is a function of (seed, stage, step), and the checkpoint holds the engine state, the
-frozen shards (with any pruning), the masks and the stage/step counters.
+Plain code, top to bottom. Every stage checkpoints (atomically, see checkpoint.py) so a run
+resumes exactly: data order is a function of (seed, stage, step), and the checkpoint holds the
+engine state, the frozen shards (with any pruning), masks, RNG state and stage/step counters.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from dsee_scale import dist, zero
+from dsee_scale import checkpoint, dist, zero
 from dsee_scale.config import TrainConfig
 from dsee_scale.data import GlobalBatches, check_columns, collate, label_map, load_split, tokenize, train_sentencepiece, write_corpus
 from dsee_scale.engine import create_engine, init_distributed
 from dsee_scale.evaluate import finish, metric_sums
-from dsee_scale.export import atomic_save_file, export_hf, save_adapter
+from dsee_scale.export import atomic_save_file, export_hf, load_support, save_adapter
 from dsee_scale.flops import inference_flops
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.models import build_model, builtin_config, resolve_model_path
@@ -49,7 +49,7 @@ class Recipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.ds_config = validate_before_launch(cfg)
-        init_distributed()
+        init_distributed(cfg.dist_timeout_min)
         self.rank, self.world = dist.rank(), dist.world_size()
         logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
         torch.manual_seed(cfg.seed)
@@ -68,7 +68,9 @@ class Recipe:
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is {vocab}: use the model's own tokenizer (--tokenizer)")
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         support_file = self.run_dir / "support.safetensors"
-        support = _load_tensors(support_file) if support_file.exists() else None
+        support = load_file(str(support_file)) if support_file.exists() else None
+        if support is None and cfg.support_file:
+            support = load_support(self.model, cfg.dsee, cfg.support_file)
         apply_dsee(self.model, cfg.dsee, ds_config=self.ds_config, support=support)
         if dist.is_main() and support is None:
             atomic_save_file(support_of(self.model), support_file, {"dsee_config": json.dumps(cfg.dsee.to_dict())})
@@ -122,10 +124,10 @@ class Recipe:
     def _load_data(self) -> None:
         cfg = self.cfg
         train_ds = load_split(cfg, "train")
-        check_columns(train_ds, cfg, "training data")
+        check_columns(train_ds.column_names, cfg, "training data")
         eval_ds = load_split(cfg, "eval")
         if eval_ds is not None:
-            check_columns(eval_ds, cfg, "evaluation data")
+            check_columns(eval_ds.column_names, cfg, "evaluation data")
         self.labels = label_map(train_ds, cfg) if cfg.task == "cls" else None
         self.train_rows = tokenize(train_ds, self.tokenizer, cfg, self.labels)
         self.eval_rows = tokenize(eval_ds, self.tokenizer, cfg, self.labels) if eval_ds is not None else []
@@ -269,49 +271,25 @@ class Recipe:
         self.summary["export"] = str(out)
 
     def save_checkpoint(self) -> None:
-        """Engine state to a temporary folder, renamed into place, then the `latest` pointer."""
         tag = f"{self.done['stage']}-{self.done['step']}"
-        staging = self.ckpt_dir / f".staging-{tag}"
-        client = {"done": self.done, "losses": self.losses}
-        self.engine.save_checkpoint(str(staging), tag=tag, client_state=client, save_latest=False)
-        if self.masks:
-            tensors = {f"{n}::bits": torch.from_numpy(m.bits) for n, m in self.masks.items()}
-            tensors.update({f"{n}::range": torch.tensor([m.start, m.numel]) for n, m in self.masks.items()})
-            atomic_save_file(tensors, staging / tag / f"masks_rank{self.rank}.safetensors", {"format": "pt"})
-        dist.barrier()
-        if dist.is_main():
-            final = self.ckpt_dir / tag
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging / tag, final)
-            shutil.rmtree(staging, ignore_errors=True)
-            pointer = self.ckpt_dir / "latest.tmp"
-            pointer.write_text(tag)
-            os.replace(pointer, self.ckpt_dir / "latest")
-        dist.barrier()
+        client = {"done": self.done, "losses": self.losses, "summary": self.summary}
+        checkpoint.save(self.engine, self.ckpt_dir, tag, client, self.masks, keep=self.cfg.keep_checkpoints)
 
     def _load_latest_checkpoint(self) -> None:
-        pointer = self.ckpt_dir / "latest"
-        if not pointer.exists():
+        client, masks = checkpoint.load_latest(self.engine, self.ckpt_dir)
+        if client is None:
             log.info("no checkpoint in %s: starting from the beginning", self.ckpt_dir)
             return
-        tag = pointer.read_text().strip()
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
-        self.done = client["done"]
-        self.losses = client.get("losses", {})
-        mask_file = self.ckpt_dir / tag / f"masks_rank{self.rank}.safetensors"
-        if mask_file.exists():
-            tensors = _load_tensors(mask_file)
-            names = {k.split("::")[0] for k in tensors}
-            self.masks = {n: ShardMask(int(tensors[f"{n}::range"][0]), int(tensors[f"{n}::range"][1]), tensors[f"{n}::bits"].numpy()) for n in names}
-            reapply_masks(self.model, self.masks)
-        log.info("resumed from %s (stage %s, step %d)", tag, self.done["stage"], self.done["step"])
+        self.done, self.losses, self.summary = client["done"], client["losses"], {**client["summary"], **self.summary}
+        if masks:
+            self.masks = masks
+            reapply_masks(self.model, masks)
 
     # ---- the whole run -----------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
         tic = time.time()
-        if "before" not in self.summary and "evaluate" in cfg.stages and not self.done["finished"]:
+        if "before" not in self.summary and "evaluate" in cfg.stages and self.done["stage"] is None:
             self.summary["before"] = self.evaluate(tag="before", bleu=False)
         for stage in cfg.stages:
             if stage in self.done["finished"]:
@@ -334,6 +312,7 @@ class Recipe:
         flops = inference_flops(self.model, ctx=cfg.max_length, sparse_zeros=zeros)
         self.summary.update(flops_per_token=flops["total"], flops_saved=self.summary.get("structured", {}).get("flops_saved", 0.0) + flops["sparse_saved_fraction"], wall_s=time.time() - tic, output_dir=str(self.run_dir))
         self.summary["train_loss"] = {k: [v[0], v[-1]] for k, v in self.losses.items() if v}
+        self.summary["losses"] = self.losses
         if dist.is_main():
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
             print(format_summary(self.summary))
@@ -370,12 +349,6 @@ class _MetricsWriter:
     def close(self) -> None:
         self.jsonl.close()
         self.tb.close()
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def format_summary(s: dict) -> str:

@@ -117,16 +117,58 @@ def check_data(cfg: TrainConfig) -> None:
         if path is None:
             continue
         file = Path(path)
-        if not file.is_file():
+        if not file.exists():
             raise ConfigError(f"{flag} {path} does not exist")
+        if not file.is_file():
+            raise ConfigError(f"{flag} {path} is not a file")
         if not os.access(file, os.R_OK):
             raise ConfigError(f"{flag} {path} is not readable (check its permissions)")
-        if file.stat().st_size == 0:
-            raise ConfigError(f"{flag} {path} is empty")
+        from dsee_scale.data import check_columns, peek_columns
+
+        try:
+            columns, has_rows = peek_columns(path)
+            if not has_rows:
+                raise ConfigError(f"{flag} {path} holds no examples (empty dataset)")
+            if columns:
+                check_columns(columns, cfg, f"{flag} {path}")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{flag} {path} cannot be read as UTF-8 text (is it a binary file?)") from None
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if cfg.support_file and not Path(cfg.support_file).is_file():
+        raise ConfigError(f"--support_file {cfg.support_file} does not exist (a run's support.safetensors or an adapter file)")
     if cfg.task == "cls" and not (cfg.train_file or cfg.dataset):
         raise ConfigError("task 'cls' needs data: pass --train_file (TSV/CSV/JSON with text and label columns) or --dataset")
     if cfg.eval_file is None and cfg.train_file and "evaluate" in cfg.stages:
         raise ConfigError("the evaluate stage needs --eval_file (or drop 'evaluate' from --stages)")
+
+
+def check_model_fits(cfg: TrainConfig) -> None:
+    """Targets, rank and nnz against the model's shapes, and the tokenizer against its vocabulary,
+    on a model built on the meta device (no weights are loaded or allocated)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dsee_scale.inject import check_targets
+    from dsee_scale.models import TASK_MODELS, builtin_config, resolve_model_path
+
+    builtin = cfg.model.startswith("builtin:")
+    if not builtin and not Path(resolve_model_path(cfg.model)).exists():
+        return  # a hub name: checked once downloaded
+    config = builtin_config(cfg.model) if builtin else AutoConfig.from_pretrained(resolve_model_path(cfg.model))
+    if cfg.task == "cls":
+        config.num_labels = 2
+    with torch.device("meta"):
+        model = TASK_MODELS[cfg.task].from_config(config)
+    try:
+        check_targets(model, cfg.dsee)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    source = cfg.tokenizer or (None if builtin else resolve_model_path(cfg.model))
+    if source is not None and Path(source).exists():
+        vocab = len(AutoTokenizer.from_pretrained(source))
+        if vocab > config.vocab_size:
+            raise ConfigError(f"tokenizer {source} has {vocab} tokens but the model's vocabulary is {config.vocab_size}: use the model's own tokenizer (--tokenizer)")
 
 
 def validate_before_launch(cfg: TrainConfig) -> dict:
@@ -136,6 +178,7 @@ def validate_before_launch(cfg: TrainConfig) -> dict:
     check_output_dir(cfg)
     check_model(cfg)
     check_data(cfg)
+    check_model_fits(cfg)
     if on_cpu():
         for key in ("bf16", "fp16"):
             if config.get(key, {}).get("enabled"):

@@ -10,6 +10,7 @@ SentencePiece tokenizer trained on a generated corpus, every stage). `--help` li
 """
 import os
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,8 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         recipe.run()
-    finally:
-        recipe.close()
+    except BaseException:
+        # Leave at once: a collective clean-up would wait forever for ranks that are still
+        # inside another collective; the launcher then stops every rank.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    recipe.close()
     return 0
 
 

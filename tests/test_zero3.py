@@ -103,6 +103,19 @@ def test_full_checkpoint_resume_continues_the_same_run(runs):
     assert first + last == runs["gpt2"]["report"]["losses"]
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_support_chosen_on_two_ranks_is_identical_everywhere_and_equals_one_process(runs, kind):
+    from dsee_scale import support_of
+
+    per_rank = [load_file(str(runs[kind]["out"] / f"support_rank{r}.safetensors")) for r in range(2)]
+    _, _, model = reference_run(runs[kind]["base"], KINDS[kind], 0)
+    single = support_of(model)
+    assert set(per_rank[0]) == set(per_rank[1]) == set(single) and len(single) >= 4
+    for name, index in single.items():
+        assert torch.equal(per_rank[0][name], index) and torch.equal(per_rank[1][name], index), name
+        assert index.numel() == 8 and index.unique().numel() == 8
+
+
 def test_random_init_gpt2_under_zero3_keeps_hf_initialisation(tmp_path):
     run_launcher("deepspeed", SCRIPT, ["--base", "config:tiny-gpt2", "--out", tmp_path, "--steps", 1])
     report = json.loads((tmp_path / "report_rank0.json").read_text())

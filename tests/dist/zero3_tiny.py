@@ -13,7 +13,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import batch, ds_config, eval_batch, shard  # noqa: E402
 
-from dsee_scale import DSEEConfig, apply_dsee, count_parameters, dsee_layers  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from dsee_scale import DSEEConfig, apply_dsee, count_parameters, dsee_layers, support_of  # noqa: E402
 from dsee_scale import zero  # noqa: E402
 from dsee_scale.engine import create_engine, init_distributed, optimizer_state_numel  # noqa: E402
 from dsee_scale.export import export_hf, save_adapter  # noqa: E402
@@ -46,6 +48,7 @@ else:
     source = args.base
 model = build_model(source, args.task, ds_config=config)
 apply_dsee(model, dsee, ds_config=config)
+save_file({k: v.contiguous() for k, v in support_of(model).items()}, str(out / f"support_rank{rank}.safetensors"))
 engine = create_engine(model, config, lr=1e-2)
 if args.resume:
     engine.load_checkpoint(args.resume)

@@ -1,0 +1,81 @@
+"""Seconds to choose Ω: GPT-2-XL-sized selection on 1 vs 2 ranks, and per 768×768 matrix our
+released-code GreBsmo vs a straight re-implementation of that loop (with Ω overlap).
+
+    python benchmarks/bench_support.py          # full (~15 min)
+    python benchmarks/bench_support.py --quick  # smoke run (< 60 s)
+
+Prints JSON lines and appends them to benchmarks/results/support.jsonl (or --out).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from grebsmo_reference import grebsmo_reference  # noqa: E402
+
+from dsee_scale.support import choose_support, top_n_indices  # noqa: E402
+
+
+def per_matrix(dim: int, count: int) -> list[dict]:
+    torch.set_num_threads(1)
+    rows = []
+    ours_s, ref_s, overlaps = [], [], []
+    for i in range(count):
+        w = torch.randn(dim, dim, generator=torch.Generator().manual_seed(100 + i)) * 0.02
+        tic = time.perf_counter()
+        ours = choose_support(w, 64, "grebsmo_released", seed=i)
+        ours_s.append(time.perf_counter() - tic)
+        tic = time.perf_counter()
+        ref = top_n_indices(grebsmo_reference(w).abs().float(), 64)
+        ref_s.append(time.perf_counter() - tic)
+        overlaps.append(len(set(ours.tolist()) & set(ref.tolist())) / 64)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    rows.append({"what": "per_matrix", "impl": "ours", "method": "grebsmo_released", "world_size": 1, "dim": dim, "matrices": count, "seconds": round(mean(ours_s), 3), "overlap": round(mean(overlaps), 4)})
+    rows.append({"what": "per_matrix", "impl": "reference", "method": "grebsmo_released", "world_size": 1, "dim": dim, "matrices": count, "seconds": round(mean(ref_s), 3), "speedup_of_ours": round(mean(ref_s) / mean(ours_s), 2)})
+    return rows
+
+
+def total(matrices: int, dim: int, world: int, scratch: Path) -> dict:
+    worker = ["benchmarks/support_worker.py", "--matrices", str(matrices), "--dim", str(dim), "--out", str(scratch)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if world == 1:
+        cmd = [sys.executable, *worker]
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--bind_cores_to_rank", "--master_port", "29750", *worker]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit((proc.stdout + proc.stderr)[-4000:])
+    return json.loads(scratch.read_text().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "support.jsonl"))
+    args = p.parse_args()
+    scratch = Path(tempfile.mkdtemp()) / "total.jsonl"
+    matrices, dim, per_dim, per_count = (8, 256, 128, 1) if args.quick else (96, 1600, 768, 3)
+    rows = per_matrix(per_dim, per_count)
+    one, two = total(matrices, dim, 1, scratch), total(matrices, dim, 2, scratch)
+    two["speedup_vs_one_rank"] = round(one["seconds"] / two["seconds"], 2)
+    two["same_support_as_one_rank"] = one["digest"] == two["digest"]
+    rows += [one, two]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        for row in rows:
+            row["quick"] = args.quick
+            print(json.dumps(row))
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

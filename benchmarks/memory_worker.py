@@ -1,0 +1,90 @@
+"""One method on one 2-rank ZeRO-3 engine: per-rank peak RSS, s/step, bytes moved per step.
+
+Started by bench_memory.py under the deepspeed launcher; rank 0 appends one JSON line to --out.
+"""
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dsee_scale import DSEEConfig, apply_dsee, count_parameters  # noqa: E402
+from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
+from dsee_scale.models import builtin_config, build_model, tiny_config  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--method", choices=["full", "peft_lora", "dsee"], required=True)
+p.add_argument("--model", default="gpt2-medium", help="builtin GPT-2 size, or 'tiny'")
+p.add_argument("--seq", type=int, default=128)
+p.add_argument("--batch", type=int, default=2, help="micro-batch per rank")
+p.add_argument("--steps", type=int, default=10)
+p.add_argument("--warmup", type=int, default=2)
+p.add_argument("--rank", type=int, default=16)
+p.add_argument("--out", required=True)
+args, _ = p.parse_known_args()
+
+init_distributed()
+rank, world = dist.get_rank(), dist.get_world_size()
+ds_config = {
+    "train_micro_batch_size_per_gpu": args.batch,
+    "gradient_accumulation_steps": 1,
+    "train_batch_size": args.batch * world,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100000, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7, "stage3_prefetch_bucket_size": 5e7},
+    "comms_logger": {"enabled": True, "verbose": False, "prof_all": True, "debug": False},
+    "steps_per_print": 10**9,
+}
+config = tiny_config("gpt2", vocab_size=1000, n_embd=128, n_positions=args.seq) if args.model == "tiny" else builtin_config(f"builtin:{args.model}")
+config.n_positions = max(config.n_positions, args.seq)
+model = build_model(config, "lm", ds_config=ds_config)
+if args.method == "dsee":
+    apply_dsee(model, DSEEConfig(rank=args.rank, alpha=2.0 * args.rank, nnz=64, targets=["c_attn:q,v"], support="magnitude"), ds_config=ds_config)
+elif args.method == "peft_lora":
+    from peft import LoraConfig, get_peft_model
+
+    # PEFT cannot adapt slices of the fused c_attn: LoRA on the whole c_attn at the same rank
+    # has the same trainable budget per layer as DSEE on its q and v slices.
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0))
+trainable, total = count_parameters(model)
+engine = create_engine(model, ds_config, lr=1e-4)
+generator = torch.Generator().manual_seed(rank)
+times = []
+from deepspeed.comm import comm as ds_comm  # noqa: E402
+
+for step in range(args.warmup + args.steps):
+    if step == args.warmup:
+        ds_comm.comms_logger.comms_dict.clear()
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator)
+    tic = time.perf_counter()
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    if step >= args.warmup:
+        times.append(time.perf_counter() - tic)
+
+
+def bytes_per_step(name_part: str) -> float:
+    total_bytes = sum(size * record[0] for op, sizes in ds_comm.comms_logger.comms_dict.items() if name_part in op for size, record in sizes.items())
+    return total_bytes / args.steps
+
+
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+gathered = [None] * world
+dist.all_gather_object(gathered, {"peak_mb": peak_mb, "s_per_step": statistics.median(times), "all_gather": bytes_per_step("all_gather"), "reduce_scatter": bytes_per_step("reduce_scatter")})
+if rank == 0:
+    line = {
+        "method": args.method, "model": args.model, "params": total, "trainable_params": trainable, "world_size": world, "seq": args.seq, "micro_batch": args.batch,
+        "peak_rss_mb_per_rank": [round(g["peak_mb"], 1) for g in gathered],
+        "s_per_step": round(max(g["s_per_step"] for g in gathered), 4),
+        "all_gather_mb_per_step": round(gathered[0]["all_gather"] / 2**20, 2),
+        "reduce_scatter_mb_per_step": round(gathered[0]["reduce_scatter"] / 2**20, 3),
+    }
+    with open(args.out, "a") as f:
+        f.write(json.dumps(line) + "\n")
+dist.barrier()

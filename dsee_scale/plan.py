@@ -1,0 +1,130 @@
+"""Per-GPU memory and per-step traffic of full fine-tuning, LoRA and DSEE under ZeRO-3.
+
+    python -m dsee_scale.plan --model gpt2-xl --nodes 2 --gpus-per-node 8 --seq 1024 --micro-batch 4
+
+Model states follow DeepSpeed's accounting (mixed precision: 2-byte weights, fp32 gradient
+partition, fp32 master copy and Adam moments for what is trained), so the full fine-tuning figure equals
+`estimate_zero3_model_states_mem_needs` (18 bytes per parameter / GPUs + 4 bytes × the largest
+layer). A frozen backbone needs only its 2-byte partition; adapters are kept whole on every GPU.
+Activations use the per-layer estimate of Korthikanti et al. (2022), s·b·h·(34 + 5·a·s/h) bytes,
+or 2·s·b·h per layer plus one layer's worth with activation checkpointing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+GIB = 2**30
+SIZES = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
+
+
+@dataclass
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int = 50257
+    positions: int = 1024
+
+    @property
+    def params(self) -> int:
+        h = self.hidden
+        return self.vocab * h + self.positions * h + self.layers * (12 * h * h + 13 * h) + 2 * h
+
+    @property
+    def largest_layer(self) -> int:
+        return max(self.vocab * self.hidden, 12 * self.hidden**2 + 13 * self.hidden)
+
+
+def trainable_params(shape: Shape, method: str, rank: int, nnz: int) -> int:
+    """LoRA on the whole fused c_attn and DSEE on its q and v slices have the same budget."""
+    h = shape.hidden
+    if method == "full":
+        return shape.params
+    if method == "lora":
+        return shape.layers * rank * (h + 3 * h)
+    return shape.layers * (2 * rank * (h + h) + 2 * nnz)
+
+
+def activation_bytes(shape: Shape, seq: int, micro: int, checkpointing: bool) -> int:
+    per_layer = seq * micro * shape.hidden * (34 + 5 * shape.heads * seq / shape.hidden)
+    logits = 4 * seq * micro * shape.vocab  # fp32 logits for the loss
+    if checkpointing:
+        return int(shape.layers * 2 * seq * micro * shape.hidden + per_layer + logits)
+    return int(shape.layers * per_layer + logits)
+
+
+def plan(shape: Shape, method: str, gpus: int, gpus_per_node: int, seq: int, micro: int, checkpointing: bool, rank: int = 16, nnz: int = 64, quantized_frozen: bool = False, hpz: bool = False) -> dict:
+    p, t = shape.params, trainable_params(shape, method, rank, nnz)
+    frozen = p if method != "full" else 0
+    weight_bytes = (1 if quantized_frozen and method != "full" else 2)
+    states = {
+        "weights": (2 * p if method == "full" else weight_bytes * frozen) / gpus + 4 * shape.largest_layer,
+        "adapters_whole": 2 * t if method != "full" else 0,
+        "gradients": 4 * t / gpus,  # fp32 gradient partition
+        "optimizer": 12 * t / gpus,  # fp32 master copy + Adam m and v
+    }
+    if hpz and gpus_per_node < gpus:
+        states["weights"] += 2 * p / gpus_per_node  # secondary partition within the node
+    activations = activation_bytes(shape, seq, micro, checkpointing)
+    gather = 2 * (weight_bytes if method != "full" else 2) * p * (gpus - 1) / gpus  # forward + backward
+    inter_node = gather if not hpz else gather / 2  # hpZ: the backward gather stays in the node
+    return {
+        "method": method, "params": p, "trainable": t, "trainable_pct": round(100 * t / p, 3),
+        "weights_gib": round(states["weights"] / GIB, 3), "adapters_gib": round(states["adapters_whole"] / GIB, 4),
+        "gradients_gib": round(states["gradients"] / GIB, 4), "optimizer_gib": round(states["optimizer"] / GIB, 4),
+        "model_states_gib": round(sum(states.values()) / GIB, 3), "activations_gib": round(activations / GIB, 3),
+        "total_gib": round((sum(states.values()) + activations) / GIB, 3),
+        "allgather_gib_per_step": round(gather / GIB, 3), "inter_node_allgather_gib_per_step": round(inter_node / GIB, 3),
+        "reduce_scatter_gib_per_step": round(2 * t * (gpus - 1) / gpus / GIB, 4),
+    }
+
+
+def recommend(rows: list[dict], gpu_gib: float) -> str:
+    dsee = [r for r in rows if r["method"] == "dsee"]
+    fits = [r for r in dsee if r["total_gib"] <= 0.9 * gpu_gib]
+    if not fits:
+        return f"DSEE does not fit in {gpu_gib} GiB at this micro-batch: lower --micro-batch or add GPUs"
+    best = min(fits, key=lambda r: (r["checkpointing"], r["total_gib"]))
+    ckpt = "with" if best["checkpointing"] else "without"
+    return f"DSEE {ckpt} activation checkpointing: {best['total_gib']} GiB of {gpu_gib} GiB per GPU; ds_configs/zero3_gpt2xl.json"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gpt2-xl", choices=sorted(SIZES))
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--nnz", type=int, default=64)
+    p.add_argument("--gpu-gib", type=float, default=80.0)
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    args = p.parse_args(argv)
+    shape = Shape(*SIZES[args.model])
+    gpus = args.nodes * args.gpus_per_node
+    rows = []
+    for method in ("full", "lora", "dsee"):
+        for checkpointing in (False, True):
+            row = plan(shape, method, gpus, args.gpus_per_node, args.seq, args.micro_batch, checkpointing, args.rank, args.nnz)
+            rows.append({**row, "checkpointing": checkpointing})
+    for quantized, hpz in ((True, False), (False, True), (True, True)):
+        row = plan(shape, "dsee", gpus, args.gpus_per_node, args.seq, args.micro_batch, True, args.rank, args.nnz, quantized, hpz)
+        rows.append({**row, "method": f"dsee{'+int8-frozen' if quantized else ''}{'+hpZ' if hpz else ''}", "checkpointing": True})
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(f"{args.model}: {shape.params:,} parameters, {args.nodes} node(s) × {args.gpus_per_node} GPUs, seq {args.seq}, micro-batch {args.micro_batch} (GiB per GPU)")
+    cols = ["method", "checkpointing", "trainable_pct", "weights_gib", "optimizer_gib", "gradients_gib", "activations_gib", "total_gib", "allgather_gib_per_step", "inter_node_allgather_gib_per_step", "reduce_scatter_gib_per_step"]
+    print(" | ".join(cols))
+    for row in rows:
+        print(" | ".join(str(row[c]) for c in cols))
+    print("recommendation:", recommend(rows, args.gpu_gib))
+
+
+if __name__ == "__main__":
+    main()
+

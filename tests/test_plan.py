@@ -1,0 +1,41 @@
+"""The memory planner agrees with DeepSpeed's own estimator and with parameter counts."""
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from dsee_scale.plan import SIZES, Shape, main, plan
+
+
+@pytest.mark.parametrize("model", ["gpt2", "gpt2-xl"])
+@pytest.mark.parametrize("nodes, gpus_per_node", [(1, 8), (2, 8), (4, 4)])
+def test_full_finetuning_model_states_equal_deepspeeds_estimator(model, nodes, gpus_per_node):
+    shape = Shape(*SIZES[model])
+    _, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(shape.params, shape.largest_layer, gpus_per_node, nodes, cpu_offload=False)
+    row = plan(shape, "full", nodes * gpus_per_node, gpus_per_node, seq=1024, micro=4, checkpointing=True)
+    assert row["model_states_gib"] == pytest.approx(gpu_bytes / 2**30, abs=1e-3)
+
+
+def test_parameter_count_matches_the_hf_model():
+    import torch
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config(n_embd=768, n_layer=12, n_head=12))
+    assert Shape(*SIZES["gpt2"]).params == sum(p.numel() for p in model.parameters())
+
+
+def test_dsee_needs_far_less_than_full_and_options_cut_traffic():
+    shape = Shape(*SIZES["gpt2-xl"])
+    full = plan(shape, "full", 16, 8, 1024, 4, True)
+    dsee = plan(shape, "dsee", 16, 8, 1024, 4, True)
+    assert dsee["model_states_gib"] < 0.3 * full["model_states_gib"]  # the gathered-layer buffer stays
+    assert dsee["reduce_scatter_gib_per_step"] < 0.01 * full["reduce_scatter_gib_per_step"]
+    quantized = plan(shape, "dsee", 16, 8, 1024, 4, True, quantized_frozen=True)
+    hpz = plan(shape, "dsee", 16, 8, 1024, 4, True, hpz=True)
+    assert quantized["allgather_gib_per_step"] == pytest.approx(dsee["allgather_gib_per_step"] / 2, rel=1e-3)
+    assert hpz["inter_node_allgather_gib_per_step"] == pytest.approx(dsee["inter_node_allgather_gib_per_step"] / 2, rel=1e-3)
+
+
+def test_command_prints_a_table_and_a_recommendation(capsys):
+    main(["--model", "gpt2-xl", "--nodes", "2", "--gpus-per-node", "8", "--seq", "1024", "--micro-batch", "4"])
+    out = capsys.readouterr().out
+    assert "recommendation: DSEE" in out and "1,557,611,200 parameters" in out

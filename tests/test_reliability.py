@@ -1,0 +1,130 @@
+"""Bad input fails early and clearly; a dead rank ends the job; a kill during a save loses
+nothing and the resumed run repeats the uninterrupted one bit for bit."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SHARED_DATA, minilm_dir
+from launch_utils import launcher_command, run_launcher
+
+sys.path.insert(0, str(ROOT / "launch"))
+from train import main  # noqa: E402
+
+
+def write(path: Path, text: str | bytes) -> str:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+def bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
+    """(what is wrong, flags, the message it must give): also the README's table."""
+    tsv = write(tmp / "ok.tsv", "sentence\tlabel\ngood film\t1\nbad film\t0\n")
+    used = tmp / "used_run"
+    used.mkdir(exist_ok=True)
+    (used / "dsee_run.json").write_text("{}")
+    cls = ["--task", "cls", "--model", "builtin:tiny-bert", "--train_file", tsv, "--eval_file", tsv, "--text_column", "sentence"]
+    return [
+        ("DeepSpeed config missing", ["--ds_config", "nope.json"], "DeepSpeed config nope.json does not exist"),
+        ("DeepSpeed config malformed", ["--ds_config", write(tmp / "bad.json", "{stage: 3")], "is not valid JSON"),
+        ("batch sizes disagree", ["--ds_config", write(tmp / "b.json", '{"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}')], "batch sizes disagree"),
+        ("data file missing", cls[:4] + ["--train_file", str(tmp / "none.tsv")], "does not exist"),
+        ("data file unreadable", cls[:4] + ["--train_file", write(tmp / "bin.tsv", b"\xff\xfe\x00\x81" * 64)], "cannot be read as UTF-8 text"),
+        ("empty dataset", cls[:4] + ["--train_file", write(tmp / "empty.tsv", "sentence\tlabel\n"), "--eval_file", tsv], "holds no examples"),
+        ("label column missing", cls + ["--label_column", "stars"], "column(s) ['stars'] not found"),
+        ("text column missing", cls[:-2], "column(s) ['text'] not found"),
+        ("targets match nothing", ["--dsee.targets", "query,value"], "no module matched the DSEE targets"),
+        ("rank too large", ["--dsee.rank", "4096"], "rank 4096 is larger than a dimension"),
+        ("nnz too large", ["--dsee.nnz", "99999999"], "nnz 99999999 is larger than the"),
+        ("unknown init", ["--dsee.init", "xavier"], "unknown DSEE init 'xavier'"),
+        ("unknown support method", ["--dsee.support", "svd"], "unknown support method 'svd'"),
+        ("sparsity outside [0, 1)", ["--prune.sparsity", "1.5"], "prune.sparsity must be in [0, 1)"),
+        ("unknown model", ["--model", "./no/such/model"], "unknown model './no/such/model'"),
+        ("unknown builtin model", ["--model", "builtin:gpt5"], "unknown builtin model 'builtin:gpt5'"),
+        ("tokenizer/model vocabulary mismatch", ["--task", "cls", "--model", minilm_dir(), "--tokenizer", str(SHARED_DATA / "gpt2_tokenizer"), "--train_file", tsv, "--eval_file", tsv, "--text_column", "sentence"], "tokenizer"),
+        ("output folder of another run", ["--output_dir", str(used)], "exists and holds another run"),
+        ("unknown option in a recipe", ["--config", write(tmp / "r.yaml", "model: builtin:tiny-gpt2\nlearning_rate: 0.1\n")], "unknown TrainConfig fields ['learning_rate']"),
+        ("bad value for a flag", ["--steps", "many"], "--steps: invalid literal"),
+        ("--resume and --overwrite together", ["--resume", "--overwrite"], "choose --resume or --overwrite, not both"),
+    ]
+
+
+
+
+@pytest.fixture
+def cases(tmp_path):
+    return bad_inputs(tmp_path)
+
+
+def test_every_bad_input_fails_before_heavy_work_with_a_named_message(cases, tmp_path, capsys):
+    for what, flags, message in cases:
+        argv = ["--output_dir", str(tmp_path / "out"), *flags] if "--output_dir" not in flags else flags
+        tic = time.time()
+        assert main(argv) == 2, what
+        err = capsys.readouterr().err
+        assert message in err, f"{what}: {err}"
+        assert time.time() - tic < 10, what
+        assert not (tmp_path / "out").exists(), what  # nothing was created
+
+
+def test_readme_table_lists_every_bad_input(cases):
+    readme = (ROOT / "README.md").read_text()
+    for what, _, message in cases:
+        assert f"| {what} |" in readme, what
+        assert message.split("'")[0].strip() in readme, what
+
+
+@pytest.mark.multiproc
+def test_bad_input_exits_every_rank_with_one_message(tmp_path):
+    cmd = launcher_command("deepspeed", "launch/train.py") + ["--ds_config", "missing.json", "--output_dir", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("dsee_scale: error: DeepSpeed config missing.json does not exist") == 1
+
+
+QUICK = ["--ds_config", "ds_configs/zero3.json", "--model", "builtin:tiny-gpt2", "--micro_batch_size", 4, "--log_every", 1,
+         "--stages", "tune,prune,retune", "--prune.sparsity", 0.5]
+
+
+@pytest.mark.multiproc
+def test_killing_one_rank_ends_the_job_within_60_seconds(tmp_path):
+    out = tmp_path / "run"
+    cmd = launcher_command("deepspeed", "launch/train.py") + [str(a) for a in QUICK + ["--steps", 100000, "--output_dir", out]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not ((out / "metrics.jsonl").exists() and '"tune"' in (out / "metrics.jsonl").read_text()):
+            assert time.time() < deadline and proc.poll() is None, "training never started"
+            time.sleep(0.5)
+        rank1 = subprocess.run(["pgrep", "-f", "launch/train.py --local_rank=1"], capture_output=True, text=True).stdout.split()
+        assert rank1, "rank 1 not found"
+        os.kill(int(rank1[0]), signal.SIGKILL)
+        tic = time.time()
+        code = proc.wait(timeout=60)
+        assert code != 0 and time.time() - tic < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.multiproc
+def test_kill_during_save_then_resume_repeats_the_uninterrupted_run(tmp_path):
+    steps = ["--steps", 6, "--retune_steps", 4, "--save_every", 2]
+    reference = tmp_path / "reference"
+    run_launcher("deepspeed", "launch/train.py", QUICK + steps + ["--output_dir", reference])
+    crashed = tmp_path / "crashed"
+    cmd = launcher_command("deepspeed", "launch/train.py") + [str(a) for a in QUICK + steps + ["--output_dir", crashed]]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "DSEE_FAULT_INJECT": "kill_during_save:tune-4"})
+    assert proc.returncode != 0
+    assert (crashed / "checkpoints" / "latest").read_text() == "tune-2"
+    assert not (crashed / "checkpoints" / "tune-4").exists()
+    run_launcher("deepspeed", "launch/train.py", QUICK + steps + ["--output_dir", crashed, "--resume"])
+    expected = json.loads((reference / "summary.json").read_text())
+    resumed = json.loads((crashed / "summary.json").read_text())
+    assert resumed["losses"] == expected["losses"]
+    assert resumed["sparsity"] == expected["sparsity"] == 0.5
