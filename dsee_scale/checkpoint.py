@@ -36,10 +36,16 @@ def _rank_state(masks: dict[str, ShardMask]) -> dict[str, torch.Tensor]:
     return state
 
 
-def save(engine, folder: Path, tag: str, client_state: dict, masks: dict[str, ShardMask], keep: int = 2) -> None:
-    """Collective. Only `keep` most recent checkpoints are kept."""
+ADAPTER_ONLY = "ADAPTER_ONLY"
+
+
+def save(engine, folder: Path, tag: str, client_state: dict, masks: dict[str, ShardMask], keep: int = 2, frozen: bool = True) -> None:
+    """Collective. Only `keep` most recent checkpoints are kept. frozen=False leaves the frozen
+    backbone out (it is rebuilt from the model source on resume, then the masks re-applied)."""
     staging = folder / f".staging-{tag}"
-    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=not frozen)
+    if not frozen and dist.is_main():
+        (staging / tag / ADAPTER_ONLY).touch()
     atomic_save_file(_rank_state(masks), staging / tag / f"rank{dist.rank()}_state.safetensors", {"format": "pt"})
     if os.environ.get(FAULT_ENV) == f"kill_during_save:{tag}":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -65,7 +71,7 @@ def load_latest(engine, folder: Path) -> tuple[dict | None, dict[str, ShardMask]
     if not pointer.exists():
         return None, {}
     tag = pointer.read_text().strip()
-    _, client = engine.load_checkpoint(str(folder), tag=tag)
+    _, client = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=not (folder / tag / ADAPTER_ONLY).exists())
     state = load_file(str(folder / tag / f"rank{dist.rank()}_state.safetensors"))
     torch.set_rng_state(state["rng::cpu"])
     if "rng::device" in state:

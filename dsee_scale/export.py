@@ -1,6 +1,7 @@
 """Files users keep: adapter-only safetensors (with Ω and the DSEE config) and merged HF folders."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -116,10 +117,12 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: 
     shards of at most max_shard_bytes.
     """
     from dsee_scale import zero
-    from dsee_scale.layer import DSEELayer
+    from dsee_scale.layer import DSEELayer, weight_is_transposed
+    from dsee_scale.structured import export_layout, pad_for_export
 
     folder = Path(folder)
     writer = _ShardWriter(folder, max_shard_bytes) if dist.is_main() else None
+    config_fields, padding = export_layout(model)
     seen: set[int] = set()
     bases = {id(m.base): m for m in model.modules() if isinstance(m, DSEELayer)}
     for name, module in model.named_modules():
@@ -137,6 +140,8 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: 
                     delta = layer.delta_weight().to(tensor.dtype)
                     merged = tensor + (delta.t() if layer.transposed else delta)
                     tensor = merged.masked_fill(tensor == 0, 0) if remask else merged
+                if prefix in padding:
+                    tensor = pad_for_export(tensor, pname, weight_is_transposed(module), *padding[prefix])
                 if writer is not None:
                     writer.add(f"{prefix}.{pname}" if prefix else pname, tensor)
         for bname, buf in module.named_buffers(recurse=False):
@@ -144,7 +149,10 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: 
                 writer.add(f"{prefix}.{bname}" if prefix else bname, buf)
     if writer is not None:
         writer.close()
-        model.config.save_pretrained(str(folder))
+        config = copy.deepcopy(model.config)
+        for key, value in config_fields.items():
+            setattr(config, key, value)
+        config.save_pretrained(str(folder))
     dist.barrier()
     return folder
 

@@ -60,6 +60,7 @@ def inference_flops(model: nn.Module, ctx: int, sparse_zeros: int = 0) -> dict:
     return {
         "total": total,
         "matmul": matmul,
+        "dense_model": matmul + attention,  # the deployable (merged) model, adapters excluded
         "attention": attention,
         "adapters": adapters,
         "sparse_saved": 2 * sparse_zeros,

@@ -5,7 +5,9 @@ Methods:
   to 64, 2 inner bilateral (QR) steps, stops once ||W - L - S|| / ||W|| < 0.01.
 - `grebsmo_released`: the released DSEE code's variant: hard threshold tau = 0.01, 100 outer
   steps (rank +5 each, new directions from the residual) × 2 inner steps; we stop early once
-  top-N of |S| has not changed for 5 outer steps (only Ω is needed).
+  top-N of |S| has not changed for 5 outer steps (only Ω is needed). The loop is path-dependent
+  (on random-init matrices even float32 vs float64 changes Ω), so new directions come from a
+  range finder with enough power iterations to track the exact SVD.
 - `magnitude`: top-N of |W|. `random`: N distinct uniform positions (seeded).
 
 Both GreBsmo variants find new rank directions with a randomized range finder and keep the
@@ -30,11 +32,14 @@ class GreBsmoParams:
     max_rank: int | None  # None: as far as the outer steps reach (outer × rank_step)
     tol: float
     patience: int = 0  # stop once top-N of |S| has not changed for this many outer steps (0: never)
+    power: int = 2  # power iterations of the randomized range finder for new rank directions
 
 
 GREBSMO_VARIANTS = {
     "grebsmo": GreBsmoParams(tau=0.01, soft=True, outer=100, inner=2, rank_step=5, max_rank=64, tol=1e-2),
-    "grebsmo_released": GreBsmoParams(tau=0.01, soft=False, outer=100, inner=2, rank_step=5, max_rank=None, tol=0.0, patience=5),
+    # 12 power iterations: the new directions match an exact SVD's closely enough that Ω follows
+    # the original (exact-SVD, float64) path: 94-97% overlap on MiniLM's matrices.
+    "grebsmo_released": GreBsmoParams(tau=0.01, soft=False, outer=100, inner=2, rank_step=5, max_rank=None, tol=0.0, patience=5, power=12),
 }
 
 
@@ -67,18 +72,18 @@ def _threshold(t: torch.Tensor, tau: float, soft: bool) -> torch.Tensor:
     return t * (t.abs() > tau)
 
 
-def grebsmo_sparse_part(w: torch.Tensor, params: GreBsmoParams, n: int, seed: int = 0) -> torch.Tensor:
+def grebsmo_sparse_part(w: torch.Tensor, params: GreBsmoParams, n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """S of W ≈ L + S by greedy bilateral smoothing (Zhou & Tao, 2013); L of growing rank.
 
     With params.patience, stops once the top-n entries of |S| (all Ω needs) have not changed
     for that many consecutive outer steps.
     """
-    d = w.detach().to(torch.float32)
+    d = w.detach().to(dtype)
     generator = torch.Generator().manual_seed(seed)
     norm_d = max(d.norm().item(), 1e-30)
     reach = params.outer * params.rank_step if params.max_rank is None else params.max_rank
     max_rank = max(1, min(reach, min(d.shape)))
-    y = _top_directions(d, min(params.rank_step, max_rank), generator)
+    y = _top_directions(d, min(params.rank_step, max_rank), generator, params.power)
     s = torch.zeros_like(d)
     last_top, unchanged = None, 0
     for _ in range(params.outer):
@@ -99,7 +104,7 @@ def grebsmo_sparse_part(w: torch.Tensor, params: GreBsmoParams, n: int, seed: in
         if y.shape[0] >= max_rank:
             break
         grow = min(params.rank_step, max_rank - y.shape[0])
-        y = torch.cat([y, _top_directions(d - x @ y - s, grow, generator)])
+        y = torch.cat([y, _top_directions(d - x @ y - s, grow, generator, params.power)])
     return s
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from dsee_scale.flops import inference_flops
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.models import build_model, builtin_config, resolve_model_path
 from dsee_scale.prune import ShardMask, magnitude_prune, reapply_masks, sparsity_report
+from dsee_scale.structured import structured_prune
 from dsee_scale.validate import RUN_MARKER, validate_before_launch
 
 log = logging.getLogger("dsee_scale")
@@ -43,6 +45,7 @@ class Recipe:
         self.summary: dict = {}
         self.done: dict = {"stage": None, "step": 0, "finished": []}
         self.losses: dict[str, list[float]] = {}
+        self.timings: dict[str, float] = {}
         self.metrics = None
 
     # ---- setup -------------------------------------------------------------------------------
@@ -62,7 +65,11 @@ class Recipe:
         if cfg.task == "cls":
             overrides = {"num_labels": len(self.labels), "id2label": {i: v for v, i in self.labels.items()}, "label2id": dict(self.labels), "dsee_label_map": dict(self.labels)}
         source = builtin_config(cfg.model, vocab_size=len(self.tokenizer)) if cfg.model.startswith("builtin:") else cfg.model
+        tic = time.time()
         self.model = build_model(source, cfg.task, ds_config=self.ds_config, dtype=self._dtype(), **overrides)
+        self.timings["build_s"] = time.time() - tic
+        if cfg.gradient_checkpointing:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         vocab = self.model.config.vocab_size
         if len(self.tokenizer) > vocab:
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is {vocab}: use the model's own tokenizer (--tokenizer)")
@@ -71,7 +78,9 @@ class Recipe:
         support = load_file(str(support_file)) if support_file.exists() else None
         if support is None and cfg.support_file:
             support = load_support(self.model, cfg.dsee, cfg.support_file)
+        tic = time.time()
         apply_dsee(self.model, cfg.dsee, ds_config=self.ds_config, support=support)
+        self.timings["support_s"] = time.time() - tic
         if dist.is_main() and support is None:
             atomic_save_file(support_of(self.model), support_file, {"dsee_config": json.dumps(cfg.dsee.to_dict())})
         self.engine = create_engine(self.model, self.ds_config, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -150,7 +159,7 @@ class Recipe:
         batches = GlobalBatches(len(self.train_rows), self.micro, self.accum, self.world, seed=cfg.seed + (1 if stage == "retune" else 0))
         engine.train()
         bar = tqdm(range(start, steps), desc=stage, disable=not dist.is_main(), dynamic_ncols=True)
-        window, tic = [], time.time()
+        window, tic, stage_tic = [], time.time(), time.time()
         for step in bar:
             for group in engine.optimizer.param_groups:
                 group["lr"] = self._lr_at(step, steps)
@@ -179,20 +188,26 @@ class Recipe:
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
                 self.save_checkpoint()
         bar.close()
+        if steps > start:
+            self.timings[f"{stage}_s_per_step"] = (time.time() - stage_tic) / (steps - start)
 
     # ---- pruning -----------------------------------------------------------------------------
     def prune(self) -> None:
         """Global (or per-layer) magnitude pruning of the frozen backbone; masks stay fixed after."""
         p = self.cfg.prune
         if p.heads or p.ffn:
-            from dsee_scale.structured import structured_prune
-
-            report = structured_prune(self.model, p, calibration=self._calibration_batches())
-            self.summary["structured"] = report
+            tic = time.time()
+            calibration = self._calibration_batches() if p.structured_score == "gradient" else None
+            self.summary["structured"] = structured_prune(self.model, p, calibration, self.ds_config, ctx=self.cfg.max_length)
+            # Parameter shapes changed: a fresh engine (and optimizer) for re-tuning.
+            self.engine.destroy()
+            self.engine = create_engine(self.model, self.ds_config, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+            self.timings["structured_s"] = time.time() - tic
         if p.sparsity > 0:
             tic = time.time()
             self.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude)
-            log.info("pruned to %.1f%% sparsity in %.1fs", 100 * p.sparsity, time.time() - tic)
+            self.timings["prune_s"] = time.time() - tic
+            log.info("pruned to %.1f%% sparsity in %.1fs", 100 * p.sparsity, self.timings["prune_s"])
         self.summary["sparsity"] = sparsity_report(self.model, p.include, p.exclude)["total"]
 
     def _calibration_batches(self, n: int = 4) -> list[dict]:
@@ -261,19 +276,24 @@ class Recipe:
         """Adapter-only file, then the adapters merged in place (re-masked when pruned) and the
         model written as a plain HF folder. A later `evaluate` measures exactly that model."""
         out = self.run_dir / "export"
+        tic = time.time()
         save_adapter(self.model, out / "adapter", self.cfg.dsee)
-        for layer in dsee_layers(self.model).values():
-            layer.merge(remask=bool(self.masks))
-        export_hf(self.model, out / "merged", merge=False)
+        self.timings["adapter_save_s"] = time.time() - tic
+        self.summary["adapter_bytes"] = (out / "adapter" / "dsee_adapter.safetensors").stat().st_size
         if dist.is_main():
-            self.tokenizer.save_pretrained(str(out / "merged"))
             self.tokenizer.save_pretrained(str(out / "adapter"))
+        if self.cfg.export_merged:
+            for layer in dsee_layers(self.model).values():
+                layer.merge(remask=bool(self.masks))
+            export_hf(self.model, out / "merged", merge=False)
+            if dist.is_main():
+                self.tokenizer.save_pretrained(str(out / "merged"))
         self.summary["export"] = str(out)
 
     def save_checkpoint(self) -> None:
         tag = f"{self.done['stage']}-{self.done['step']}"
         client = {"done": self.done, "losses": self.losses, "summary": self.summary}
-        checkpoint.save(self.engine, self.ckpt_dir, tag, client, self.masks, keep=self.cfg.keep_checkpoints)
+        checkpoint.save(self.engine, self.ckpt_dir, tag, client, self.masks, keep=self.cfg.keep_checkpoints, frozen=self.cfg.checkpoint_frozen)
 
     def _load_latest_checkpoint(self) -> None:
         client, masks = checkpoint.load_latest(self.engine, self.ckpt_dir)
@@ -310,9 +330,13 @@ class Recipe:
                 self.save_checkpoint()
         zeros = sparsity_report(self.model, cfg.prune.include, cfg.prune.exclude)["zeros"]
         flops = inference_flops(self.model, ctx=cfg.max_length, sparse_zeros=zeros)
-        self.summary.update(flops_per_token=flops["total"], flops_saved=self.summary.get("structured", {}).get("flops_saved", 0.0) + flops["sparse_saved_fraction"], wall_s=time.time() - tic, output_dir=str(self.run_dir))
+        dense_before = self.summary.get("structured", {}).get("flops_before", flops["dense_model"])
+        final = flops["dense_model"] - flops["sparse_saved"]  # dense-equivalent: zeros cost nothing
+        self.summary.update(flops_per_token=final, flops_saved=1 - final / dense_before, wall_s=time.time() - tic, output_dir=str(self.run_dir))
         self.summary["train_loss"] = {k: [v[0], v[-1]] for k, v in self.losses.items() if v}
         self.summary["losses"] = self.losses
+        self.summary["timings"] = self.timings
+        self.summary["peak_rss_mb_per_rank"] = [round(x, 1) for x in dist.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
         if dist.is_main():
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
             print(format_summary(self.summary))

@@ -126,3 +126,14 @@ def keep_whole(engine, params: Sequence[torch.Tensor]) -> None:
         p.ds_persist = True
         registry.append(p)
     params[0].all_gather(params)
+
+
+def partition_new_parameters(module: nn.Module, ds_config: dict | None) -> None:
+    """Hand parameters that were replaced by plain tensors (e.g. after structured pruning) back
+    to ZeRO-3; parameters it already owns are left alone."""
+    if all(is_partitioned(p) for p in module.parameters()):
+        return
+    import deepspeed
+
+    dtype = next(full_dtype(p) for p in module.parameters())
+    deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, dtype=dtype)

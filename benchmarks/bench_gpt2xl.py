@@ -1,0 +1,52 @@
+"""The GPT-2-XL path on this box: 1.56B-parameter config built partitioned under ZeRO-3 on 2 CPU
+ranks, Ω chosen, 2 steps at seq 64, 50% global prune, 1 re-tune step, adapter-only export.
+
+    python benchmarks/bench_gpt2xl.py       # ~15-30 min; prints one JSON line
+
+Appends the line to benchmarks/results/gpt2xl.jsonl (or --out).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(output_dir: Path, extra: list[str]) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": str(ROOT)}
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    cmd = [deepspeed, "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", "29790", "launch/train.py", "--config", "launch/recipes/gpt2-xl-cpu-smoke.yaml", "--output_dir", str(output_dir), *extra]
+    tic = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit((proc.stdout + proc.stderr)[-5000:])
+    summary = json.loads((output_dir / "summary.json").read_text())
+    t = summary["timings"]
+    return {
+        "what": "gpt2xl_smoke", "params": summary["total_params"], "trainable_params": summary["trainable_params"], "world_size": summary["world_size"],
+        "peak_rss_mb_per_rank": summary["peak_rss_mb_per_rank"], "total_rss_gib": round(sum(summary["peak_rss_mb_per_rank"]) / 1024, 2),
+        "build_s": round(t["build_s"], 1), "support_s": round(t["support_s"], 1), "step_s": round(t["tune_s_per_step"], 1),
+        "prune_s": round(t["prune_s"], 1), "retune_step_s": round(t["retune_s_per_step"], 1), "adapter_ckpt_bytes": summary["adapter_bytes"],
+        "sparsity": summary["sparsity"], "wall_s": round(time.time() - tic, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpt2xl.jsonl"))
+    p.add_argument("--output_dir", default=None, help="run folder (default: a temporary one)")
+    args, extra = p.parse_known_args()
+    line = run(Path(args.output_dir or tempfile.mkdtemp()) / "run", extra)
+    print(json.dumps(line))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""Structured DSEE: score attention heads and FFN neurons, remove the weakest physically.
+
+Removal keeps everything consistent: base weights and biases, the adapters' B rows / A columns,
+the sparse residual (entries in removed rows or columns dropped, the rest re-indexed), and the
+attention modules' head counts. Under ZeRO-3 each layer is gathered, rebuilt and partitioned
+again (zero.Init on that layer); the caller then builds a fresh engine for re-tuning.
+
+Scores (per head / per neuron, higher = keep):
+- `dsee`: Σ|ΔW| over the head's query and value rows (the released code), or the neuron's
+  up-projection rows and down-projection column; |W| where a matrix has no adapter;
+- `weight`: Σ|W| over the same rows and columns (q, k, v rows and o columns for heads);
+- `gradient`: |Σ ∂L/∂g| of a gate g = 1 on each head's / neuron's output over calibration batches.
+
+Grouped KV heads (LLaMA-style with num_key_value_heads < num_attention_heads) are removed as
+whole KV groups (the group's query heads together with its k/v head), scored by the sum of the
+group's query-head scores. Removing single query heads would leave groups of unequal size,
+which HF's attention (repeat_kv with one group size) cannot run.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsee_scale import dist, zero
+from dsee_scale.layer import DSEELayer, base_dims, weight_is_transposed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Attention:
+    """One layer's attention: (module, first output row) of q, k, v; o takes heads·head_dim inputs."""
+
+    module: nn.Module
+    q: tuple[nn.Module, int]
+    k: tuple[nn.Module, int]
+    v: tuple[nn.Module, int]
+    o: nn.Module
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class FFN:
+    ups: list[nn.Module]  # outputs are neurons (LLaMA: gate and up)
+    down: nn.Module  # inputs are neurons
+    size: int
+
+
+def _blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    kind = model.config.model_type
+    if kind == "gpt2":
+        return kind, list(model.transformer.h)
+    if kind in ("bert", "roberta"):
+        return kind, list(getattr(model, kind).encoder.layer)
+    if kind in ("llama", "mistral", "qwen2"):
+        return kind, list(model.model.layers)
+    raise ValueError(f"structured pruning supports GPT-2, BERT/RoBERTa and LLaMA-style models, not {kind!r}")
+
+
+def attention_layers(model: nn.Module) -> list[Attention]:
+    kind, blocks = _blocks(model)
+    out = []
+    for block in blocks:
+        if kind == "gpt2":
+            attn = block.attn
+            width = base_dims(_base(attn.c_attn))[0] // 3
+            heads = width // attn.head_dim
+            out.append(Attention(attn, (attn.c_attn, 0), (attn.c_attn, width), (attn.c_attn, 2 * width), attn.c_proj, heads, heads, attn.head_dim))
+        elif kind in ("bert", "roberta"):
+            s = block.attention.self
+            heads = base_dims(_base(s.query))[0] // s.attention_head_size
+            out.append(Attention(s, (s.query, 0), (s.key, 0), (s.value, 0), block.attention.output.dense, heads, heads, s.attention_head_size))
+        else:
+            a = block.self_attn
+            heads = base_dims(_base(a.q_proj))[0] // a.head_dim
+            kv = base_dims(_base(a.k_proj))[0] // a.head_dim
+            out.append(Attention(a, (a.q_proj, 0), (a.k_proj, 0), (a.v_proj, 0), a.o_proj, heads, kv, a.head_dim))
+    return out
+
+
+def ffn_layers(model: nn.Module) -> list[FFN]:
+    kind, blocks = _blocks(model)
+    out = []
+    for block in blocks:
+        if kind == "gpt2":
+            ups, down = [block.mlp.c_fc], block.mlp.c_proj
+        elif kind in ("bert", "roberta"):
+            ups, down = [block.intermediate.dense], block.output.dense
+        else:
+            ups, down = [block.mlp.gate_proj, block.mlp.up_proj], block.mlp.down_proj
+        out.append(FFN(ups, down, base_dims(_base(ups[0]))[0]))
+    return out
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, DSEELayer) else module
+
+
+def _params(module: nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters()]
+
+
+# ---- scores ----------------------------------------------------------------------------------
+
+def _dense(module: nn.Module, delta: bool) -> torch.Tensor:
+    """(out × in) |W| or |ΔW| (|W| without an adapter) of a gathered linear-like module."""
+    if delta and isinstance(module, DSEELayer):
+        return module.delta_weight().detach().abs()
+    w = _base(module).weight.detach()
+    return (w.t() if weight_is_transposed(_base(module)) else w).abs().float()
+
+
+@torch.no_grad()
+def _static_scores(model: nn.Module, method: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    delta = method == "dsee"
+    heads, neurons = [], []
+    for attn in attention_layers(model):
+        modules = {id(m): m for m in (attn.q[0], attn.k[0], attn.v[0], attn.o)}.values()
+        with zero.gathered([p for m in modules for p in _params(m)]):
+            width = attn.heads * attn.head_dim
+            parts = [attn.q, attn.v] if delta else [attn.q, attn.k, attn.v]
+            score = torch.zeros(attn.heads)
+            for module, first in parts:
+                rows = _dense(module, delta)
+                kv_width = attn.kv_heads * attn.head_dim
+                span = width if module is attn.q[0] and first == attn.q[1] else kv_width
+                per = rows[first : first + span].sum(1).view(-1, attn.head_dim).sum(1)
+                score += per if per.numel() == attn.heads else per.repeat_interleave(attn.heads // attn.kv_heads)
+            if not delta:
+                score += _dense(attn.o, False)[:, :width].sum(0).view(attn.heads, attn.head_dim).sum(1)
+        heads.append(score)
+    for ffn in ffn_layers(model):
+        with zero.gathered([p for m in (*ffn.ups, ffn.down) for p in _params(m)]):
+            score = sum(_dense(m, delta).sum(1) for m in ffn.ups) + _dense(ffn.down, delta).sum(0)
+        neurons.append(score)
+    return heads, neurons
+
+
+def _gradient_scores(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """|Σ ∂L/∂g| of gates on each head's output (input of o) and each neuron (input of down)."""
+    attns, ffns = attention_layers(model), ffn_layers(model)
+    head_gates = [torch.ones(a.heads, requires_grad=True) for a in attns]
+    neuron_gates = [torch.ones(f.size, requires_grad=True) for f in ffns]
+    hooks = []
+    for attn, gate in zip(attns, head_gates):
+        hooks.append(attn.o.register_forward_pre_hook(lambda m, args, g=gate, d=attn.head_dim: (_gated(args[0], g, d),) + args[1:]))
+    for ffn, gate in zip(ffns, neuron_gates):
+        hooks.append(ffn.down.register_forward_pre_hook(lambda m, args, g=gate: (_gated(args[0], g, 1),) + args[1:]))
+    totals = [torch.zeros_like(g) for g in head_gates + neuron_gates]
+    try:
+        for batch in batches:
+            loss = model(**batch).loss
+            grads = torch.autograd.grad(loss, head_gates + neuron_gates)
+            for total, grad in zip(totals, grads):
+                total += grad.detach().cpu()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    totals = [dist.all_reduce(t).abs() for t in totals]
+    return totals[: len(attns)], totals[len(attns) :]
+
+
+def _gated(x: torch.Tensor, gate: torch.Tensor, width: int) -> torch.Tensor:
+    g = gate.to(x.dtype).to(x.device).repeat_interleave(width)
+    return x * g
+
+
+def importance(model: nn.Module, method: str, calibration: list[dict] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer head scores and neuron scores (higher = more important)."""
+    if method == "gradient":
+        if not calibration:
+            raise ValueError("structured_score 'gradient' needs calibration batches")
+        return _gradient_scores(model, calibration)
+    if method not in ("dsee", "weight"):
+        raise ValueError(f"unknown structured score {method!r}: choose dsee, weight or gradient")
+    return _static_scores(model, method)
+
+
+# ---- selection -------------------------------------------------------------------------------
+
+def select(scores: list[torch.Tensor], fraction: float, scope: str, group: list[int] | None = None) -> list[torch.Tensor]:
+    """Indices to keep per layer. 'layer': the same count removed in every layer; 'global': one
+    budget over all layers on per-layer-normalised scores. Each layer keeps at least one unit;
+    `group[i]` units of layer i move together (KV groups)."""
+    group = group or [1] * len(scores)
+    units = [s.view(-1, g).sum(1) for s, g in zip(scores, group)]
+    if scope == "layer":
+        drop = [min(int(round(fraction * u.numel())), u.numel() - 1) for u in units]
+    else:
+        normalised = [u / u.sum().clamp_min(1e-30) for u in units]
+        flat = torch.cat(normalised)
+        total = int(round(fraction * flat.numel()))
+        order = torch.argsort(flat, stable=True)
+        owner = torch.cat([torch.full((u.numel(),), i) for i, u in enumerate(units)])
+        drop = [0] * len(units)
+        for idx in order.tolist():
+            if total == 0:
+                break
+            layer = int(owner[idx])
+            if drop[layer] < units[layer].numel() - 1:
+                drop[layer] += 1
+                total -= 1
+    keep = []
+    for u, d, g in zip(units, drop, group):
+        kept_units = torch.sort(torch.argsort(u, descending=True, stable=True)[: u.numel() - d]).values
+        keep.append((kept_units[:, None] * g + torch.arange(g)).flatten())
+    return keep
+
+
+# ---- physical removal ------------------------------------------------------------------------
+
+def _rows(module: nn.Module, keep: torch.Tensor, first: int, span: int) -> None:
+    """Keep output rows first + keep (of the span starting at first); other rows untouched."""
+    out_features, in_features = base_dims(_base(module))
+    kept = torch.cat([torch.arange(first), first + keep, torch.arange(first + span, out_features)])
+    base = _base(module)
+    if weight_is_transposed(base):
+        base.weight = nn.Parameter(base.weight.data[:, kept].clone(), requires_grad=False)
+        base.nf = kept.numel()
+    else:
+        base.weight = nn.Parameter(base.weight.data[kept].clone(), requires_grad=False)
+        base.out_features = kept.numel()
+    if getattr(base, "bias", None) is not None:
+        base.bias = nn.Parameter(base.bias.data[kept].clone(), requires_grad=False)
+    if isinstance(module, DSEELayer):
+        _adapter_rows(module, kept)
+
+
+def _adapter_rows(layer: DSEELayer, kept: torch.Tensor) -> None:
+    position = torch.full((layer.out_features,), -1, dtype=torch.long)
+    position[kept] = torch.arange(kept.numel())
+    b_rows, slices, a_rows, row = [], [], [], 0
+    for i, (start, stop) in enumerate(layer.slices):
+        inside = position[start:stop]
+        alive = torch.nonzero(inside >= 0).flatten()
+        if alive.numel():
+            b_rows.append(row + alive)
+            slices.append((int(inside[alive[0]]), int(inside[alive[-1]]) + 1))
+            a_rows.append(torch.arange(i * layer.rank, (i + 1) * layer.rank))
+        row += stop - start
+    rows, cols = layer.sparse_index // layer.in_features, layer.sparse_index % layer.in_features
+    alive = position[rows] >= 0
+    dtype = layer.lora_A.dtype
+    layer.lora_B = nn.Parameter(layer.lora_B.data[torch.cat(b_rows)].clone().to(dtype))
+    layer.lora_A = nn.Parameter(layer.lora_A.data[torch.cat(a_rows)].clone().to(dtype))
+    layer.sparse_values = nn.Parameter(layer.sparse_values.data[alive].clone())
+    layer.sparse_index = position[rows[alive]] * layer.in_features + cols[alive]
+    layer.slices, layer.out_features = slices, kept.numel()
+
+
+def _cols(module: nn.Module, keep: torch.Tensor) -> None:
+    base = _base(module)
+    if weight_is_transposed(base):
+        base.weight = nn.Parameter(base.weight.data[keep].clone(), requires_grad=False)
+    else:
+        base.weight = nn.Parameter(base.weight.data[:, keep].clone(), requires_grad=False)
+        base.in_features = keep.numel()
+    if isinstance(module, DSEELayer):
+        position = torch.full((module.in_features,), -1, dtype=torch.long)
+        position[keep] = torch.arange(keep.numel())
+        rows, cols = module.sparse_index // module.in_features, module.sparse_index % module.in_features
+        alive = position[cols] >= 0
+        module.lora_A = nn.Parameter(module.lora_A.data[:, keep].clone())
+        module.sparse_values = nn.Parameter(module.sparse_values.data[alive].clone())
+        module.sparse_index = rows[alive] * keep.numel() + position[cols[alive]]
+        module.in_features = keep.numel()
+
+
+def _head_rows(keep_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (keep_heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _remove_heads(attn: Attention, keep_q: torch.Tensor, keep_kv: torch.Tensor) -> None:
+    d = attn.head_dim
+    width, kv_width = attn.heads * d, attn.kv_heads * d
+    q_rows, kv_rows = _head_rows(keep_q, d), _head_rows(keep_kv, d)
+    if attn.q[0] is attn.k[0]:  # GPT-2's fused c_attn: q, k, v blocks of equal width
+        fused = attn.q[0]
+        kept = torch.cat([q_rows, width + q_rows, 2 * width + q_rows])
+        _rows(fused, kept, 0, 3 * width)
+        attn.module.split_size = q_rows.numel()
+        attn.module.num_heads = keep_q.numel()
+    else:
+        _rows(attn.q[0], q_rows, 0, width)
+        _rows(attn.k[0], kv_rows, 0, kv_width)
+        _rows(attn.v[0], kv_rows, 0, kv_width)
+    _cols(attn.o, q_rows)
+    m = attn.module
+    if hasattr(m, "all_head_size"):  # BERT/RoBERTa
+        m.num_attention_heads, m.all_head_size = keep_q.numel(), q_rows.numel()
+    if hasattr(m, "num_key_value_groups"):  # LLaMA-style
+        m.num_key_value_groups = keep_q.numel() // keep_kv.numel()
+
+
+def _remove_neurons(ffn: FFN, keep: torch.Tensor) -> None:
+    for up in ffn.ups:
+        _rows(up, keep, 0, ffn.size)
+    _cols(ffn.down, keep)
+
+
+@torch.no_grad()
+def remove(model: nn.Module, keep_heads: list[torch.Tensor] | None, keep_neurons: list[torch.Tensor] | None, ds_config: dict | None = None) -> None:
+    """Physically remove heads/neurons not listed, layer by layer (gathered under ZeRO-3, then
+    partitioned again). keep_heads lists query heads; KV heads follow their groups."""
+    partitioned = zero.zero3_active(model)
+    for i, (attn, ffn) in enumerate(zip(attention_layers(model), ffn_layers(model))):
+        unique = list({id(m): m for m in (attn.q[0], attn.k[0], attn.v[0], attn.o, *ffn.ups, ffn.down)}.values())
+        with zero.gathered([p for m in unique for p in _params(m)]):  # new, smaller plain parameters are built here
+            if keep_heads is not None and keep_heads[i].numel() < attn.heads:
+                group = attn.heads // attn.kv_heads
+                _remove_heads(attn, keep_heads[i], torch.unique(keep_heads[i] // group))
+            if keep_neurons is not None and keep_neurons[i].numel() < ffn.size:
+                _remove_neurons(ffn, keep_neurons[i])
+        if partitioned:
+            for m in unique:
+                zero.partition_new_parameters(m, ds_config)
+    _update_config(model)
+
+
+def _update_config(model: nn.Module) -> None:
+    """Record the (per-layer) sizes in the config; uniform sizes are also set as the HF fields."""
+    attns, ffns = attention_layers(model), ffn_layers(model)
+    heads, kv, sizes = [a.heads for a in attns], [a.kv_heads for a in attns], [f.size for f in ffns]
+    model.config.dsee_structured = {"heads": heads, "kv_heads": kv, "ffn": sizes}
+
+
+def structured_prune(model: nn.Module, cfg, calibration: list[dict] | None = None, ds_config: dict | None = None, ctx: int = 128) -> dict:
+    """Score, select and remove heads (cfg.heads) and FFN neurons (cfg.ffn); returns a report
+    with the inference FLOPs per token (context ctx) of the merged model before and after."""
+    from dsee_scale.flops import inference_flops
+
+    before = inference_flops(model, ctx=ctx)["dense_model"]
+    head_scores, neuron_scores = importance(model, cfg.structured_score, calibration)
+    attns = attention_layers(model)
+    groups = [a.heads // a.kv_heads for a in attns]
+    keep_heads = select(head_scores, cfg.heads, cfg.structured_scope, groups) if cfg.heads else None
+    keep_neurons = select(neuron_scores, cfg.ffn, cfg.structured_scope) if cfg.ffn else None
+    remove(model, keep_heads, keep_neurons, ds_config)
+    after = inference_flops(model, ctx=ctx)["dense_model"]
+    report = {"heads": model.config.dsee_structured["heads"], "ffn": model.config.dsee_structured["ffn"], "flops_before": before, "flops_after": after, "flops_saved": 1 - after / before}
+    log.info("structured pruning: heads per layer %s, FFN sizes %s, %.1f%% FLOPs saved", report["heads"], report["ffn"], 100 * report["flops_saved"])
+    return report
+
+
+# ---- export: per-layer sizes → one HF config -------------------------------------------------
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def export_layout(model: nn.Module) -> tuple[dict, dict[str, tuple[str, int, int]]]:
+    """(config fields, {module name: (axis, blocks, size per block)}) for a plain HF folder.
+
+    HF configs hold one head count and one FFN size for all layers, so every layer is exported
+    at the largest kept size, the smaller ones padded with zero heads / neurons (exact: a zero
+    neuron and a zero head contribute nothing). BERT and GPT-2 derive head_dim from the head
+    count, so their heads are padded back to the original count; LLaMA-style models store
+    head_dim and export the kept count.
+    """
+    if not hasattr(model.config, "dsee_structured"):
+        return {}, {}
+    names = _module_names(model)
+    attns, ffns = attention_layers(model), ffn_layers(model)
+    kind = model.config.model_type
+    d = attns[0].head_dim
+    if kind in ("llama", "mistral", "qwen2"):
+        group = model.config.num_attention_heads // model.config.num_key_value_heads
+        kv = max(a.kv_heads for a in attns)
+        heads = kv * group
+        fields = {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d, "intermediate_size": max(f.size for f in ffns)}
+    else:
+        heads = kv = model.config.num_attention_heads
+        fields = {"n_inner" if kind == "gpt2" else "intermediate_size": max(f.size for f in ffns)}
+    plan = {}
+    for attn in attns:
+        if attn.q[0] is attn.k[0]:
+            plan[names[id(attn.q[0])]] = ("out", 3, heads * d)
+        else:
+            plan[names[id(attn.q[0])]] = ("out", 1, heads * d)
+            plan[names[id(attn.k[0])]] = ("out", 1, kv * d)
+            plan[names[id(attn.v[0])]] = ("out", 1, kv * d)
+        plan[names[id(attn.o)]] = ("in", 1, heads * d)
+    size = max(f.size for f in ffns)
+    for ffn in ffns:
+        for up in ffn.ups:
+            plan[names[id(up)]] = ("out", 1, size)
+        plan[names[id(ffn.down)]] = ("in", 1, size)
+    return fields, plan
+
+
+def pad_for_export(tensor: torch.Tensor, pname: str, transposed: bool, axis: str, blocks: int, size: int) -> torch.Tensor:
+    """Zero-pad a weight or bias along its output ('out') or input ('in') axis, block by block."""
+    if pname == "bias":
+        if axis == "in":
+            return tensor
+        dim = 0
+    else:
+        dim = (1 if transposed else 0) if axis == "out" else (0 if transposed else 1)
+    parts = tensor.chunk(blocks, dim=dim)
+    padded = []
+    for part in parts:
+        shape = list(part.shape)
+        shape[dim] = size - part.shape[dim]
+        padded += [part, part.new_zeros(shape)]
+    return torch.cat(padded, dim=dim)
