@@ -158,8 +158,11 @@ def check_model_fits(cfg: TrainConfig) -> None:
     config = builtin_config(cfg.model) if builtin else AutoConfig.from_pretrained(resolve_model_path(cfg.model))
     if cfg.task == "cls":
         config.num_labels = 2
-    with torch.device("meta"):
-        model = TASK_MODELS[cfg.task].from_config(config)
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    model_class = _get_model_class(config, TASK_MODELS[cfg.task]._model_mapping)
+    with torch.device("meta"):  # the class itself: from_config would follow a live ZeRO-3 config
+        model = model_class(config)
     try:
         check_targets(model, cfg.dsee)
     except ValueError as err:

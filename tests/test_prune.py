@@ -1,5 +1,4 @@
 """Exact magnitude pruning: single process vs torch.nn.utils.prune, and 2-rank ZeRO-3 shards."""
-import copy
 import json
 
 import pytest

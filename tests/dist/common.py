@@ -1,6 +1,8 @@
 """Shared by the multi-process test drivers and their single-process references."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 GLOBAL_BATCH = 4
@@ -35,3 +37,15 @@ def ds_config(world: int, persistence: int = 0) -> dict:
         "steps_per_print": 1000000,
         "wall_clock_breakdown": False,
     }
+
+
+def start(out: str) -> tuple[int, int, Path, dict]:
+    """Join the process group; (rank, world size, output folder, ZeRO-3 test config)."""
+    import torch.distributed as dist
+
+    from dsee_scale.engine import init_distributed
+
+    init_distributed()
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return dist.get_rank(), dist.get_world_size(), folder, ds_config(dist.get_world_size())

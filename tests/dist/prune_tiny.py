@@ -8,11 +8,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import batch, ds_config, shard  # noqa: E402
+from common import batch, shard, start  # noqa: E402
 
 from dsee_scale import DSEEConfig, apply_dsee, zero  # noqa: E402
 from dsee_scale import dist as ddist  # noqa: E402
-from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
+from dsee_scale.engine import create_engine  # noqa: E402
 from dsee_scale.models import build_model  # noqa: E402
 from dsee_scale.prune import magnitude_prune, reapply_masks, sparsity_report  # noqa: E402
 
@@ -24,11 +24,7 @@ p.add_argument("--retune", type=int, default=0, help="after a 50%% global prune:
 p.add_argument("--resume", help="load this checkpoint and only check the zeros")
 args, _ = p.parse_known_args()
 
-init_distributed()
-rank, world = dist.get_rank(), dist.get_world_size()
-out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
-config = ds_config(world)
+rank, world, out, config = start(args.out)
 DSEE = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="magnitude", init="normal")
 
 

@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import batch, ds_config, eval_batch, shard  # noqa: E402
+from common import batch, eval_batch, shard, start  # noqa: E402
 
 from safetensors.torch import save_file  # noqa: E402
 
 from dsee_scale import DSEEConfig, apply_dsee, count_parameters, dsee_layers, support_of  # noqa: E402
 from dsee_scale import zero  # noqa: E402
-from dsee_scale.engine import create_engine, init_distributed, optimizer_state_numel  # noqa: E402
+from dsee_scale.engine import create_engine, optimizer_state_numel  # noqa: E402
 from dsee_scale.export import export_hf, save_adapter  # noqa: E402
 from dsee_scale.models import build_model  # noqa: E402
 
@@ -32,11 +32,7 @@ p.add_argument("--save", help="write a full checkpoint here after the last step"
 p.add_argument("--export", action="store_true", help="export the merged model as an HF folder")
 args, _ = p.parse_known_args()  # launchers may add --local_rank
 
-init_distributed()
-rank, world = dist.get_rank(), dist.get_world_size()
-out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
-config = ds_config(world)
+rank, world, out, config = start(args.out)
 dsee = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="grebsmo", init="lora")
 if args.base.startswith("config:"):
     from transformers import GPT2Config
