@@ -1,7 +1,11 @@
 """DeepSpeed engine for a DSEE model: only adapters (and the head) reach the optimizer."""
 from __future__ import annotations
 
+import atexit
+import contextlib
+import glob
 import logging
+import os
 from datetime import timedelta
 
 import torch
@@ -27,6 +31,20 @@ def init_distributed(timeout_min: float = 30.0) -> None:
     # DeepSpeed calls collectives that torch marks deprecated, once per call: keep logs readable.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timedelta(minutes=timeout_min))
+    atexit.register(remove_shm_buffers)
+
+
+def remove_shm_buffers() -> None:
+    """DeepSpeed's CPU shared-memory collectives leave a 69 MB /dev/shm buffer per rank and run
+    (tmpfs: it is RAM); remove this rank's at exit."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    pattern = f"/dev/shm/deepspeed_*_{os.environ.get('MASTER_ADDR', '*')}_{os.environ.get('MASTER_PORT', '*')}_{dist.get_rank()}"
+    for path in glob.glob(pattern):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def adapter_parameters(model: nn.Module) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsee_scale.config import train_config_from_argv  # noqa: E402
+from dsee_scale.engine import remove_shm_buffers  # noqa: E402
 from dsee_scale.trainer import Recipe  # noqa: E402
 from dsee_scale.validate import ConfigError  # noqa: E402
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         # inside another collective; the launcher then stops every rank.
         traceback.print_exc()
         sys.stderr.flush()
+        remove_shm_buffers()
         os._exit(1)
     recipe.close()
     return 0
