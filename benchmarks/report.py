@@ -48,11 +48,11 @@ def support_section() -> str:
 
 
 def prune_section() -> str:
-    rows = lines("prune.jsonl")[-2:]
+    rows = lines("prune.jsonl")[-3:]
     if not rows:
         return "_not run yet_"
-    body = [[r["method"], r["seconds"], " / ".join(f"{x:.0f}" for x in r["extra_peak_mb_per_rank"]), " / ".join(f"{x:.0f}" for x in r["shard_mb_per_rank"]), r["sparsity"], r["exact_k"]] for r in rows]
-    return table(body, ["method", "seconds", "extra peak MB (rank 0 / 1)", "shard MB (rank 0 / 1)", "sparsity", "exactly k"])
+    body = [[r["model"], r["method"], r["seconds"], " / ".join(f"{x:.0f}" for x in r["extra_peak_mb_per_rank"]), " / ".join(f"{x:.0f}" for x in r["shard_mb_per_rank"]), r["sparsity"], r["exact_k"]] for r in rows]
+    return table(body, ["model", "method", "seconds", "extra peak MB (rank 0 / 1)", "shard MB (rank 0 / 1)", "sparsity", "exactly k"])
 
 
 def gpt2xl_section() -> str:
@@ -75,9 +75,10 @@ def accuracy_section() -> str:
     for method, rs in groups.items():
         accs = [100 * r["test_acc"] for r in rs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        body.append([method, f"{rs[-1]['trainable_pct']:.3f}", f"{statistics.mean(accs):.2f} ± {std:.2f}", len(rs), f"{100 * rs[-1]['sparsity']:.0f}%", f"{100 * rs[-1]['flops_saved']:.1f}%", f"{statistics.mean(r['train_s'] for r in rs):.0f}"])
+        spread = f" ± {std:.2f}" if len(accs) > 1 else ""
+        body.append([method, f"{rs[-1]['trainable_pct']:.3f}", f"{statistics.mean(accs):.2f}{spread}", len(rs), f"{100 * rs[-1]['sparsity']:.0f}%", f"{100 * rs[-1]['flops_saved']:.1f}%", f"{statistics.mean(r['train_s'] for r in rs):.0f}"])
     _plot_accuracy(groups)
-    return table(body, ["method", "trainable %", "test accuracy (mean ± std)", "seeds", "sparsity", "inference FLOPs saved", "train s"]) + "\n\n![accuracy vs trainable](accuracy_vs_trainable.png) ![accuracy vs sparsity](accuracy_vs_sparsity.png) ![per-layer sparsity](per_layer_sparsity.png)"
+    return table(body, ["method", "trainable %", "test accuracy % (mean ± std over seeds)", "seeds", "sparsity", "inference FLOPs saved", "train s"]) + "\n\n![accuracy vs trainable](accuracy_vs_trainable.png) ![accuracy vs sparsity](accuracy_vs_sparsity.png) ![per-layer sparsity](per_layer_sparsity.png)"
 
 
 def _plot_memory(rows) -> None:

@@ -95,10 +95,11 @@ def test_selection_rules():
 
 
 @pytest.mark.multiproc
-def test_two_rank_zero3_removal_keeps_logits_and_retunes(tmp_path):
+@pytest.mark.parametrize("kind, task", [("gpt2", "lm"), ("bert", "cls"), ("llama", "lm")])
+def test_two_rank_zero3_removal_keeps_logits_and_retunes(kind, task, tmp_path):
     base = tmp_path / "base"
-    tiny_model("gpt2").save_pretrained(base)
-    run_launcher("deepspeed", "tests/dist/structured_tiny.py", ["--base", base, "--out", tmp_path])
+    tiny_model(kind, task).save_pretrained(base)
+    run_launcher("deepspeed", "tests/dist/structured_tiny.py", ["--base", base, "--task", task, "--out", tmp_path])
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["max_logit_diff"] < 1e-5
     assert report["heads"] == [2, 2] and report["retune_losses"][-1] < report["retune_losses"][0]

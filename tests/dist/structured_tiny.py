@@ -1,4 +1,5 @@
-"""2-rank ZeRO-3: silence 2 heads and 7 neurons per layer, remove them, check logits, re-tune."""
+"""2-rank ZeRO-3: silence 2 heads (a whole KV group for LLaMA) and 7 neurons per layer, remove
+them, check the logits, re-tune."""
 import argparse
 import json
 import sys
@@ -9,25 +10,26 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import batch, ds_config, eval_batch, shard  # noqa: E402
+from common import batch, eval_batch, shard, start  # noqa: E402
 
 from dsee_scale import DSEEConfig, apply_dsee, zero  # noqa: E402
-from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
+from dsee_scale.engine import create_engine  # noqa: E402
 from dsee_scale.layer import weight_is_transposed  # noqa: E402
 from dsee_scale.models import build_model  # noqa: E402
 from dsee_scale.structured import attention_layers, ffn_layers, remove  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--base", required=True)
+p.add_argument("--task", default="lm")
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
-init_distributed()
-rank, world = dist.get_rank(), dist.get_world_size()
-config = ds_config(world)
-model = apply_dsee(build_model(args.base, "lm", ds_config=config), DSEEConfig(rank=4, nnz=16, init="normal", support="magnitude"), ds_config=config)
+rank, world, out, config = start(args.out)
+model = apply_dsee(build_model(args.base, args.task, ds_config=config), DSEEConfig(rank=4, nnz=16, init="normal", support="magnitude"), ds_config=config)
+silent_heads = slice(0, 2) if model.config.model_type == "llama" else slice(1, 3)  # LLaMA: KV group 0 = heads 0, 1
 with torch.no_grad():
     for attn, ffn in zip(attention_layers(model), ffn_layers(model)):
-        for module, cols in ((attn.o, slice(attn.head_dim, 3 * attn.head_dim)), (ffn.down, slice(0, 7))):
+        heads = slice(silent_heads.start * attn.head_dim, silent_heads.stop * attn.head_dim)
+        for module, cols in ((attn.o, heads), (ffn.down, slice(0, 7))):
             base = getattr(module, "base", module)
             with zero.gathered([base.weight], modify=True):
                 (base.weight[cols, :] if weight_is_transposed(base) else base.weight[:, cols]).zero_()
@@ -36,7 +38,7 @@ engine.eval()
 with torch.no_grad():
     before = engine(input_ids=eval_batch()).logits
 engine.destroy()
-keep_heads = [torch.tensor([0, 3]) for _ in attention_layers(model)]
+keep_heads = [torch.tensor([h for h in range(a.heads) if not silent_heads.start <= h < silent_heads.stop]) for a in attention_layers(model)]
 keep_neurons = [torch.arange(7, f.size) for f in ffn_layers(model)]
 remove(model, keep_heads, keep_neurons, config)
 engine = create_engine(model, config, lr=1e-2)
@@ -46,12 +48,12 @@ with torch.no_grad():
 engine.train()
 losses = []
 for step in range(10):
-    loss = engine(**shard(batch(step % 2, "lm"), rank, world)).loss
+    loss = engine(**shard(batch(step % 2, args.task), rank, world)).loss
     engine.backward(loss)
     engine.step()
     losses.append(loss.item())
 partitioned = all(zero.is_partitioned(p) for p in model.parameters())
 if rank == 0:
     report = {"max_logit_diff": (after - before).abs().max().item(), "heads": [a.heads for a in attention_layers(model)], "retune_losses": losses, "shards_partitioned": partitioned}
-    (Path(args.out) / "report.json").write_text(json.dumps(report))
+    (out / "report.json").write_text(json.dumps(report))
 dist.barrier()
