@@ -135,11 +135,7 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: 
         extra = [layer.lora_A, layer.lora_B, layer.sparse_values] if layer is not None and merge and not layer.merged else []
         with torch.no_grad(), zero.gathered([p for _, p in params] + extra):
             for pname, param in params:
-                tensor = param.data
-                if pname == "weight" and extra:
-                    delta = layer.delta_weight().to(tensor.dtype)
-                    merged = tensor + (delta.t() if layer.transposed else delta)
-                    tensor = merged.masked_fill(tensor == 0, 0) if remask else merged
+                tensor = layer.merged_weight(remask=remask) if pname == "weight" and extra else param.data
                 if prefix in padding:
                     tensor = pad_for_export(tensor, pname, weight_is_transposed(module), *padding[prefix])
                 if writer is not None:

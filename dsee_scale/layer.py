@@ -125,14 +125,18 @@ class DSEELayer(nn.Module):
         return delta
 
     @torch.no_grad()
+    def merged_weight(self, sign: float = 1.0, remask: bool = False) -> torch.Tensor:
+        """W ± ΔW in the base weight's own layout (call with W and the adapter gathered).
+        remask=True keeps the zeros of a pruned W zero."""
+        weight = self.base.weight.data
+        delta = self.delta_weight().to(weight.dtype)
+        merged = weight + sign * (delta.t() if self.transposed else delta)
+        return merged.masked_fill(weight == 0, 0) if remask else merged
+
+    @torch.no_grad()
     def _add_delta(self, sign: float, remask: bool = False) -> None:
         with zero.gathered([self.base.weight, self.lora_A, self.lora_B, self.sparse_values], modify=True):
-            delta = self.delta_weight().to(self.base.weight.dtype)
-            weight = self.base.weight.data
-            pruned = weight == 0 if remask else None
-            weight.add_(delta.t() if self.transposed else delta, alpha=sign)
-            if pruned is not None:
-                weight.masked_fill_(pruned, 0)
+            self.base.weight.data.copy_(self.merged_weight(sign, remask))
 
     def merge(self, remask: bool = False) -> None:
         """W ← W + ΔW, after which forward is the base layer's alone. remask=True keeps the

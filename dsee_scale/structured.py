@@ -323,7 +323,7 @@ def remove(model: nn.Module, keep_heads: list[torch.Tensor] | None, keep_neurons
 
 
 def _update_config(model: nn.Module) -> None:
-    """Record the (per-layer) sizes in the config; uniform sizes are also set as the HF fields."""
+    """Record the per-layer sizes in the config (export_layout turns them into HF fields)."""
     attns, ffns = attention_layers(model), ffn_layers(model)
     heads, kv, sizes = [a.heads for a in attns], [a.kv_heads for a in attns], [f.size for f in ffns]
     model.config.dsee_structured = {"heads": heads, "kv_heads": kv, "ffn": sizes}

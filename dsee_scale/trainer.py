@@ -59,6 +59,7 @@ class Recipe:
         if dist.is_main():
             self._prepare_run_dir()
         dist.barrier()
+        self._data_paths()
         self.tokenizer = self._tokenizer()
         self._load_data()
         overrides = {}
@@ -83,6 +84,7 @@ class Recipe:
         self.timings["support_s"] = time.time() - tic
         if dist.is_main() and support is None:
             atomic_save_file(support_of(self.model), support_file, {"dsee_config": json.dumps(cfg.dsee.to_dict())})
+        self.partitioned = zero.zero3_active(self.model)
         self.engine = create_engine(self.model, self.ds_config, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.accum = self.engine.gradient_accumulation_steps()
@@ -115,7 +117,6 @@ class Recipe:
 
     def _tokenizer(self):
         cfg = self.cfg
-        self._data_paths()
         from transformers import AutoTokenizer
 
         if cfg.tokenizer or not cfg.model.startswith("builtin:"):
@@ -152,6 +153,11 @@ class Recipe:
         device = self.engine.device
         return {k: v.to(device) for k, v in batch.items()}
 
+    def _micro_batch(self, batches: GlobalBatches, step: int, accum: int) -> dict:
+        """This rank's training micro-batch, collated and on the device."""
+        rows = [self.train_rows[i] for i in batches.micro_indices(step, accum, self.rank)]
+        return self._to_device(collate(rows, self.tokenizer.pad_token_id))
+
     def train(self, stage: str, steps: int) -> None:
         """Optimizer steps of `stage` ('tune' or 'retune'); resumes from the checkpointed step."""
         cfg, engine = self.cfg, self.engine
@@ -165,8 +171,7 @@ class Recipe:
                 group["lr"] = self._lr_at(step, steps)
             total = torch.zeros(1)
             for accum in range(self.accum):
-                rows = [self.train_rows[i] for i in batches.micro_indices(step, accum, self.rank)]
-                loss = engine(**self._to_device(collate(rows, self.tokenizer.pad_token_id))).loss
+                loss = engine(**self._micro_batch(batches, step, accum)).loss
                 engine.backward(loss)
                 engine.step()
                 total += loss.detach().float().cpu()
@@ -212,7 +217,7 @@ class Recipe:
 
     def _calibration_batches(self, n: int = 4) -> list[dict]:
         batches = GlobalBatches(len(self.train_rows), self.micro, 1, self.world, seed=self.cfg.seed + 7)
-        return [self._to_device(collate([self.train_rows[i] for i in batches.micro_indices(s, 0, self.rank)], self.tokenizer.pad_token_id)) for s in range(n)]
+        return [self._micro_batch(batches, s, 0) for s in range(n)]
 
     # ---- evaluation --------------------------------------------------------------------------
     def _eval_batches(self):
@@ -267,14 +272,15 @@ class Recipe:
         ids = self.tokenizer(source + " " + PAIR_SEPARATOR, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.engine.device)
         out = self.engine.module.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.cfg.gen_max_new_tokens, do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, synced_gpus=zero.zero3_active(self.model),
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, synced_gpus=self.partitioned,
         )
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
     # ---- export and checkpoints --------------------------------------------------------------
     def export(self) -> None:
-        """Adapter-only file, then the adapters merged in place (re-masked when pruned) and the
-        model written as a plain HF folder. A later `evaluate` measures exactly that model."""
+        """Adapter-only file, then the adapters merged in place (exactly, or re-masked with
+        --export_remask) and the model written as a plain HF folder. A later `evaluate` measures
+        exactly that model."""
         out = self.run_dir / "export"
         tic = time.time()
         save_adapter(self.model, out / "adapter", self.cfg.dsee)
