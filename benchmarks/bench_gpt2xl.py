@@ -1,7 +1,7 @@
 """The GPT-2-XL path on this box: 1.56B-parameter config built partitioned under ZeRO-3 on 2 CPU
 ranks, Ω chosen, 2 steps at seq 64, 50% global prune, 1 re-tune step, adapter-only export.
 
-    python benchmarks/bench_gpt2xl.py       # ~15-30 min; prints one JSON line
+    python benchmarks/bench_gpt2xl.py       # ~7 min here; prints one JSON line
 
 Appends the line to benchmarks/results/gpt2xl.jsonl (or --out).
 """

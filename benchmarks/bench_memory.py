@@ -1,6 +1,6 @@
 """Memory and speed of full fine-tuning, PEFT LoRA and DSEE on the same ZeRO-3 engine config.
 
-    python benchmarks/bench_memory.py            # GPT-2-medium config, seq 128, batch 2, 2 ranks, 10 steps (~15 min)
+    python benchmarks/bench_memory.py            # GPT-2-medium config, seq 128, batch 2, 2 ranks, 10 steps (~16 min)
     python benchmarks/bench_memory.py --quick    # tiny GPT-2, 2 steps: a smoke run (< 60 s)
 
 Each method runs as its own 2-rank `deepspeed` job (peak RSS is per process); one JSON line per

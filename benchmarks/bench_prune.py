@@ -1,6 +1,6 @@
 """Distributed global magnitude pruning vs gathering to rank 0 (2 CPU ranks, ZeRO-3).
 
-    python benchmarks/bench_prune.py                  # GPT-2-small config, both methods; then GPT-2-XL distributed (~10 min)
+    python benchmarks/bench_prune.py                  # GPT-2-small config, both methods; then GPT-2-XL distributed (~4 min)
     python benchmarks/bench_prune.py --quick          # tiny config (< 60 s)
 
 The gather-to-rank-0 baseline needs the whole selected model plus torch's score vector and

@@ -3,7 +3,7 @@ released-code GreBsmo vs a straight re-implementation of that loop (with Ω over
 per-matrix comparison uses pretrained weights (MiniLM-L6 blocks): on random-init matrices the
 loop is chaotic (the reference itself in float32 vs float64 shares ~40% of Ω).
 
-    python benchmarks/bench_support.py          # full (~15 min)
+    python benchmarks/bench_support.py          # full (~5 min)
     python benchmarks/bench_support.py --quick  # smoke run (< 60 s)
 
 Prints JSON lines and appends them to benchmarks/results/support.jsonl (or --out).
