@@ -134,3 +134,22 @@ def test_pruned_entries_stay_zero_through_retuning_and_reload(tmp_path):
             report = json.loads((tmp_path / run / f"retune_rank{rank}.json").read_text())
             assert report["still_zero"] and report["pruned_local"] > 0
             assert report["sparsity"] == 0.5
+
+
+def test_sparse_backbone_plus_unmerged_adapter_export_is_the_exact_function(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dsee_scale import load_adapter, save_adapter
+
+    model = adapted("gpt2")
+    masks = magnitude_prune(model, 0.5)
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    expected = model(input_ids=ids).logits
+    export_hf(model, tmp_path / "backbone", merge=False)
+    save_adapter(model, tmp_path / "adapter", DSEE)
+    backbone = AutoModelForCausalLM.from_pretrained(tmp_path / "backbone").eval()
+    params = dict(backbone.named_parameters())
+    for name, mask in masks.items():  # the exported backbone is exactly as sparse as the masks
+        assert torch.equal(params[name].detach().flatten() == 0, mask.dense()), name
+    restored = load_adapter(backbone, tmp_path / "adapter")
+    torch.testing.assert_close(restored(input_ids=ids).logits, expected, atol=1e-6, rtol=0)
