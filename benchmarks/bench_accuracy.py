@@ -96,7 +96,9 @@ def run(method: str, seed: int, args, train_rows, test_rows) -> dict:
     dense = inference_flops(model, ctx=64)["dense_model"]
     flops_saved = sparsity = 0.0
     if options.get("heads") or options.get("ffn"):
-        report = structured_prune(model, PruneConfig(heads=options["heads"], ffn=options["ffn"], structured_score="dsee"), ctx=64)
+        calibration = [collate(train_rows[i : i + 16], 0) for i in range(0, 16 * args.calibration_batches, 16)]
+        prune_cfg = PruneConfig(heads=options["heads"], ffn=options["ffn"], structured_score=args.structured_score)
+        report = structured_prune(model, prune_cfg, calibration=calibration, ctx=64)
         flops_saved = report["flops_saved"]
     per_layer = None
     if options.get("sparsity"):
@@ -106,10 +108,31 @@ def run(method: str, seed: int, args, train_rows, test_rows) -> dict:
         flops_saved = inference_flops(model, ctx=64, sparse_zeros=sparsity_report(model)["zeros"])["sparse_saved"] / dense
     if options.get("sparsity") or options.get("heads"):
         train_s += train(model, train_rows, args.retune_steps, lr, args.batch, seed + 1)
+    latency = exported_latency(model, test_rows) if options.get("heads") else None
     return {"method": method, "seed": seed, "trainable_params": trainable, "trainable_pct": round(100 * trainable / total, 4),
             "test_acc": round(accuracy(model, test_rows), 4), "sparsity": round(sparsity, 4), "flops_saved": round(flops_saved, 4),
-            "train_s": round(train_s, 1), "steps": args.steps, "retune_steps": args.retune_steps if (options.get("sparsity") or options.get("heads")) else 0,
-            **({"per_layer_sparsity": per_layer} if per_layer else {})}
+            "train_s": round(train_s, 1), "steps": args.steps,
+            **({"structured_score": args.structured_score} if options.get("heads") else {}), "retune_steps": args.retune_steps if (options.get("sparsity") or options.get("heads")) else 0,
+            **({"per_layer_sparsity": per_layer} if per_layer else {}), **({"latency": latency} if latency else {})}
+
+
+def exported_latency(model, test_rows) -> dict:
+    """Export the structured model, reload it without dsee_scale, check it is the same function,
+    and time dense vs exported vs compacted forwards on the first 32 test sentences."""
+    import tempfile
+
+    from dsee_scale.evaluate import structured_latency
+    from dsee_scale.export import export_hf
+    from dsee_scale.models import TASK_MODELS
+
+    batch = collate(test_rows[:32], 0)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(model, folder)
+        model.eval()
+        with torch.no_grad():
+            diff = (TASK_MODELS["cls"].from_pretrained(folder)(**inputs).logits - model(**inputs).logits).abs().max().item()
+        return {"reload_max_abs_diff": diff, **structured_latency(folder, "cls", inputs)}
 
 
 def main() -> None:
@@ -118,11 +141,13 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--train", type=int, default=8000, help="training sentences (first N of train.tsv)")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--retune_steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--retune_steps", type=int, default=250, help="re-tuning steps after pruning (pruned variants only)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--structured_score", default="gradient", help="head/neuron importance for dsee_structured: dsee, weight or gradient")
+    p.add_argument("--calibration_batches", type=int, default=16, help="batches of 16 training sentences for the gradient score")
     p.add_argument("--full_lr", type=float, default=5e-5)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy.jsonl"))
     args = p.parse_args()

@@ -76,9 +76,27 @@ def accuracy_section() -> str:
         accs = [100 * r["test_acc"] for r in rs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         spread = f" ± {std:.2f}" if len(accs) > 1 else ""
-        body.append([method, f"{rs[-1]['trainable_pct']:.3f}", f"{statistics.mean(accs):.2f}{spread}", len(rs), f"{100 * rs[-1]['sparsity']:.0f}%", f"{100 * rs[-1]['flops_saved']:.1f}%", f"{statistics.mean(r['train_s'] for r in rs):.0f}"])
+        body.append([method, f"{rs[-1]['trainable_pct']:.3f}", f"{statistics.mean(accs):.2f}{spread}", len(rs), f"{100 * rs[-1]['sparsity']:.0f}%", f"{100 * rs[-1]['flops_saved']:.1f}%",
+                     f"{rs[-1]['steps']} + {rs[-1]['retune_steps']}", f"{statistics.mean(r['train_s'] for r in rs):.0f}"])
     _plot_accuracy(groups)
-    return table(body, ["method", "trainable %", "test accuracy % (mean ± std over seeds)", "seeds", "sparsity", "inference FLOPs saved", "train s"]) + "\n\n![accuracy vs trainable](accuracy_vs_trainable.png) ![accuracy vs sparsity](accuracy_vs_sparsity.png) ![per-layer sparsity](per_layer_sparsity.png)"
+    header = ["method", "trainable %", "test accuracy % (mean ± std over seeds)", "seeds", "sparsity", "inference FLOPs saved", "steps + re-tune", "train s"]
+    plots = "![accuracy vs trainable](accuracy_vs_trainable.png) ![accuracy vs sparsity](accuracy_vs_sparsity.png) ![per-layer sparsity](per_layer_sparsity.png)"
+    return table(body, header) + "\n\n" + plots + "\n\n" + latency_table(rows)
+
+
+def latency_table(rows: list[dict]) -> str:
+    """Structured runs: the exported model's FLOPs and measured CPU latency against dense."""
+    body = []
+    for r in rows:
+        if "latency" not in r:
+            continue
+        lat = r["latency"]
+        body.append([r["seed"], f"{100 * lat['flops_saved']:.1f}%", " × ".join(map(str, lat["batch_shape"])), lat["dense_ms"], lat["exported_ms"], lat["compact_ms"],
+                     f"{lat['exported_speedup']:.2f}×", f"{lat['compact_speedup']:.2f}×", f"{lat['reload_max_abs_diff']:.1e}", lat["threads"]])
+    if not body:
+        return ""
+    header = ["seed", "FLOPs saved", "batch", "dense ms", "exported ms (from_pretrained)", "compacted ms", "exported speed-up", "compacted speed-up", "reload max |Δlogit|", "threads"]
+    return "Structured DSEE, exported model, CPU forward latency (median of 20 forwards):\n\n" + table(body, header)
 
 
 def _plot_memory(rows) -> None:

@@ -90,6 +90,7 @@ class PruneConfig:
     ffn: float = field(default=0.0, metadata={"help": "structured: fraction of FFN neurons to remove"})
     structured_score: str = field(default="dsee", metadata={"help": "head/neuron importance: dsee (|ΔW|), weight (|W|) or gradient (gate gradient × output)"})
     structured_scope: str = field(default="global", metadata={"help": "'global' budget across layers, or 'layer': the same count in every layer"})
+    calibration_batches: int = field(default=16, metadata={"help": "micro-batches per rank scored by structured_score 'gradient'"})
 
     def __post_init__(self) -> None:
         for name in ("sparsity", "heads", "ffn"):
@@ -103,6 +104,8 @@ class PruneConfig:
                 raise ValueError(f"unknown prune.{name} {getattr(self, name)!r}: choose global or layer")
         if self.structured_score not in HEAD_SCORES:
             raise ValueError(f"unknown prune.structured_score {self.structured_score!r}: choose one of {', '.join(HEAD_SCORES)}")
+        if self.calibration_batches < 1:
+            raise ValueError(f"prune.calibration_batches must be at least 1, got {self.calibration_batches!r}")
 
 
 STAGES = ("tune", "prune", "retune", "export", "evaluate")

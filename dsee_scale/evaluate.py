@@ -1,7 +1,9 @@
 """Evaluation arithmetic shared by the training run and plain re-evaluation of an export.
 
 `python -m dsee_scale.evaluate --model runs/x/export/merged --eval_file data.tsv --task cls`
-re-computes the run's metric in a process without DeepSpeed.
+re-computes the run's metric in a process without DeepSpeed; `--latency` adds, for a structured
+export, FLOPs per token and measured forward latency of the dense architecture, the folder as
+`from_pretrained` loads it, and the compacted model (structured.compact), on a fixed batch.
 """
 from __future__ import annotations
 
@@ -33,17 +35,18 @@ def finish(sums: torch.Tensor, task: str) -> dict:
 
 
 @torch.no_grad()
-def evaluate_folder(model_dir: str, eval_file: str, task: str, batch_size: int = 8, **data_options) -> dict:
-    """Load an exported HF folder (model + tokenizer) with plain transformers and evaluate it."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def evaluate_folder(model_dir: str, eval_file: str, task: str, batch_size: int = 8, latency_batch: int = 0, **data_options) -> dict:
+    """Load an exported HF folder (model + tokenizer) with plain transformers and evaluate it;
+    latency_batch > 0 adds `structured_latency` on the first latency_batch evaluation rows."""
+    from transformers import AutoTokenizer
 
     from dsee_scale.config import TrainConfig
     from dsee_scale.data import collate, load_split, tokenize
+    from dsee_scale.models import TASK_MODELS
 
     cfg = TrainConfig(task=task, eval_file=eval_file, train_file=eval_file, **data_options)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    auto = AutoModelForSequenceClassification if task == "cls" else AutoModelForCausalLM
-    model = auto.from_pretrained(model_dir).eval()
+    model = TASK_MODELS[task].from_pretrained(model_dir).eval()
     labels = getattr(model.config, "dsee_label_map", None)
     if task == "cls" and not labels:
         raise ValueError(f"{model_dir}: the config has no dsee_label_map (was it exported by dsee_scale?)")
@@ -53,7 +56,33 @@ def evaluate_folder(model_dir: str, eval_file: str, task: str, batch_size: int =
         batch = collate(rows[i : i + batch_size], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         sums += metric_sums(logits, batch["labels"], task, torch.ones(len(batch["input_ids"]), dtype=torch.bool))
-    return finish(sums, task)
+    result = finish(sums, task)
+    if latency_batch:
+        batch = collate(rows[:latency_batch], tokenizer.pad_token_id)
+        result["latency"] = structured_latency(model_dir, task, {k: batch[k] for k in ("input_ids", "attention_mask")})
+    return result
+
+
+def structured_latency(model_dir: str, task: str, batch: dict[str, torch.Tensor], repeats: int = 20) -> dict:
+    """FLOPs per token and forward latency: dense architecture (random weights: latency does
+    not depend on values) vs the structured export as loaded vs compacted to per-layer sizes."""
+    from dsee_scale.flops import inference_flops, latency_report
+    from dsee_scale.models import TASK_MODELS
+    from dsee_scale.structured import compact, dense_config
+
+    auto = TASK_MODELS[task]
+    exported = auto.from_pretrained(model_dir)
+    if not hasattr(exported.config, "dsee_structured"):
+        raise ValueError(f"{model_dir}: not a structured export (no dsee_structured in its config): latency compares against the unpruned architecture")
+    dense = auto.from_config(dense_config(exported.config))
+    compacted = compact(auto.from_pretrained(model_dir))
+    ctx = batch["input_ids"].shape[1]
+    flops = {name: inference_flops(m, ctx=ctx)["dense_model"] for name, m in (("dense", dense), ("exported", exported), ("compact", compacted))}
+    return {
+        **{f"flops_per_token_{name}": value for name, value in flops.items()},
+        "flops_saved": 1 - flops["compact"] / flops["dense"],
+        **latency_report(dense, exported, compacted, batch, repeats),
+    }
 
 
 def main() -> None:
@@ -64,8 +93,10 @@ def main() -> None:
     p.add_argument("--text_column", default="text")
     p.add_argument("--label_column", default="label")
     p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--latency", type=int, default=0, metavar="N", help="structured exports: FLOPs and CPU latency (dense vs exported vs compacted) on the first N evaluation rows")
     args = p.parse_args()
-    print(json.dumps(evaluate_folder(args.model, args.eval_file, args.task, text_column=args.text_column, label_column=args.label_column, max_length=args.max_length)))
+    result = evaluate_folder(args.model, args.eval_file, args.task, latency_batch=args.latency, text_column=args.text_column, label_column=args.label_column, max_length=args.max_length)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

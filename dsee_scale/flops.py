@@ -1,4 +1,5 @@
-"""Analytic inference FLOPs per token, read off the model's actual layer shapes.
+"""Inference cost: analytic FLOPs per token, read off the model's actual layer shapes, and
+measured latency on a fixed batch.
 
 A matmul with a (d_out × d_in) weight costs 2·d_out·d_in FLOPs per token; attention adds
 2·2·ctx·(heads·head_dim) per layer (QKᵀ and AV) for a context of `ctx` tokens; an unmerged DSEE
@@ -8,6 +9,10 @@ Because shapes are read from the modules, removed heads and neurons count automa
 """
 from __future__ import annotations
 
+import statistics
+import time
+
+import torch
 from torch import nn
 
 from dsee_scale.layer import DSEELayer, base_dims, weight_is_transposed
@@ -65,4 +70,30 @@ def inference_flops(model: nn.Module, ctx: int, sparse_zeros: int = 0) -> dict:
         "adapters": adapters,
         "sparse_saved": 2 * sparse_zeros,
         "sparse_saved_fraction": 2 * sparse_zeros / total if total else 0.0,
+    }
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time in milliseconds of one forward pass over `batch` (eval mode)."""
+    model.eval()
+    times = []
+    for i in range(warmup + repeats):
+        tic = time.perf_counter()
+        model(**batch)
+        if i >= warmup:
+            times.append(1000 * (time.perf_counter() - tic))
+    return statistics.median(times)
+
+
+def latency_report(dense: nn.Module, exported: nn.Module, compacted: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 20) -> dict:
+    """Measured latency of the dense model, of a structured export as `from_pretrained` loads it
+    (one size per config, zero-padded) and of the same export after `structured.compact`."""
+    times = {name: measure_latency(m, batch, repeats) for name, m in (("dense", dense), ("exported", exported), ("compact", compacted))}
+    return {
+        "batch_shape": list(batch["input_ids"].shape),
+        "threads": torch.get_num_threads(),
+        **{f"{name}_ms": round(ms, 2) for name, ms in times.items()},
+        "exported_speedup": round(times["dense"] / times["exported"], 3),
+        "compact_speedup": round(times["dense"] / times["compact"], 3),
     }

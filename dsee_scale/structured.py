@@ -9,7 +9,8 @@ Scores (per head / per neuron, higher = keep):
 - `dsee`: Σ|ΔW| over the head's query and value rows (the released code), or the neuron's
   up-projection rows and down-projection column; |W| where a matrix has no adapter;
 - `weight`: Σ|W| over the same rows and columns (q, k, v rows and o columns for heads);
-- `gradient`: |Σ ∂L/∂g| of a gate g = 1 on each head's / neuron's output over calibration batches.
+- `gradient`: Σ |∂L/∂g| of a gate g = 1 on each head's / neuron's output, summed over calibration
+  batches (Michel et al. 2019, per batch rather than per example).
 
 Grouped KV heads (LLaMA-style with num_key_value_heads < num_attention_heads) are removed as
 whole KV groups (the group's query heads together with its k/v head), scored by the sum of the
@@ -18,6 +19,7 @@ which HF's attention (repeat_kv with one group size) cannot run.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -142,7 +144,8 @@ def _static_scores(model: nn.Module, method: str) -> tuple[list[torch.Tensor], l
 
 
 def _gradient_scores(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """|Σ ∂L/∂g| of gates on each head's output (input of o) and each neuron (input of down)."""
+    """Σ_batches |∂L/∂g| of gates on each head's output (input of o) and each neuron (input of
+    down). The absolute value is taken per batch so opposite-signed batches do not cancel."""
     attns, ffns = attention_layers(model), ffn_layers(model)
     head_gates = [torch.ones(a.heads, requires_grad=True) for a in attns]
     neuron_gates = [torch.ones(f.size, requires_grad=True) for f in ffns]
@@ -157,11 +160,11 @@ def _gradient_scores(model: nn.Module, batches: list[dict]) -> tuple[list[torch.
             loss = model(**batch).loss
             grads = torch.autograd.grad(loss, head_gates + neuron_gates)
             for total, grad in zip(totals, grads):
-                total += grad.detach().cpu()
+                total += grad.detach().abs().cpu()
     finally:
         for hook in hooks:
             hook.remove()
-    totals = [dist.all_reduce(t).abs() for t in totals]
+    totals = [dist.all_reduce(t) for t in totals]
     return totals[: len(attns)], totals[len(attns) :]
 
 
@@ -347,6 +350,30 @@ def structured_prune(model: nn.Module, cfg, calibration: list[dict] | None = Non
     return report
 
 
+def dense_config(config):
+    """The unpruned architecture's config, from a structured export's config (for baselines)."""
+    config = copy.deepcopy(config)
+    for key, value in config.dsee_dense_fields.items():
+        setattr(config, key, value)
+    for key in ("dsee_dense_fields", "dsee_structured"):
+        delattr(config, key)
+    return config
+
+
+def compact(model: nn.Module) -> nn.Module:
+    """Drop the zero heads / neurons an export padded in, so every layer is back at its kept size.
+
+    A structured export loads with plain `from_pretrained` at one size per config; the real
+    speed-up needs per-layer sizes. The layout is the config's `dsee_structured` record, and
+    the kept units come first in every block (see `pad_for_export`). Exact: only zeros go.
+    """
+    layout = getattr(model.config, "dsee_structured", None)
+    if not layout:
+        raise ValueError("this model has no 'dsee_structured' record in its config: compact() is for folders exported after structured pruning")
+    remove(model, [torch.arange(h) for h in layout["heads"]], [torch.arange(n) for n in layout["ffn"]])
+    return model
+
+
 # ---- export: per-layer sizes → one HF config -------------------------------------------------
 
 def _module_names(model: nn.Module) -> dict[int, str]:
@@ -376,6 +403,7 @@ def export_layout(model: nn.Module) -> tuple[dict, dict[str, tuple[str, int, int
     else:
         heads = kv = model.config.num_attention_heads
         fields = {"n_inner" if kind == "gpt2" else "intermediate_size": max(f.size for f in ffns)}
+    fields["dsee_dense_fields"] = {key: getattr(model.config, key, None) for key in fields}  # for dense_config()
     plan = {}
     for attn in attns:
         if attn.q[0] is attn.k[0]:

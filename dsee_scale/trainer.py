@@ -202,7 +202,7 @@ class Recipe:
         p = self.cfg.prune
         if p.heads or p.ffn:
             tic = time.time()
-            calibration = self._calibration_batches() if p.structured_score == "gradient" else None
+            calibration = self._calibration_batches(p.calibration_batches) if p.structured_score == "gradient" else None
             self.summary["structured"] = structured_prune(self.model, p, calibration, self.ds_config, ctx=self.cfg.max_length)
             # Parameter shapes changed: a fresh engine (and optimizer) for re-tuning.
             self.engine.destroy()
@@ -215,7 +215,7 @@ class Recipe:
             log.info("pruned to %.1f%% sparsity in %.1fs", 100 * p.sparsity, self.timings["prune_s"])
         self.summary["sparsity"] = sparsity_report(self.model, p.include, p.exclude)["total"]
 
-    def _calibration_batches(self, n: int = 4) -> list[dict]:
+    def _calibration_batches(self, n: int) -> list[dict]:
         batches = GlobalBatches(len(self.train_rows), self.micro, 1, self.world, seed=self.cfg.seed + 7)
         return [self._micro_batch(batches, s, 0) for s in range(n)]
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoConfig
 from conftest import tiny_model
 from launch_utils import run_launcher
 
@@ -12,7 +13,7 @@ from dsee_scale.config import PruneConfig
 from dsee_scale.export import export_hf
 from dsee_scale.flops import inference_flops
 from dsee_scale.layer import weight_is_transposed
-from dsee_scale.structured import attention_layers, ffn_layers, remove, select, structured_prune
+from dsee_scale.structured import attention_layers, compact, dense_config, ffn_layers, remove, select, structured_prune
 
 
 def adapted(kind):
@@ -71,6 +72,26 @@ def test_structured_prune_then_plain_reload_gives_same_logits(kind, score, tmp_p
     auto = AutoModelForMaskedLM if kind == "bert" else AutoModelForCausalLM
     plain = auto.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+    compact(plain)  # zero padding dropped: back to the per-layer sizes, same function
+    assert [a.heads for a in attention_layers(plain)] == report["heads"] and [f.size for f in ffn_layers(plain)] == report["ffn"]
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_latency_report_compares_dense_exported_and_compacted(kind, tmp_path):
+    from dsee_scale.evaluate import structured_latency
+
+    model = adapted(kind)
+    original = model.config.to_dict()
+    report = structured_prune(model, PruneConfig(heads=0.3, ffn=0.5, structured_scope="layer"), ctx=12)
+    export_hf(model, tmp_path, merge=True)
+    batch = {"input_ids": torch.randint(1, 128, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    latency = structured_latency(str(tmp_path), "lm", batch, repeats=3)
+    assert latency["flops_saved"] == pytest.approx(report["flops_saved"])
+    assert latency["flops_per_token_dense"] == report["flops_before"]
+    assert all(latency[f"{name}_ms"] > 0 for name in ("dense", "exported", "compact")) and latency["batch_shape"] == [4, 12]
+    dense = dense_config(AutoConfig.from_pretrained(tmp_path)).to_dict()
+    assert all(dense[k] == original[k] for k in ("num_attention_heads", "intermediate_size", "n_inner", "n_head") if k in original)
 
 
 def test_flops_report_equals_a_hand_count():
