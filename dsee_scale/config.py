@@ -88,7 +88,7 @@ class PruneConfig:
     exclude: list[str] = field(default_factory=lambda: [r".*(norm|ln_|embed|wte|wpe|LayerNorm).*"], metadata={"help": "regexes never pruned"})
     heads: float = field(default=0.0, metadata={"help": "structured: fraction of attention heads to remove"})
     ffn: float = field(default=0.0, metadata={"help": "structured: fraction of FFN neurons to remove"})
-    structured_score: str = field(default="dsee", metadata={"help": "head/neuron importance: dsee (|ΔW|), weight (|W|) or gradient (gate gradient × output)"})
+    structured_score: str = field(default="dsee", metadata={"help": "head/neuron importance: dsee (|ΔW|, the paper's, data-free), weight (|W|) or gradient (gate gradients over calibration batches; the most accurate in benchmarks/RESULTS.md)"})
     structured_scope: str = field(default="global", metadata={"help": "'global' budget across layers, or 'layer': the same count in every layer"})
     calibration_batches: int = field(default=16, metadata={"help": "micro-batches per rank scored by structured_score 'gradient'"})
 
