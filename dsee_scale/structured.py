@@ -332,13 +332,20 @@ def _update_config(model: nn.Module) -> None:
     model.config.dsee_structured = {"heads": heads, "kv_heads": kv, "ffn": sizes}
 
 
-def structured_prune(model: nn.Module, cfg, calibration: list[dict] | None = None, ds_config: dict | None = None, ctx: int = 128) -> dict:
+def structured_prune(model: nn.Module, cfg, calibration: list[dict] | None = None, ds_config: dict | None = None, ctx: int = 128, engine=None) -> dict:
     """Score, select and remove heads (cfg.heads) and FFN neurons (cfg.ffn); returns a report
-    with the inference FLOPs per token (context ctx) of the merged model before and after."""
+    with the inference FLOPs per token (context ctx) of the merged model before and after.
+
+    Under ZeRO-3 pass the DeepSpeed `engine` that wraps the model: the gradient score's backward
+    reaches only the gates, so ZeRO-3 would leave the layers below gathered (it releases them
+    at the next optimizer step); they are released before removal re-partitions anything.
+    """
     from dsee_scale.flops import inference_flops
 
     before = inference_flops(model, ctx=ctx)["dense_model"]
     head_scores, neuron_scores = importance(model, cfg.structured_score, calibration)
+    if engine is not None and zero.zero3_active(model):
+        engine.empty_partition_cache()
     attns = attention_layers(model)
     groups = [a.heads // a.kv_heads for a in attns]
     keep_heads = select(head_scores, cfg.heads, cfg.structured_scope, groups) if cfg.heads else None

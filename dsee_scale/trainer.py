@@ -203,7 +203,7 @@ class Recipe:
         if p.heads or p.ffn:
             tic = time.time()
             calibration = self._calibration_batches(p.calibration_batches) if p.structured_score == "gradient" else None
-            self.summary["structured"] = structured_prune(self.model, p, calibration, self.ds_config, ctx=self.cfg.max_length)
+            self.summary["structured"] = structured_prune(self.model, p, calibration, self.ds_config, ctx=self.cfg.max_length, engine=self.engine)
             # Parameter shapes changed: a fresh engine (and optimizer) for re-tuning.
             self.engine.destroy()
             self.engine = create_engine(self.model, self.ds_config, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)

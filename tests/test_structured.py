@@ -125,3 +125,20 @@ def test_two_rank_zero3_removal_keeps_logits_and_retunes(kind, task, tmp_path):
     assert report["max_logit_diff"] < 1e-5
     assert report["heads"] == [2, 2] and report["retune_losses"][-1] < report["retune_losses"][0]
     assert report["shards_partitioned"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("score", ["dsee", "gradient"])
+def test_two_rank_recipe_structured_prune_retune_export(score, tmp_path):
+    """The whole recipe under 2-rank ZeRO-3: score (the gradient score runs calibration forwards
+    and backwards through the partitioned model), remove, re-tune on a fresh engine, export."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run_launcher("deepspeed", "launch/train.py", ["--ds_config", "ds_configs/zero3.json", "--model", "builtin:tiny-gpt2", "--steps", 4, "--retune_steps", 3,
+                                                  "--micro_batch_size", 4, "--gen_samples", 2, "--gen_max_new_tokens", 4, "--save_every", 0, "--output_dir", out,
+                                                  "--prune.heads", 0.5, "--prune.ffn", 0.3, "--prune.structured_score", score, "--prune.calibration_batches", 2])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["structured"]["flops_saved"] > 0.25 and len(summary["losses"]["retune"]) == 3
+    plain = AutoModelForCausalLM.from_pretrained(out / "export" / "merged")
+    assert sum(compact(plain).config.dsee_structured["heads"]) == 8  # 4 layers × 4 heads, half removed
