@@ -72,13 +72,11 @@ def build_model(
 
         hf_ds_config = HfDeepSpeedConfig(ds_config)
     auto = TASK_MODELS[task]
-    config = source if isinstance(source, PretrainedConfig) else AutoConfig.from_pretrained(resolve_model_path(str(source)))
+    path = None if isinstance(source, PretrainedConfig) else resolve_model_path(str(source))
+    config = source if path is None else AutoConfig.from_pretrained(path)
     for key, value in config_overrides.items():  # set, not passed as kwargs: from_pretrained drops unknown keys
         setattr(config, key, value)
-    if isinstance(source, PretrainedConfig):
-        model = auto.from_config(config, dtype=dtype)
-    else:
-        model = auto.from_pretrained(resolve_model_path(str(source)), config=config, dtype=dtype)
+    model = auto.from_config(config, dtype=dtype) if path is None else auto.from_pretrained(path, config=config, dtype=dtype)
     if task == "cls" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
     model._dsee_hf_ds_config = hf_ds_config  # keeps the weakref'd global config alive with the model

@@ -78,7 +78,6 @@ def test_readme_table_lists_every_bad_input(cases):
         assert message.split("'")[0].strip() in readme, what
 
 
-@pytest.mark.multiproc
 @pytest.mark.parametrize("recipe", sorted((ROOT / "launch" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_parses_into_a_train_config(recipe):
     from dsee_scale.config import train_config_from_argv
@@ -87,6 +86,7 @@ def test_every_shipped_recipe_parses_into_a_train_config(recipe):
     assert cfg.model and (ROOT / cfg.ds_config).exists(), f"{recipe.name} names a missing DeepSpeed config {cfg.ds_config}"
 
 
+@pytest.mark.multiproc
 def test_bad_input_exits_every_rank_with_one_message(tmp_path):
     cmd = launcher_command("deepspeed", "launch/train.py") + ["--ds_config", "missing.json", "--output_dir", str(tmp_path / "o")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
