@@ -32,7 +32,7 @@ def _rank_state(masks: dict[str, ShardMask]) -> dict[str, torch.Tensor]:
         state["rng::device"] = get_accelerator().get_rng_state()
     for name, mask in masks.items():
         state[f"mask::{name}::bits"] = torch.from_numpy(mask.bits)
-        state[f"mask::{name}::range"] = torch.tensor([mask.start, mask.numel])
+        state[f"mask::{name}::range"] = torch.tensor([mask.start, mask.numel], device="cpu")  # cpu: written to a file
     return state
 
 

@@ -128,20 +128,21 @@ def tokenize(ds, tokenizer, cfg, labels: dict | None = None) -> list[dict]:
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors; padded label positions are -100."""
+    """Right-padded tensors on the host (the caller moves the batch to its device in one copy);
+    padded label positions are -100."""
     length = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long, device="cpu")  # cpu: host batch
+    mask = torch.zeros((len(examples), length), dtype=torch.long, device="cpu")  # cpu: host batch
     for i, e in enumerate(examples):
-        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"], device="cpu")  # cpu: host batch
         mask[i, : len(e["input_ids"])] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
     if "label" in examples[0]:
-        batch["labels"] = torch.tensor([e["label"] for e in examples])
+        batch["labels"] = torch.tensor([e["label"] for e in examples], device="cpu")  # cpu: host batch
     else:
-        labels = torch.full((len(examples), length), -100, dtype=torch.long)
+        labels = torch.full((len(examples), length), -100, dtype=torch.long, device="cpu")  # cpu: host batch
         for i, e in enumerate(examples):
-            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"], device="cpu")  # cpu: host batch
         batch["labels"] = labels
     return batch
 

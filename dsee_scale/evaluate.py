@@ -20,11 +20,11 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, task: str, real: tor
     real = real.to(logits.device)
     if task == "cls":
         correct = (logits.argmax(-1) == labels) & real
-        return torch.tensor([correct.sum().item(), real.sum().item()], dtype=torch.float64)
+        return torch.stack([correct.sum(), real.sum()]).double()
     shifted, targets = logits[:, :-1].float(), labels[:, 1:]
     losses = torch.nn.functional.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=-100, reduction="none")
     counted = (targets != -100) & real[:, None]
-    return torch.tensor([(losses * counted).sum().item(), counted.sum().item()], dtype=torch.float64)
+    return torch.stack([(losses * counted).sum().double(), counted.sum().double()])
 
 
 def finish(sums: torch.Tensor, task: str) -> dict:
@@ -51,11 +51,12 @@ def evaluate_folder(model_dir: str, eval_file: str, task: str, batch_size: int =
     if task == "cls" and not labels:
         raise ValueError(f"{model_dir}: the config has no dsee_label_map (was it exported by dsee_scale?)")
     rows = tokenize(load_split(cfg, "eval"), tokenizer, cfg, labels)
-    sums = torch.zeros(2, dtype=torch.float64)
+    device = next(model.parameters()).device
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i : i + batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums += metric_sums(logits, batch["labels"], task, torch.ones(len(batch["input_ids"]), dtype=torch.bool))
+        sums += metric_sums(logits, batch["labels"], task, torch.ones(len(batch["input_ids"]), dtype=torch.bool, device=device))
     result = finish(sums, task)
     if latency_batch:
         batch = collate(rows[:latency_batch], tokenizer.pad_token_id)

@@ -77,13 +77,21 @@ def inference_flops(model: nn.Module, ctx: int, sparse_zeros: int = 0) -> dict:
 def measure_latency(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time in milliseconds of one forward pass over `batch` (eval mode)."""
     model.eval()
+    device = next(iter(batch.values())).device
     times = []
     for i in range(warmup + repeats):
+        _synchronize(device)
         tic = time.perf_counter()
         model(**batch)
+        _synchronize(device)  # GPU kernels run asynchronously: wait before reading the clock
         if i >= warmup:
             times.append(1000 * (time.perf_counter() - tic))
     return statistics.median(times)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.get_device_module(device.type).synchronize(device)
 
 
 def latency_report(dense: nn.Module, exported: nn.Module, compacted: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 20) -> dict:

@@ -133,6 +133,7 @@ def apply_dsee(
         dtype = zero.full_dtype(module.weight)
         with zero.init_context(ds_config, dtype, enabled=partitioned):
             layer = DSEELayer(module, config.rank, config.alpha, index, slices, config.dropout, config.init, name_seed(config.seed, name), dtype)
+        zero.check_created_like(f"the DSEE adapter of {name}", module.weight, [layer.lora_A, layer.lora_B, layer.sparse_values], [layer.sparse_index])
         _set_submodule(model, name, layer)
     mark_only_dsee_as_trainable(model, config.trainable_modules)
     trainable, total = count_parameters(model)

@@ -60,18 +60,20 @@ class DSEELayer(nn.Module):
         self.transposed = weight_is_transposed(base)
         self.merged = False
         dtype = dtype or zero.full_dtype(base.weight)
+        device = base.weight.device  # under ZeRO-3: where the gathered weight will live
         n_rows = sum(stop - start for start, stop in self.slices)
-        generator = torch.Generator().manual_seed(seed)
-        a = torch.empty(len(self.slices) * rank, self.in_features)
+        # Drawn on the CPU, then moved: the same seed gives the same adapters on every device.
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        a = torch.empty(len(self.slices) * rank, self.in_features, device="cpu")  # cpu: seeded draw, moved below
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        b = torch.zeros(n_rows, rank)
-        values = torch.zeros(support.numel())
+        b = torch.zeros(n_rows, rank, device="cpu")  # cpu: seeded draw, moved below
+        values = torch.zeros(support.numel(), device="cpu")  # cpu: seeded draw, moved below
         if init == "normal":
-            a, b, values = (torch.randn(t.shape, generator=generator) * 0.02 for t in (a, b, values))
-        self.lora_A = nn.Parameter(a.to(dtype))
-        self.lora_B = nn.Parameter(b.to(dtype))
-        self.sparse_values = nn.Parameter(values.to(dtype))
-        self.register_buffer("sparse_index", support.to(torch.int64).clone())
+            a, b, values = (torch.randn(t.shape, generator=generator, device="cpu") * 0.02 for t in (a, b, values))  # cpu: as above
+        self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(b.to(device=device, dtype=dtype))
+        self.sparse_values = nn.Parameter(values.to(device=device, dtype=dtype))
+        self.register_buffer("sparse_index", support.to(device=device, dtype=torch.int64, copy=True))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def extra_repr(self) -> str:

@@ -55,21 +55,17 @@ def activation_bytes(shape: Shape, seq: int, micro: int, checkpointing: bool) ->
     return int(shape.layers * per_layer + logits)
 
 
-def plan(shape: Shape, method: str, gpus: int, gpus_per_node: int, seq: int, micro: int, checkpointing: bool, rank: int = 16, nnz: int = 64, quantized_frozen: bool = False, hpz: bool = False) -> dict:
+def plan(shape: Shape, method: str, gpus: int, gpus_per_node: int, seq: int, micro: int, checkpointing: bool, rank: int = 16, nnz: int = 64) -> dict:
     p, t = shape.params, trainable_params(shape, method, rank, nnz)
-    frozen = p if method != "full" else 0
-    weight_bytes = (1 if quantized_frozen and method != "full" else 2)
     states = {
-        "weights": (2 * p if method == "full" else weight_bytes * frozen) / gpus + 4 * shape.largest_layer,
+        "weights": 2 * p / gpus + 4 * shape.largest_layer,
         "adapters_whole": 2 * t if method != "full" else 0,
         "gradients": 4 * t / gpus,  # fp32 gradient partition
         "optimizer": 12 * t / gpus,  # fp32 master copy + Adam m and v
     }
-    if hpz and gpus_per_node < gpus:
-        states["weights"] += 2 * p / gpus_per_node  # secondary partition within the node
     activations = activation_bytes(shape, seq, micro, checkpointing)
-    gather = 2 * (weight_bytes if method != "full" else 2) * p * (gpus - 1) / gpus  # forward + backward
-    inter_node = gather if not hpz else gather / 2  # hpZ: the backward gather stays in the node
+    gather = 2 * 2 * p * (gpus - 1) / gpus  # bf16 weights, gathered in forward and again in backward
+    inter_node = gather if gpus > gpus_per_node else 0.0
     return {
         "method": method, "params": p, "trainable": t, "trainable_pct": round(100 * t / p, 3),
         "weights_gib": round(states["weights"] / GIB, 3), "adapters_gib": round(states["adapters_whole"] / GIB, 4),
@@ -110,9 +106,6 @@ def main(argv: list[str] | None = None) -> None:
         for checkpointing in (False, True):
             row = plan(shape, method, gpus, args.gpus_per_node, args.seq, args.micro_batch, checkpointing, args.rank, args.nnz)
             rows.append({**row, "checkpointing": checkpointing})
-    for quantized, hpz in ((True, False), (False, True), (True, True)):
-        row = plan(shape, "dsee", gpus, args.gpus_per_node, args.seq, args.micro_batch, True, args.rank, args.nnz, quantized, hpz)
-        rows.append({**row, "method": f"dsee{'+int8-frozen' if quantized else ''}{'+hpZ' if hpz else ''}", "checkpointing": True})
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -53,10 +53,8 @@ def _delta_rows(layer: DSEELayer, first: int, last: int, transposed: bool) -> to
     """Rows [first, last) of ΔW in the base weight's storage layout (ΔWᵀ for Conv1D)."""
     with torch.no_grad():
         a, b = layer.lora_A.data.float(), layer.lora_B.data.float()
-        if transposed:  # storage rows are input features: ΔWᵀ[r, :]
-            block = torch.zeros(last - first, layer.out_features)
-        else:
-            block = torch.zeros(last - first, layer.in_features)
+        width = layer.out_features if transposed else layer.in_features  # Conv1D storage rows are input features: ΔWᵀ[r, :]
+        block = torch.zeros(last - first, width, device=a.device)
         row = 0
         for i, (start, stop) in enumerate(layer.slices):
             a_i, b_i = a[i * layer.rank : (i + 1) * layer.rank], b[row : row + stop - start]
@@ -103,6 +101,11 @@ def _chunks(shard, start, shape, target, score, use_delta, chunk):
         yield offset, w.abs()
 
 
+def _device(targets: list[PruneTarget]) -> torch.device:
+    """Where the shards (and so their scores) live."""
+    return zero.local_shard(targets[0].param).device
+
+
 def _bits(scores: torch.Tensor) -> torch.Tensor:
     return scores.contiguous().view(torch.int32).long()
 
@@ -110,7 +113,7 @@ def _bits(scores: torch.Tensor) -> torch.Tensor:
 def _histogram(targets: list[PruneTarget], score: str, prefix: int | None) -> torch.Tensor:
     """All-reduced counts of the high 16 bits (prefix None) or of the low 16 bits among
     scores whose high 16 bits equal prefix."""
-    counts = torch.zeros(BINS, dtype=torch.int64)
+    counts = torch.zeros(BINS, dtype=torch.int64, device=_device(targets))
     for target in targets:
         for _, s in score_chunks(target, score):
             bits = _bits(s)
@@ -125,17 +128,17 @@ def kth_smallest(targets: list[PruneTarget], score: str, k: int) -> tuple[int, i
     """(bit pattern t of the k-th smallest score, count of scores strictly below t); k >= 1."""
     high = _histogram(targets, score, None)
     cum = high.cumsum(0)
-    b1 = int(torch.searchsorted(cum, torch.tensor(k)).item())
+    b1 = int(torch.searchsorted(cum, torch.tensor(k, device=cum.device)).item())
     below = int(cum[b1 - 1]) if b1 else 0
     low = _histogram(targets, score, b1).cumsum(0)
-    b2 = int(torch.searchsorted(low, torch.tensor(k - below)).item())
+    b2 = int(torch.searchsorted(low, torch.tensor(k - below, device=low.device)).item())
     return (b1 << 16) | b2, below + (int(low[b2 - 1]) if b2 else 0)
 
 
 def _tie_quota(targets: list[PruneTarget], score: str, t: int, ties_needed: int) -> list[int]:
     """How many of this rank's ties (score == t) to prune in each target: lowest flat index first."""
     rank, world = dist.rank(), dist.world_size()
-    table = torch.zeros(len(targets), world, dtype=torch.int64)
+    table = torch.zeros(len(targets), world, dtype=torch.int64, device=_device(targets))
     for i, target in enumerate(targets):
         table[i, rank] = sum(int((_bits(s) == t).sum()) for _, s in score_chunks(target, score))
     table = dist.all_reduce(table)
@@ -170,9 +173,9 @@ def _apply(targets, score, t: int | None, quota: list[int]) -> dict[str, ShardMa
                 pruned |= ties & (tie_rank <= q)
                 q -= int(ties.sum().clamp(max=q))
             parts.append(pruned)
-        mask = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+        mask = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=_device([target]))
         start, _ = zero.shard_range(target.param)
-        masks[target.name] = ShardMask(start, mask.numel(), np.packbits(mask.numpy()))
+        masks[target.name] = ShardMask(start, mask.numel(), np.packbits(mask.cpu().numpy()))  # host bits: saved with checkpoints
         apply_mask(target.param, masks[target.name])
     return masks
 
@@ -184,7 +187,7 @@ def apply_mask(param: torch.Tensor, mask: ShardMask) -> None:
 
 
 def _select(targets, score: str, sparsity: float) -> dict[str, ShardMask]:
-    total = int(dist.all_reduce(torch.tensor(sum(zero.local_shard(t.param).numel() for t in targets))).item())
+    total = int(dist.all_reduce(torch.tensor(sum(zero.local_shard(t.param).numel() for t in targets), device=_device(targets))).item())
     k = int(round(sparsity * total))  # as torch.nn.utils.prune
     if k == 0:
         return _apply(targets, score, None, [0] * len(targets))
@@ -234,7 +237,7 @@ def sparsity_report(model: nn.Module, include: list[str] | None = None, exclude:
 
     defaults = PruneConfig()
     targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude)
-    counts = torch.tensor([[int((zero.local_shard(t.param) == 0).sum()), zero.local_shard(t.param).numel()] for t in targets], dtype=torch.int64)
+    counts = torch.tensor([[int((zero.local_shard(t.param) == 0).sum()), zero.local_shard(t.param).numel()] for t in targets], dtype=torch.int64, device=_device(targets))
     counts = dist.all_reduce(counts)
     per_layer = {t.name: counts[i, 0].item() / max(1, counts[i, 1].item()) for i, t in enumerate(targets)}
     zeros, total = counts.sum(0).tolist()

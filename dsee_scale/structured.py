@@ -126,7 +126,7 @@ def _static_scores(model: nn.Module, method: str) -> tuple[list[torch.Tensor], l
         with zero.gathered([p for m in modules for p in _params(m)]):
             width = attn.heads * attn.head_dim
             parts = [attn.q, attn.v] if delta else [attn.q, attn.k, attn.v]
-            score = torch.zeros(attn.heads)
+            score = torch.zeros(attn.heads, device=_base(attn.o).weight.device)
             for module, first in parts:
                 rows = _dense(module, delta)
                 kv_width = attn.kv_heads * attn.head_dim
@@ -147,8 +147,9 @@ def _gradient_scores(model: nn.Module, batches: list[dict]) -> tuple[list[torch.
     """Σ_batches |∂L/∂g| of gates on each head's output (input of o) and each neuron (input of
     down). The absolute value is taken per batch so opposite-signed batches do not cancel."""
     attns, ffns = attention_layers(model), ffn_layers(model)
-    head_gates = [torch.ones(a.heads, requires_grad=True) for a in attns]
-    neuron_gates = [torch.ones(f.size, requires_grad=True) for f in ffns]
+    device = _base(attns[0].o).weight.device  # the compute device (under ZeRO-3 too)
+    head_gates = [torch.ones(a.heads, device=device, requires_grad=True) for a in attns]
+    neuron_gates = [torch.ones(f.size, device=device, requires_grad=True) for f in ffns]
     hooks = []
     for attn, gate in zip(attns, head_gates):
         hooks.append(attn.o.register_forward_pre_hook(lambda m, args, g=gate, d=attn.head_dim: (_gated(args[0], g, d),) + args[1:]))
@@ -160,7 +161,7 @@ def _gradient_scores(model: nn.Module, batches: list[dict]) -> tuple[list[torch.
             loss = model(**batch).loss
             grads = torch.autograd.grad(loss, head_gates + neuron_gates)
             for total, grad in zip(totals, grads):
-                total += grad.detach().abs().cpu()
+                total += grad.detach().abs()
     finally:
         for hook in hooks:
             hook.remove()
@@ -169,7 +170,7 @@ def _gradient_scores(model: nn.Module, batches: list[dict]) -> tuple[list[torch.
 
 
 def _gated(x: torch.Tensor, gate: torch.Tensor, width: int) -> torch.Tensor:
-    g = gate.to(x.dtype).to(x.device).repeat_interleave(width)
+    g = gate.to(x.dtype).repeat_interleave(width)
     return x * g
 
 
@@ -199,7 +200,7 @@ def select(scores: list[torch.Tensor], fraction: float, scope: str, group: list[
         flat = torch.cat(normalised)
         total = int(round(fraction * flat.numel()))
         order = torch.argsort(flat, stable=True)
-        owner = torch.cat([torch.full((u.numel(),), i) for i, u in enumerate(units)])
+        owner = torch.cat([torch.full((u.numel(),), i, device=u.device) for i, u in enumerate(units)])
         drop = [0] * len(units)
         for idx in order.tolist():
             if total == 0:
@@ -211,7 +212,7 @@ def select(scores: list[torch.Tensor], fraction: float, scope: str, group: list[
     keep = []
     for u, d, g in zip(units, drop, group):
         kept_units = torch.sort(torch.argsort(u, descending=True, stable=True)[: u.numel() - d]).values
-        keep.append((kept_units[:, None] * g + torch.arange(g)).flatten())
+        keep.append((kept_units[:, None] * g + torch.arange(g, device=u.device)).flatten())
     return keep
 
 
@@ -220,8 +221,9 @@ def select(scores: list[torch.Tensor], fraction: float, scope: str, group: list[
 def _rows(module: nn.Module, keep: torch.Tensor, first: int, span: int) -> None:
     """Keep output rows first + keep (of the span starting at first); other rows untouched."""
     out_features, in_features = base_dims(_base(module))
-    kept = torch.cat([torch.arange(first), first + keep, torch.arange(first + span, out_features)])
     base = _base(module)
+    keep = keep.to(base.weight.device)
+    kept = torch.cat([torch.arange(first, device=keep.device), first + keep, torch.arange(first + span, out_features, device=keep.device)])
     if weight_is_transposed(base):
         base.weight = nn.Parameter(base.weight.data[:, kept].clone(), requires_grad=False)
         base.nf = kept.numel()
@@ -235,8 +237,8 @@ def _rows(module: nn.Module, keep: torch.Tensor, first: int, span: int) -> None:
 
 
 def _adapter_rows(layer: DSEELayer, kept: torch.Tensor) -> None:
-    position = torch.full((layer.out_features,), -1, dtype=torch.long)
-    position[kept] = torch.arange(kept.numel())
+    position = torch.full((layer.out_features,), -1, dtype=torch.long, device=kept.device)
+    position[kept] = torch.arange(kept.numel(), device=kept.device)
     b_rows, slices, a_rows, row = [], [], [], 0
     for i, (start, stop) in enumerate(layer.slices):
         inside = position[start:stop]
@@ -244,7 +246,7 @@ def _adapter_rows(layer: DSEELayer, kept: torch.Tensor) -> None:
         if alive.numel():
             b_rows.append(row + alive)
             slices.append((int(inside[alive[0]]), int(inside[alive[-1]]) + 1))
-            a_rows.append(torch.arange(i * layer.rank, (i + 1) * layer.rank))
+            a_rows.append(torch.arange(i * layer.rank, (i + 1) * layer.rank, device=kept.device))
         row += stop - start
     rows, cols = layer.sparse_index // layer.in_features, layer.sparse_index % layer.in_features
     alive = position[rows] >= 0
@@ -258,14 +260,15 @@ def _adapter_rows(layer: DSEELayer, kept: torch.Tensor) -> None:
 
 def _cols(module: nn.Module, keep: torch.Tensor) -> None:
     base = _base(module)
+    keep = keep.to(base.weight.device)
     if weight_is_transposed(base):
         base.weight = nn.Parameter(base.weight.data[keep].clone(), requires_grad=False)
     else:
         base.weight = nn.Parameter(base.weight.data[:, keep].clone(), requires_grad=False)
         base.in_features = keep.numel()
     if isinstance(module, DSEELayer):
-        position = torch.full((module.in_features,), -1, dtype=torch.long)
-        position[keep] = torch.arange(keep.numel())
+        position = torch.full((module.in_features,), -1, dtype=torch.long, device=keep.device)
+        position[keep] = torch.arange(keep.numel(), device=keep.device)
         rows, cols = module.sparse_index // module.in_features, module.sparse_index % module.in_features
         alive = position[cols] >= 0
         module.lora_A = nn.Parameter(module.lora_A.data[:, keep].clone())
@@ -275,7 +278,7 @@ def _cols(module: nn.Module, keep: torch.Tensor) -> None:
 
 
 def _head_rows(keep_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return (keep_heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    return (keep_heads[:, None] * head_dim + torch.arange(head_dim, device=keep_heads.device)).flatten()
 
 
 def _remove_heads(attn: Attention, keep_q: torch.Tensor, keep_kv: torch.Tensor) -> None:
@@ -377,7 +380,8 @@ def compact(model: nn.Module) -> nn.Module:
     layout = getattr(model.config, "dsee_structured", None)
     if not layout:
         raise ValueError("this model has no 'dsee_structured' record in its config: compact() is for folders exported after structured pruning")
-    remove(model, [torch.arange(h) for h in layout["heads"]], [torch.arange(n) for n in layout["ffn"]])
+    device = next(model.parameters()).device
+    remove(model, [torch.arange(h, device=device) for h in layout["heads"]], [torch.arange(n, device=device) for n in layout["ffn"]])
     return model
 
 

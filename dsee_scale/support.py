@@ -47,9 +47,9 @@ def top_n_indices(score: torch.Tensor, n: int) -> torch.Tensor:
     """Flat indices of the n largest scores; ties go to the lower index. Sorted ascending."""
     flat = score.reshape(-1)
     if n <= 0:
-        return torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(0, dtype=torch.int64, device=flat.device)
     if n >= flat.numel():
-        return torch.arange(flat.numel(), dtype=torch.int64)
+        return torch.arange(flat.numel(), dtype=torch.int64, device=flat.device)
     kth = torch.topk(flat, n, sorted=False).values.min()
     above = torch.nonzero(flat > kth).flatten()
     tied = torch.nonzero(flat == kth).flatten()[: n - above.numel()]
@@ -58,7 +58,8 @@ def top_n_indices(score: torch.Tensor, n: int) -> torch.Tensor:
 
 def _top_directions(m: torch.Tensor, k: int, generator: torch.Generator, power: int = 2) -> torch.Tensor:
     """Rows s_i·v_iᵀ of the top-k singular triplets of m, by a randomized range finder."""
-    probe = torch.randn(m.shape[1], min(k + 8, min(m.shape)), generator=generator, dtype=m.dtype)
+    # cpu: drawn from the seeded CPU generator, so Ω does not depend on the device
+    probe = torch.randn(m.shape[1], min(k + 8, min(m.shape)), generator=generator, dtype=m.dtype, device="cpu").to(m.device)
     q = torch.linalg.qr(m @ probe).Q
     for _ in range(power):
         q = torch.linalg.qr(m @ (m.t() @ q)).Q
@@ -79,7 +80,7 @@ def grebsmo_sparse_part(w: torch.Tensor, params: GreBsmoParams, n: int, seed: in
     for that many consecutive outer steps.
     """
     d = w.detach().to(dtype)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)  # cpu: Ω independent of the device
     norm_d = max(d.norm().item(), 1e-30)
     reach = params.outer * params.rank_step if params.max_rank is None else params.max_rank
     max_rank = max(1, min(reach, min(d.shape)))
@@ -113,8 +114,8 @@ def choose_support(w: torch.Tensor, n: int, method: str, seed: int = 0) -> torch
     numel = w.numel()
     n = min(n, numel)
     if method == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return torch.sort(torch.randperm(numel, generator=generator)[:n]).values
+        generator = torch.Generator(device="cpu").manual_seed(seed)  # cpu: Ω independent of the device
+        return torch.sort(torch.randperm(numel, generator=generator, device="cpu")[:n]).values.to(w.device)  # cpu: as above
     magnitude = w.detach().abs().to(torch.float32)
     if method == "magnitude" or n == 0 or n == numel:
         return top_n_indices(magnitude, n)
@@ -163,12 +164,12 @@ def choose_supports(jobs: list[SupportJob], n: int, method: str, seed: int = 0) 
         for offset, job in enumerate(round_jobs):
             with zero.gathered([job.weight]):
                 if offset == rank:
-                    mine, matrix = job, job.matrix().detach().to("cpu", copy=True)
+                    mine, matrix = job, job.matrix().detach().clone()
         local = None
         if mine is not None:
             local = choose_support(matrix, n, method, seed=name_seed(seed, mine.name))
         for offset, job in enumerate(round_jobs):
             size = min(n, (job.rows[1] - job.rows[0]) * zero.full_shape(job.weight)[0 if job.transposed else 1])
-            buf = local if offset == rank else torch.empty(size, dtype=torch.int64)
+            buf = local if offset == rank else torch.empty(size, dtype=torch.int64, device=job.weight.device)
             result[job.name] = dist.broadcast(buf, src=offset)
     return result

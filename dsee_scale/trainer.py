@@ -11,6 +11,7 @@ import logging
 import math
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -164,17 +165,19 @@ class Recipe:
         start = self.done["step"] if self.done["stage"] == stage else 0
         batches = GlobalBatches(len(self.train_rows), self.micro, self.accum, self.world, seed=cfg.seed + (1 if stage == "retune" else 0))
         engine.train()
-        bar = tqdm(range(start, steps), desc=stage, disable=not dist.is_main(), dynamic_ncols=True)
+        # A bar only on a terminal: in a log file every refresh would add a line's worth of
+        # carriage returns, so there the log_every records below are logged instead.
+        bar = tqdm(range(start, steps), desc=stage, disable=not (dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True)
         window, tic, stage_tic = [], time.time(), time.time()
         for step in bar:
             for group in engine.optimizer.param_groups:
                 group["lr"] = self._lr_at(step, steps)
-            total = torch.zeros(1)
+            total = torch.zeros(1, device=engine.device)  # summed on the device: one sync per step, not per micro-step
             for accum in range(self.accum):
                 loss = engine(**self._micro_batch(batches, step, accum)).loss
                 engine.backward(loss)
                 engine.step()
-                total += loss.detach().float().cpu()
+                total += loss.detach().float()
             loss_value = float(dist.all_reduce(total / self.accum)) / self.world
             window.append(loss_value)
             self.losses.setdefault(stage, []).append(loss_value)
@@ -183,6 +186,8 @@ class Recipe:
                 samples = len(window) * batches.global_batch
                 record = {"stage": stage, "step": step + 1, "loss": sum(window) / len(window), "lr": self._lr_at(step, steps), "samples_per_s": samples / elapsed}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
+                if bar.disable:
+                    log.info("%s step %d/%d: loss %.4f, %.1f samples/s", stage, step + 1, steps, record["loss"], record["samples_per_s"])
                 if self.metrics:
                     self.metrics.write(record)
                 window, tic = [], time.time()
@@ -228,14 +233,14 @@ class Recipe:
         mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
         for i in range(math.ceil(per_rank / self.micro)):
             chunk = mine[i * self.micro : (i + 1) * self.micro]
-            real = torch.tensor([True] * len(chunk) + [False] * (self.micro - len(chunk)))
+            real = torch.tensor([True] * len(chunk) + [False] * (self.micro - len(chunk)), device=self.engine.device)
             yield chunk + [rows[0]] * (self.micro - len(chunk)), real
 
     @torch.no_grad()
     def evaluate(self, tag: str = "final", bleu: bool = True) -> dict:
         cfg, engine = self.cfg, self.engine
         engine.eval()
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=engine.device)
         for rows, real in self._eval_batches():
             batch = self._to_device(collate(rows, self.tokenizer.pad_token_id))
             sums += metric_sums(engine(**batch).logits, batch["labels"], cfg.task, real)

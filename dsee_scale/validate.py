@@ -26,6 +26,14 @@ def launched_world_size() -> int:
     return 1
 
 
+def launched_rank() -> int:
+    """This process's global rank as the launcher announced it (0 when launched alone)."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 0
+
+
 def on_cpu() -> bool:
     from deepspeed.accelerator import get_accelerator
 
@@ -42,9 +50,22 @@ def load_ds_config(path: str) -> dict:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
-    stage = config.get("zero_optimization", {}).get("stage", 0)
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if zero.get("zero_hpz_partition_size", 1) not in (1, None):
+        raise ConfigError(
+            f"DeepSpeed config {path}: zero_optimization.zero_hpz_partition_size is not supported: hpZ refuses the second "
+            f"zero.Init that creates the adapters, and pruning would edit the primary shards but not hpZ's secondary copy "
+            f"that backward reads; remove it (or set it to 1)"
+        )
+    if zero.get("zero_quantized_nontrainable_weights"):
+        raise ConfigError(
+            f"DeepSpeed config {path}: zero_optimization.zero_quantized_nontrainable_weights is not supported: DeepSpeed "
+            f"quantizes only weights frozen when they are first partitioned, and the backbone is frozen after it is built, "
+            f"so nothing would be quantized; remove it (or set it to false)"
+        )
     return config
 
 
@@ -81,12 +102,36 @@ def check_output_dir(cfg: TrainConfig) -> None:
     folder = Path(cfg.output_dir)
     if not folder.exists() or cfg.overwrite:
         return
+    if cfg.output_dir == TrainConfig.output_dir and not cfg.resume:
+        manage_default_folder(cfg)
+        return
     if cfg.resume:
         if not (folder / RUN_MARKER).exists():
             raise ConfigError(f"--resume: {folder} holds no dsee_scale run ({RUN_MARKER} missing)")
         return
     if any(folder.iterdir()):
         raise ConfigError(f"output folder {folder} exists and holds another run: pass --resume to continue it, --overwrite to replace it, or choose another --output_dir")
+
+
+def manage_default_folder(cfg: TrainConfig) -> None:
+    """The default folder belongs to dsee_scale, so running the demo again just works: an
+    unfinished run of the same configuration that has a checkpoint continues; anything else
+    is replaced. Folders the user names are never replaced without --overwrite."""
+    folder = Path(cfg.output_dir)
+    try:
+        previous = json.loads((folder / RUN_MARKER).read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        previous = None
+    same = previous is not None and {**previous, "resume": False, "overwrite": False} == {**cfg.to_dict(), "resume": False, "overwrite": False}
+    unfinished = not (folder / "summary.json").exists() and (folder / "checkpoints" / "latest").exists()
+    if same and unfinished:
+        cfg.resume = True
+        note = f"{folder} holds an unfinished run of this configuration: continuing it from its latest checkpoint (--overwrite starts over)"
+    else:
+        cfg.overwrite = True
+        note = f"replacing the previous run in {folder} (pass --output_dir to keep runs side by side)"
+    if launched_rank() == 0:
+        print(f"dsee_scale: {note}", flush=True)
 
 
 def check_model(cfg: TrainConfig) -> None:

@@ -6,6 +6,7 @@ Everything works without DeepSpeed or a process group too: then a parameter is i
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -104,13 +105,39 @@ def gathered(params: Sequence[torch.Tensor], modify: bool = False) -> Iterator[N
         yield
 
 
+def _config_for_dtype(ds_config: dict | None, dtype: torch.dtype) -> dict:
+    """ds_config with its bf16/fp16 flags saying `dtype`.
+
+    zero.Init's own `dtype` argument cannot be trusted: DeepSpeed 0.19 replaces it by bf16 on
+    any accelerator without fp16 support (AMD CPUs without mkldnn fp16), whatever was asked.
+    With dtype=None the config's flags decide, identically on every host.
+    """
+    config = copy.deepcopy(ds_config) if ds_config else {}
+    for key, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        config[key] = {**config.get(key, {}), "enabled": dtype == wanted}
+    return config
+
+
 def init_context(ds_config: dict | None, dtype: torch.dtype, enabled: bool):
-    """Context to create new parameters that ZeRO-3 partitions at once (or a no-op)."""
+    """Context to create new parameters that ZeRO-3 partitions at once, in `dtype` (or a no-op)."""
     if not enabled:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
+    return deepspeed.zero.Init(config_dict_or_path=_config_for_dtype(ds_config, dtype), dtype=None)
+
+
+def check_created_like(what: str, reference: torch.Tensor, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor] = ()) -> None:
+    """Refuse parameters not in the reference's dtype and device, and buffers not on its device."""
+    dtype, device = full_dtype(reference), reference.device
+    for t in [*params, *buffers]:
+        t_dtype = full_dtype(t) if any(t is p for p in params) else dtype
+        if t_dtype != dtype or t.device != device:
+            raise RuntimeError(
+                f"{what} was created as {t_dtype} on {t.device} beside a frozen weight in {dtype} on {device}: "
+                f"this DeepSpeed version does not create parameters as dsee_scale asks zero.Init to; use deepspeed "
+                f"0.19.8 (constraints.txt) or report the host line that .ci/run prints"
+            )
 
 
 def keep_whole(engine, params: Sequence[torch.Tensor]) -> None:
@@ -136,4 +163,4 @@ def partition_new_parameters(module: nn.Module, ds_config: dict | None) -> None:
     import deepspeed
 
     dtype = next(full_dtype(p) for p in module.parameters())
-    deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, dtype=dtype)
+    deepspeed.zero.Init(module=module, config_dict_or_path=_config_for_dtype(ds_config, dtype), dtype=None)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dsee_scale.config import train_config_from_argv  # noqa: E402
 from dsee_scale.engine import remove_shm_buffers  # noqa: E402
 from dsee_scale.trainer import Recipe  # noqa: E402
-from dsee_scale.validate import ConfigError  # noqa: E402
+from dsee_scale.validate import ConfigError, launched_rank  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = Recipe(cfg)
         recipe.setup()
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        if os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
+        if launched_rank() == 0:
             print(f"dsee_scale: error: {err}", file=sys.stderr)
         return 2
     try:

@@ -27,9 +27,21 @@ def launcher_command(launcher: str, script: str, nproc: int = 2) -> list[str]:
     raise ValueError(launcher)
 
 
-def run_launcher(launcher: str, script: str, args: list, timeout: int = 300, nproc: int = 2, env: dict | None = None) -> str:
+# What DeepSpeed's accelerator reports on the CPU hosts this project meets (Intel with mkldnn fp16;
+# AMD EPYC without it), simulated in every process of a launch by tests/hostsim/sitecustomize.py.
+SIMULATED_HOSTS = {"fp16": "fp16=1,bf16=1", "no-fp16": "fp16=0,bf16=1"}
+
+
+def host_env(host: str | None) -> dict:
+    """Environment for a launch that simulates `host` (a SIMULATED_HOSTS key); None: this machine."""
+    if host is None:
+        return {"PYTHONPATH": str(ROOT)}
+    return {"PYTHONPATH": f"{ROOT / 'tests' / 'hostsim'}:{ROOT}", "DSEE_SIMULATE_HOST": SIMULATED_HOSTS[host]}
+
+
+def run_launcher(launcher: str, script: str, args: list, timeout: int = 300, nproc: int = 2, env: dict | None = None, host: str | None = None) -> str:
     cmd = launcher_command(launcher, script, nproc) + [str(a) for a in args]
-    full_env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **host_env(host), **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"

@@ -32,6 +32,8 @@ def bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("DeepSpeed config missing", ["--ds_config", "nope.json"], "DeepSpeed config nope.json does not exist"),
         ("DeepSpeed config malformed", ["--ds_config", write(tmp / "bad.json", "{stage: 3")], "is not valid JSON"),
         ("batch sizes disagree", ["--ds_config", write(tmp / "b.json", '{"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}')], "batch sizes disagree"),
+        ("hpZ in the DeepSpeed config", ["--ds_config", write(tmp / "hpz.json", '{"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}')], "zero_hpz_partition_size is not supported"),
+        ("quantized frozen weights in the DeepSpeed config", ["--ds_config", write(tmp / "q.json", '{"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": true}}')], "zero_quantized_nontrainable_weights is not supported"),
         ("data file missing", cls[:4] + ["--train_file", str(tmp / "none.tsv")], "does not exist"),
         ("data file unreadable", cls[:4] + ["--train_file", write(tmp / "bin.tsv", b"\xff\xfe\x00\x81" * 64)], "cannot be read as UTF-8 text"),
         ("empty dataset", cls[:4] + ["--train_file", write(tmp / "empty.tsv", "sentence\tlabel\n"), "--eval_file", tsv], "holds no examples"),

@@ -1,0 +1,79 @@
+"""Device-correct by construction: every tensor that dsee_scale/ creates names its device.
+
+A factory without `device=` lands on the CPU in a plain process but on the accelerator inside
+zero.Init (DeepSpeed patches the factories), so code that works here can mix devices on a GPU.
+The few tensors meant to stay on the host say `device="cpu"` with a comment on the line, in the
+functions listed below.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+PACKAGE = ROOT / "dsee_scale"
+FACTORIES = {
+    "zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", "randn", "rand", "randint", "randperm",
+    "linspace", "logspace", "eye", "empty_strided", "Generator",
+}
+# (file, function): why a tensor there is created on the host on purpose.
+ALLOWED_CPU = {
+    ("layer.py", "__init__"): "adapters are drawn from a seeded CPU generator, then moved: the same init on every device",
+    ("support.py", "_top_directions"): "random probes from the seeded CPU generator: Ω independent of the device",
+    ("support.py", "grebsmo_sparse_part"): "the seeded CPU generator for those probes",
+    ("support.py", "choose_support"): "random Ω from the seeded CPU generator",
+    ("data.py", "collate"): "host batches, moved to the device in one copy by the caller",
+    ("checkpoint.py", "_rank_state"): "mask ranges written to a safetensors file",
+}
+
+
+def factory_calls(path: Path):
+    """(function name, line number, call node) of every torch.<factory>(...) call in a file."""
+    tree = ast.parse(path.read_text())
+    for func in ast.walk(tree):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(func):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in FACTORIES
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+                yield func.name, node.lineno, node
+
+
+def is_cpu(node: ast.expr) -> bool:
+    if isinstance(node, ast.Constant):
+        return node.value == "cpu"
+    return isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "device" and any(is_cpu(a) for a in node.args)
+
+
+def violations(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    found = []
+    for function, lineno, call in factory_calls(path):
+        where = f"{path.name}:{lineno} ({function}): torch.{call.func.attr}"
+        device = next((k.value for k in call.keywords if k.arg == "device"), None)
+        if device is None:
+            found.append(f"{where} without device=")
+        elif is_cpu(device):
+            if (path.name, function) not in ALLOWED_CPU:
+                found.append(f"{where} on the CPU outside the allow-list")
+            elif "#" not in lines[lineno - 1] and not lines[lineno - 2].strip().startswith("#"):
+                found.append(f"{where} on the CPU without a comment saying why")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.name)
+def test_every_tensor_factory_names_its_device(path):
+    assert violations(path) == []
+
+
+def test_the_checker_catches_device_less_factories(tmp_path):
+    bad = tmp_path / "prune.py"
+    bad.write_text('import torch\n\ndef f(x):\n    a = torch.zeros(3)\n    g = torch.Generator()\n    b = torch.ones(2, device="cpu")\n    return torch.zeros(2, device=x.device)\n')
+    assert [v.split(": ", 1)[1] for v in violations(bad)] == [
+        "torch.zeros without device=", "torch.Generator without device=", "torch.ones on the CPU outside the allow-list"]
+
+
+def test_allow_list_has_no_stale_entries():
+    used = {(p.name, f) for p in PACKAGE.glob("*.py") for f, _, c in factory_calls(p)
+            if any(k.arg == "device" and is_cpu(k.value) for k in c.keywords)}
+    assert set(ALLOWED_CPU) == used
