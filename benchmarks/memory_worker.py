@@ -27,6 +27,7 @@ p.add_argument("--batch", type=int, default=2, help="micro-batch per rank")
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--rank", type=int, default=16)
+p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs)")
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
 
@@ -39,10 +40,11 @@ ds_config = {
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100000, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7, "stage3_prefetch_bucket_size": 5e7},
     "comms_logger": {"enabled": True, "verbose": False, "prof_all": True, "debug": False},
     "steps_per_print": 10**9,
+    "bf16": {"enabled": args.bf16},
 }
 config = tiny_config("gpt2", vocab_size=1000, n_embd=128, n_positions=args.seq) if args.model == "tiny" else builtin_config(f"builtin:{args.model}")
 config.n_positions = max(config.n_positions, args.seq)
-model = build_model(config, "lm", ds_config=ds_config)
+model = build_model(config, "lm", ds_config=ds_config, dtype=torch.bfloat16 if args.bf16 else torch.float32)
 if args.method == "dsee":
     apply_dsee(model, DSEEConfig(rank=args.rank, alpha=2.0 * args.rank, nnz=64, targets=["c_attn:q,v"], support="magnitude"), ds_config=ds_config)
 elif args.method == "peft_lora":
@@ -55,16 +57,21 @@ trainable, total = count_parameters(model)
 engine = create_engine(model, ds_config, lr=1e-4)
 generator = torch.Generator().manual_seed(rank)
 times = []
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.comm import comm as ds_comm  # noqa: E402
+
+accelerator = get_accelerator()
 
 for step in range(args.warmup + args.steps):
     if step == args.warmup:
         ds_comm.comms_logger.comms_dict.clear()
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator).to(engine.device)
+    accelerator.synchronize()
     tic = time.perf_counter()
     loss = engine(input_ids=ids, labels=ids).loss
     engine.backward(loss)
     engine.step()
+    accelerator.synchronize()  # GPU work is asynchronous: the step ends when the device is done
     if step >= args.warmup:
         times.append(time.perf_counter() - tic)
 
@@ -76,12 +83,16 @@ def bytes_per_step(name_part: str) -> float:
 
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 gathered = [None] * world
-dist.all_gather_object(gathered, {"peak_mb": peak_mb, "s_per_step": statistics.median(times), "all_gather": bytes_per_step("all_gather"), "reduce_scatter": bytes_per_step("reduce_scatter")})
+on_device = accelerator.device_name() != "cpu"
+peak_device_mb = accelerator.max_memory_allocated() / 2**20 if on_device else None
+dist.all_gather_object(gathered, {"peak_mb": peak_mb, "peak_device_mb": peak_device_mb, "s_per_step": statistics.median(times), "all_gather": bytes_per_step("all_gather"), "reduce_scatter": bytes_per_step("reduce_scatter")})
 if rank == 0:
     line = {
         "method": args.method, "model": args.model, "params": total, "trainable_params": trainable, "world_size": world, "seq": args.seq, "micro_batch": args.batch,
         "peak_rss_mb_per_rank": [round(g["peak_mb"], 1) for g in gathered],
         "s_per_step": round(max(g["s_per_step"] for g in gathered), 4),
+        "tokens_per_s": round(world * args.batch * args.seq / max(g["s_per_step"] for g in gathered), 1),
+        "peak_device_mb": [round(g["peak_device_mb"], 1) for g in gathered] if on_device else None, "bf16": args.bf16,
         "all_gather_mb_per_step": round(gathered[0]["all_gather"] / 2**20, 2),
         "reduce_scatter_mb_per_step": round(gathered[0]["reduce_scatter"] / 2**20, 3),
     }

@@ -78,7 +78,7 @@ def load_latest(engine, folder: Path) -> tuple[dict | None, dict[str, ShardMask]
         from deepspeed.accelerator import get_accelerator
 
         get_accelerator().set_rng_state(state["rng::device"])
-    names = {k.split("::")[1] for k in state if k.startswith("mask::")}
+    names = sorted({k.split("::")[1] for k in state if k.startswith("mask::")})
     masks = {n: ShardMask(int(state[f"mask::{n}::range"][0]), int(state[f"mask::{n}::range"][1]), np.asarray(state[f"mask::{n}::bits"].numpy())) for n in names}
     log.info("resumed from %s/%s", folder, tag)
     return client, masks

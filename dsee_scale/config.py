@@ -116,7 +116,7 @@ TASKS = ("lm", "cls")
 class TrainConfig:
     """One run of launch/train.py. Recipe files (YAML/JSON) fill it; CLI flags win."""
 
-    model: str = field(default="builtin:tiny-llama", metadata={"help": "local folder, hub name (online), or builtin:<tiny-llama|tiny-gpt2|gpt2|gpt2-medium|gpt2-xl|...> (random init)"})
+    model: str = field(default="builtin:tiny-llama", metadata={"help": "local folder, hub name (online), or builtin:<tiny-llama|tiny-gpt2|tiny-bert|bert-base|gpt2|gpt2-medium|gpt2-xl|...> (random init)"})
     task: str = field(default="lm", metadata={"help": "'lm' (causal LM) or 'cls' (sequence classification)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or hub name; default: the model's; builtin models train a SentencePiece tokenizer"})
     train_file: str | None = field(default=None, metadata={"help": "training data: .tsv/.csv/.json/.jsonl/.txt, or E2E 'source||target' lines (.txt with ||)"})

@@ -94,9 +94,11 @@ def builtin_config(name: str, vocab_size: int | None = None) -> PretrainedConfig
     if key in gpt2_sizes:
         d, layers, heads = gpt2_sizes[key]
         return GPT2Config(vocab_size=50257, n_embd=d, n_layer=layers, n_head=heads)
+    if key == "bert-base":
+        return BertConfig(vocab_size=vocab_size or 30522)
     if key == "tiny-bert":
         return BertConfig(vocab_size=vocab_size or 512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
-    raise ValueError(f"unknown builtin model {name!r}: choose builtin:tiny-llama, builtin:tiny-gpt2, builtin:tiny-bert, or builtin:{'/'.join(gpt2_sizes)}")
+    raise ValueError(f"unknown builtin model {name!r}: choose builtin:{', builtin:'.join(BUILTIN_MODELS)}")
 
 
-BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert", "bert-base", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

@@ -224,7 +224,12 @@ def magnitude_prune(
 def reapply_masks(model: nn.Module, masks: dict[str, ShardMask]) -> None:
     """Zero pruned entries again (after loading base weights); masks must match this sharding."""
     params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
-    for name, mask in masks.items():
+    unknown = sorted(set(masks) - set(params))
+    if unknown:
+        raise ValueError(f"masks for weights this model does not have: {unknown[:3]}")
+    # Model order on every rank: re-syncing a whole copy is a collective, so ranks must agree.
+    for name in (n for n in params if n in masks):
+        mask = masks[name]
         start, stop = zero.shard_range(params[name])
         if (start, stop - start) != (mask.start, mask.numel):
             raise ValueError(f"mask for {name} covers [{mask.start}, {mask.start + mask.numel}), this rank holds [{start}, {stop}): load masks saved at the same world size")

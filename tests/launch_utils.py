@@ -39,10 +39,16 @@ def host_env(host: str | None) -> dict:
     return {"PYTHONPATH": f"{ROOT / 'tests' / 'hostsim'}:{ROOT}", "DSEE_SIMULATE_HOST": SIMULATED_HOSTS[host]}
 
 
-def run_launcher(launcher: str, script: str, args: list, timeout: int = 300, nproc: int = 2, env: dict | None = None, host: str | None = None) -> str:
+def launch(launcher: str, script: str, args: list, timeout: int = 300, nproc: int = 2, env: dict | None = None, host: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run script under launcher with nproc ranks; host simulates another kind of CPU host."""
     cmd = launcher_command(launcher, script, nproc) + [str(a) for a in args]
     full_env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **host_env(host), **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_launcher(launcher: str, script: str, args: list, **options) -> str:
+    """launch(), failing the test with the job's output unless every rank succeeded."""
+    proc = launch(launcher, script, args, **options)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+    assert proc.returncode == 0, f"{' '.join(map(str, proc.args))} failed ({proc.returncode}):\n{output[-6000:]}"
     return output

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 from conftest import ROOT
-from launch_utils import free_port, run_launcher
+from launch_utils import SIMULATED_HOSTS, free_port, launch, run_launcher
 
 from dsee_scale.evaluate import evaluate_folder
 
@@ -115,3 +115,43 @@ def test_every_ds_config_drives_an_engine(tmp_path):
     for name, result in results.items():
         assert all(l == l and l < 10 for l in result["losses"]), name  # finite
         assert not result["bf16"], name  # forced to fp32 on CPU
+
+
+# `make demo`'s run (the built-in default: tiny LLaMA, SentencePiece, every stage), fewer steps.
+DEMO = ["--steps", 4, "--retune_steps", 2, "--gen_samples", 2, "--gen_max_new_tokens", 4, "--save_every", 0, "--log_every", 2]
+
+
+@pytest.mark.parametrize("host", list(SIMULATED_HOSTS))
+def test_default_recipe_runs_on_every_kind_of_host(host, tmp_path):
+    """Where DeepSpeed's accelerator reports fp16 support (Intel) and where it does not (AMD EPYC)."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    output = run_launcher("deepspeed", "launch/train.py", DEMO + ["--output_dir", out], host=host)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sparsity"] == 0.5 and math.isfinite(summary["after"]["eval_loss"]) and "bleu" in summary["after"]
+    adapter = load_file(str(out / "export" / "adapter" / "dsee_adapter.safetensors"))
+    assert {t.dtype for t in adapter.values() if t.is_floating_point()} == {torch.float32}
+    # Not a terminal: no progress bar, one log line per --log_every steps instead.
+    assert "\r" not in output
+    assert output.count("dsee_scale: tune step") == 2 and output.count("dsee_scale: retune step") == 1
+
+
+def test_demo_run_twice_continues_an_unfinished_run_then_replaces_a_finished_one(tmp_path):
+    """`make demo` again after a crash continues the run; after a finished run it starts over.
+    Only the default folder (runs/default) is managed so; named folders need --resume/--overwrite."""
+    args = DEMO + ["--ds_config", ROOT / "ds_configs" / "zero3.json"]
+    script = str(ROOT / "launch" / "train.py")
+    folder = tmp_path / "runs" / "default"
+    crashed = launch("deepspeed", script, args, cwd=tmp_path, env={"DSEE_FAULT_INJECT": "kill_during_save:retune-2"})
+    assert crashed.returncode != 0 and (folder / "checkpoints" / "latest").read_text() == "prune-0"
+    again = run_launcher("deepspeed", script, args, cwd=tmp_path)
+    assert "holds an unfinished run of this configuration: continuing it" in again
+    continued = json.loads((folder / "summary.json").read_text())
+    assert len(continued["losses"]["tune"]) == 4 and len(continued["losses"]["retune"]) == 2
+    third = run_launcher("deepspeed", script, args, cwd=tmp_path)
+    assert "replacing the previous run in runs/default" in third
+    assert json.loads((folder / "summary.json").read_text())["losses"] == continued["losses"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, tiny_model
-from launch_utils import run_launcher
+from launch_utils import SIMULATED_HOSTS, run_launcher
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
@@ -38,10 +38,11 @@ def reference_run(base: Path, task: str, steps: int):
     return losses, dsee_state_dict(model), model
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One 20-step 2-rank run per architecture (saved and exported), shared by the tests below."""
-    root = tmp_path_factory.mktemp("zero3")
+@pytest.fixture(scope="module", params=list(SIMULATED_HOSTS))
+def runs(request, tmp_path_factory):
+    """One 20-step 2-rank run per architecture (saved and exported), shared by the tests below;
+    all of it once per kind of host (what DeepSpeed's accelerator says it supports)."""
+    root = tmp_path_factory.mktemp(f"zero3-{request.param}")
     result = {}
     for kind, task in KINDS.items():
         base = root / f"base_{kind}"
@@ -50,11 +51,19 @@ def runs(tmp_path_factory):
         args = ["--base", base, "--task", task, "--out", out, "--steps", 20, "--export"]
         if kind == "gpt2":
             args += ["--save", root / "ckpt20"]
-        run_launcher("deepspeed", SCRIPT, args)
+        run_launcher("deepspeed", SCRIPT, args, host=request.param)
         report = json.loads((out / "report_rank0.json").read_text())
         result[kind] = dict(base=base, out=out, report=report, reports=[json.loads((out / f"report_rank{r}.json").read_text()) for r in range(2)])
-    result["root"] = root
+    result["root"], result["host"] = root, request.param
     return result
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_adapters_take_the_backbone_dtype_whatever_the_accelerator_reports(runs, kind):
+    expected = {"fp16": runs["host"] == "fp16", "bf16": True}
+    for report in runs[kind]["reports"]:
+        assert report["accelerator"] == expected  # the simulation reached every rank
+        assert report["dtypes"] == ["torch.float32"]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -96,8 +105,8 @@ def test_exported_hf_folder_reloads_without_deepspeed(runs, kind):
 def test_full_checkpoint_resume_continues_the_same_run(runs):
     root, base = runs["root"], runs["gpt2"]["base"]
     common = ["--base", base, "--task", "lm"]
-    run_launcher("deepspeed", SCRIPT, common + ["--out", root / "first10", "--steps", 10, "--save", root / "ckpt10"])
-    run_launcher("deepspeed", SCRIPT, common + ["--out", root / "last10", "--steps", 10, "--start", 10, "--resume", root / "ckpt10"])
+    run_launcher("deepspeed", SCRIPT, common + ["--out", root / "first10", "--steps", 10, "--save", root / "ckpt10"], host=runs["host"])
+    run_launcher("deepspeed", SCRIPT, common + ["--out", root / "last10", "--steps", 10, "--start", 10, "--resume", root / "ckpt10"], host=runs["host"])
     first = json.loads((root / "first10" / "report_rank0.json").read_text())["losses"]
     last = json.loads((root / "last10" / "report_rank0.json").read_text())["losses"]
     assert first + last == runs["gpt2"]["report"]["losses"]

@@ -70,6 +70,11 @@ report["adapters_whole"] = all(zero.is_whole(p) for layer in dsee_layers(model).
 report["optimizer_state_numel"] = optimizer_state_numel(engine)
 report["trainable"], report["total"] = count_parameters(model)
 report["frozen_grads"] = sum(1 for p in frozen if p.grad is not None)
+report["dtypes"] = sorted({str(zero.full_dtype(p)) for p in model.parameters()})
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+
+accelerator = get_accelerator()
+report["accelerator"] = {"fp16": bool(accelerator.is_fp16_supported()), "bf16": bool(accelerator.is_bf16_supported())}
 if args.save:
     engine.save_checkpoint(args.save)
     engine.save_checkpoint(args.save + "_adapter_only", exclude_frozen_parameters=True)

@@ -1,0 +1,159 @@
+"""The real path on a GPU, in one command (`bash scripts/gpu_check.sh`); `--cpu` runs the same
+steps on small models and 2 CPU ranks (part of `make test`).
+
+1. GPT-2 (GPT-2-medium config on the GPU) under ZeRO-3 (bf16 on the GPU): Ω, tune, 50% global
+   pruning, re-tune, export; the export reloaded with plain transformers (no DeepSpeed) must
+   give the logits the engine gave.
+2. A BERT config: structured pruning (heads and FFN neurons removed), re-tune, export, same
+   reload check.
+3. Training speed (tokens/s) of DSEE, PEFT LoRA and full fine-tuning on the same engine.
+
+Each check prints one JSON line, appended to <out>/gpu_check.jsonl; the exit status is non-zero
+if a reload check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (GPT-2 model, BERT model, DeepSpeed config, tune steps, re-tune steps, speed-benchmark flags)
+MODES = {
+    "gpu": ("builtin:gpt2-medium", "builtin:bert-base", "ds_configs/zero3_bf16.json", 20, 10,
+            ["--model", "gpt2-medium", "--seq", "512", "--batch", "8", "--steps", "10", "--warmup", "3", "--bf16"]),
+    "cpu": ("builtin:tiny-gpt2", "builtin:tiny-bert", "ds_configs/zero3.json", 4, 2,
+            ["--model", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--rank", "4"]),
+}
+LOGIT_ROWS = 4
+
+
+def worker(argv: list[str]) -> None:
+    """Under the launcher: the shipped Recipe, then the engine's logits on the first eval rows."""
+    import torch
+
+    from dsee_scale import dist
+    from dsee_scale.config import train_config_from_argv
+    from dsee_scale.data import collate
+    from dsee_scale.trainer import Recipe
+
+    recipe = Recipe(train_config_from_argv(argv))
+    recipe.setup()
+    recipe.run()
+    batch = recipe._to_device(collate(recipe.eval_rows[:LOGIT_ROWS], recipe.tokenizer.pad_token_id))
+    recipe.engine.eval()
+    with torch.no_grad():
+        logits = recipe.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if dist.is_main():
+        torch.save({"logits": logits.float().cpu(), "input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu()}, recipe.run_dir / "engine_logits.pt")
+    recipe.close()
+
+
+def reload_check(run_dir: Path, task: str, device: str) -> dict:
+    """Logits of the exported folder loaded by plain transformers vs the engine's."""
+    import torch
+
+    from dsee_scale.models import TASK_MODELS
+
+    saved = torch.load(run_dir / "engine_logits.pt", weights_only=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    model = TASK_MODELS[task].from_pretrained(run_dir / "export" / "merged").to(device).eval()
+    with torch.no_grad():
+        logits = model(input_ids=saved["input_ids"].to(device), attention_mask=saved["attention_mask"].to(device)).logits.float().cpu()
+    diff = (logits - saved["logits"]).abs().max().item()
+    scale = saved["logits"].abs().max().item()
+    # bf16 weights: the engine and plain torch may pick different kernels; fp32 must agree closely.
+    tolerance = 1e-5 if model.dtype == torch.float32 else 2e-2 * max(1.0, scale)
+    return {
+        "model_dtype": str(model.dtype), "max_abs_logit_diff": diff, "max_abs_logit": scale, "tolerance": tolerance, "reload_ok": diff <= tolerance,
+        "sparsity": summary.get("sparsity"), "final_sparsity": summary.get("final_sparsity"), "flops_saved": summary.get("flops_saved"),
+        "train_loss": summary.get("train_loss"), "timings": summary.get("timings"), "wall_s": summary.get("wall_s"),
+        "peak_rss_mb_per_rank": summary.get("peak_rss_mb_per_rank"), "structured": summary.get("structured"),
+    }
+
+
+def write_classification_data(folder: Path) -> tuple[Path, Path]:
+    """Price class (cheap / moderate / expensive) of the built-in corpus's sentences."""
+    from dsee_scale.data import generate_corpus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n, seed in (("train.tsv", 2000, 0), ("eval.tsv", 64, 1)):
+        rows = [(t, s.split("price : ")[1].split(" |")[0]) for s, t in generate_corpus(n, seed)]
+        path = folder / name
+        path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows), encoding="utf-8")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def launcher(mode: str) -> list[str]:
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    if mode == "cpu":
+        return [deepspeed, "--num_gpus", "2", "--master_port", os.environ.get("MASTER_PORT", "29650")]
+    return [deepspeed, "--num_gpus", "1"]
+
+
+def run(cmd: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-6000:]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu", action="store_true", help="small models on 2 CPU ranks (the same code path)")
+    p.add_argument("--out", default="runs/gpu_check")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args, rest = p.parse_known_args()
+    if args.worker:
+        return worker(rest)
+    import torch
+
+    mode = "cpu" if args.cpu else "gpu"
+    if mode == "gpu" and not torch.cuda.is_available():
+        sys.exit("no GPU visible to torch: run `bash scripts/gpu_check.sh --cpu` for the CPU mode")
+    gpt2, bert, ds_config, tune, retune, speed = MODES[mode]
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if mode == "gpu" else "cpu"
+    host = {"mode": mode, "device": torch.cuda.get_device_name(0) if mode == "gpu" else "cpu", "torch": torch.__version__}
+    results = []
+    common = ["--ds_config", ds_config, "--steps", tune, "--retune_steps", retune, "--save_every", 0, "--log_every", max(1, tune // 4),
+              "--stages", "tune,prune,retune,export", "--overwrite", "--micro_batch_size", 4]
+
+    run_dir = out / "gpt2_unstructured"
+    run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", gpt2, "--prune.sparsity", 0.5, "--output_dir", run_dir, *map(str, common)])
+    results.append({"check": "gpt2_prune50_export_reload", "model": gpt2, "ds_config": ds_config, **reload_check(run_dir, "lm", device)})
+
+    train, eval_ = write_classification_data(out / "data")
+    run_dir = out / "bert_structured"
+    run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", bert, "--task", "cls", "--train_file", train, "--eval_file", eval_, "--text_column", "sentence",
+                          "--prune.sparsity", 0, "--prune.heads", 0.25, "--prune.ffn", 0.25, "--output_dir", run_dir, *map(str, common)])
+    results.append({"check": "bert_structured_export_reload", "model": bert, "ds_config": ds_config, **reload_check(run_dir, "cls", device)})
+
+    speed_file = out / "speed.jsonl"
+    speed_file.unlink(missing_ok=True)
+    for method in ("full", "peft_lora", "dsee"):
+        run(launcher(mode) + ["benchmarks/memory_worker.py", "--method", method, "--out", str(speed_file), *speed])
+    lines = {line["method"]: line for line in map(json.loads, speed_file.read_text().splitlines())}
+    results.append({"check": "speed", **{f"{m}_tokens_per_s": lines[m]["tokens_per_s"] for m in lines},
+                    "dsee_vs_peft_lora": round(lines["dsee"]["tokens_per_s"] / lines["peft_lora"]["tokens_per_s"], 3),
+                    "dsee_vs_full": round(lines["dsee"]["tokens_per_s"] / lines["full"]["tokens_per_s"], 3),
+                    "peak_device_mb": {m: lines[m].get("peak_device_mb") for m in lines}, "speed_flags": speed})
+    with open(out / "gpu_check.jsonl", "a") as f:
+        for result in results:
+            line = json.dumps({**host, **result})
+            print(line)
+            f.write(line + "\n")
+    if not all(r.get("reload_ok", True) for r in results):
+        sys.exit("a reloaded export did not give the engine's logits (see reload_ok above)")
+
+
+if __name__ == "__main__":
+    main()
