@@ -98,7 +98,8 @@ def launcher(mode: str) -> list[str]:
     return [deepspeed, "--num_gpus", "1"]
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list) -> None:
+    cmd = [str(c) for c in cmd]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -128,13 +129,13 @@ def main() -> None:
               "--stages", "tune,prune,retune,export", "--overwrite", "--micro_batch_size", 4]
 
     run_dir = out / "gpt2_unstructured"
-    run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", gpt2, "--prune.sparsity", 0.5, "--output_dir", run_dir, *map(str, common)])
+    run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", gpt2, "--prune.sparsity", 0.5, "--output_dir", run_dir, *common])
     results.append({"check": "gpt2_prune50_export_reload", "model": gpt2, "ds_config": ds_config, **reload_check(run_dir, "lm", device)})
 
     train, eval_ = write_classification_data(out / "data")
     run_dir = out / "bert_structured"
     run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", bert, "--task", "cls", "--train_file", train, "--eval_file", eval_, "--text_column", "sentence",
-                          "--prune.sparsity", 0, "--prune.heads", 0.25, "--prune.ffn", 0.25, "--output_dir", run_dir, *map(str, common)])
+                          "--prune.sparsity", 0, "--prune.heads", 0.25, "--prune.ffn", 0.25, "--output_dir", run_dir, *common])
     results.append({"check": "bert_structured_export_reload", "model": bert, "ds_config": ds_config, **reload_check(run_dir, "cls", device)})
 
     speed_file = out / "speed.jsonl"
