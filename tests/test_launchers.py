@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 from conftest import ROOT
-from launch_utils import SIMULATED_HOSTS, free_port, launch, run_launcher
+from launch_utils import free_port, launch, run_launcher
 
 from dsee_scale.evaluate import evaluate_folder
 
@@ -121,37 +121,35 @@ def test_every_ds_config_drives_an_engine(tmp_path):
 DEMO = ["--steps", 4, "--retune_steps", 2, "--gen_samples", 2, "--gen_max_new_tokens", 4, "--save_every", 0, "--log_every", 2]
 
 
-@pytest.mark.parametrize("host", list(SIMULATED_HOSTS))
-def test_default_recipe_runs_on_every_kind_of_host(host, tmp_path):
-    """Where DeepSpeed's accelerator reports fp16 support (Intel) and where it does not (AMD EPYC)."""
-    import math
-
+def check_demo_output(output: str, folder) -> dict:
+    """A finished default run: adapters in fp32 whatever the host; no progress bar in a log."""
     import torch
     from safetensors.torch import load_file
 
-    out = tmp_path / "run"
-    output = run_launcher("deepspeed", "launch/train.py", DEMO + ["--output_dir", out], host=host)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["sparsity"] == 0.5 and math.isfinite(summary["after"]["eval_loss"]) and "bleu" in summary["after"]
-    adapter = load_file(str(out / "export" / "adapter" / "dsee_adapter.safetensors"))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["sparsity"] == 0.5 and "bleu" in summary["after"]
+    adapter = load_file(str(folder / "export" / "adapter" / "dsee_adapter.safetensors"))
     assert {t.dtype for t in adapter.values() if t.is_floating_point()} == {torch.float32}
-    # Not a terminal: no progress bar, one log line per --log_every steps instead.
-    assert "\r" not in output
-    assert output.count("dsee_scale: tune step") == 2 and output.count("dsee_scale: retune step") == 1
+    assert "\r" not in output  # not a terminal: no progress bar, one log line per --log_every steps
+    assert output.count("dsee_scale: retune step") == 1
+    return summary
 
 
-def test_demo_run_twice_continues_an_unfinished_run_then_replaces_a_finished_one(tmp_path):
-    """`make demo` again after a crash continues the run; after a finished run it starts over.
-    Only the default folder (runs/default) is managed so; named folders need --resume/--overwrite."""
+def test_default_recipe_on_both_kinds_of_host_twice_continues_then_replaces(tmp_path):
+    """`make demo`'s run, fewer steps: where DeepSpeed reports fp16 support (Intel) and where it
+    does not (AMD EPYC). Run again after a crash, it continues; after a finished run, it starts
+    over. Only the default folder (runs/default) is managed so; named folders need --resume or
+    --overwrite. The three runs give the same losses bit for bit."""
     args = DEMO + ["--ds_config", ROOT / "ds_configs" / "zero3.json"]
     script = str(ROOT / "launch" / "train.py")
     folder = tmp_path / "runs" / "default"
-    crashed = launch("deepspeed", script, args, cwd=tmp_path, env={"DSEE_FAULT_INJECT": "kill_during_save:retune-2"})
+    crashed = launch("deepspeed", script, args, cwd=tmp_path, host="fp16", env={"DSEE_FAULT_INJECT": "kill_during_save:retune-2"})
     assert crashed.returncode != 0 and (folder / "checkpoints" / "latest").read_text() == "prune-0"
-    again = run_launcher("deepspeed", script, args, cwd=tmp_path)
+    again = run_launcher("deepspeed", script, args, cwd=tmp_path, host="fp16")
     assert "holds an unfinished run of this configuration: continuing it" in again
-    continued = json.loads((folder / "summary.json").read_text())
+    continued = check_demo_output(again, folder)
     assert len(continued["losses"]["tune"]) == 4 and len(continued["losses"]["retune"]) == 2
-    third = run_launcher("deepspeed", script, args, cwd=tmp_path)
+    third = run_launcher("deepspeed", script, args, cwd=tmp_path, host="no-fp16")
     assert "replacing the previous run in runs/default" in third
-    assert json.loads((folder / "summary.json").read_text())["losses"] == continued["losses"]
+    assert check_demo_output(third, folder)["losses"] == continued["losses"]
+    assert third.count("dsee_scale: tune step") == 2

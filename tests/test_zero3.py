@@ -102,6 +102,7 @@ def test_exported_hf_folder_reloads_without_deepspeed(runs, kind):
         torch.testing.assert_close(model(input_ids=eval_batch()).logits, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("runs", ["no-fp16"], indirect=True)  # one host is enough here: the suite's time
 def test_full_checkpoint_resume_continues_the_same_run(runs):
     root, base = runs["root"], runs["gpt2"]["base"]
     common = ["--base", base, "--task", "lm"]
