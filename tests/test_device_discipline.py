@@ -21,7 +21,7 @@ ALLOWED_CPU = {
     ("layer.py", "__init__"): "adapters are drawn from a seeded CPU generator, then moved: the same init on every device",
     ("support.py", "_top_directions"): "random probes from the seeded CPU generator: Ω independent of the device",
     ("support.py", "grebsmo_sparse_part"): "the seeded CPU generator for those probes",
-    ("support.py", "choose_support"): "random Ω from the seeded CPU generator",
+    ("support.py", "random_support"): "random Ω from the seeded CPU generator",
     ("data.py", "collate"): "host batches, moved to the device in one copy by the caller",
     ("checkpoint.py", "_rank_state"): "mask ranges written to a safetensors file",
 }
