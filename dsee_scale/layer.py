@@ -79,8 +79,9 @@ class DSEELayer(nn.Module):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         b = torch.zeros(n_rows, rank, device="cpu")  # cpu: seeded draw, moved below
         values = torch.zeros(support.numel(), device="cpu")  # cpu: seeded draw, moved below
-        if init == "normal":
-            a, b, values = (torch.randn(t.shape, generator=generator, device="cpu") * 0.02 for t in (a, b, values))  # cpu: as above
+        if init == "normal":  # in place, so each value is rounded once even when zero.Init made the tensors bf16
+            for t in (a, b, values):
+                t.normal_(0.0, 0.02, generator=generator)
         self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
         self.lora_B = nn.Parameter(b.to(device=device, dtype=dtype))
         self.sparse_values = nn.Parameter(values.to(device=device, dtype=dtype))

@@ -82,6 +82,16 @@ def test_readme_table_lists_every_bad_input(cases):
         assert message.split("'")[0].strip() in readme, what
 
 
+def test_default_folder_holding_files_of_no_run_is_never_replaced(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    keep = tmp_path / "runs" / "default" / "notes.txt"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("mine")
+    assert main(["--ds_config", str(ROOT / "ds_configs" / "zero3.json")]) == 2
+    assert "output folder runs/default exists and holds another run" in capsys.readouterr().err
+    assert keep.read_text() == "mine"
+
+
 def test_recipe_values_are_typed_like_the_same_flags(tmp_path):
     """YAML reads `lr: 1e-3` and `stages: tune` as strings; a recipe means what the flags mean."""
     from dsee_scale.config import train_config_from_argv
