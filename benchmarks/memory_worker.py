@@ -28,6 +28,7 @@ p.add_argument("--steps", type=int, default=10)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--rank", type=int, default=16)
 p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs)")
+p.add_argument("--no_comms_log", action="store_true", help="time without DeepSpeed's comms logger (it synchronises the device after every collective); traffic is then not reported")
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
 
@@ -38,7 +39,7 @@ ds_config = {
     "gradient_accumulation_steps": 1,
     "train_batch_size": args.batch * world,
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100000, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7, "stage3_prefetch_bucket_size": 5e7},
-    "comms_logger": {"enabled": True, "verbose": False, "prof_all": True, "debug": False},
+    "comms_logger": {"enabled": not args.no_comms_log, "verbose": False, "prof_all": True, "debug": False},
     "steps_per_print": 10**9,
     "bf16": {"enabled": args.bf16},
 }
@@ -52,7 +53,8 @@ elif args.method == "peft_lora":
 
     # PEFT cannot adapt slices of the fused c_attn: LoRA on the whole c_attn at the same rank
     # has the same trainable budget per layer as DSEE on its q and v slices.
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0))
+    # autocast_adapter_dtype=False: the adapters train in the model's dtype, as DSEE's do.
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0), autocast_adapter_dtype=False)
 trainable, total = count_parameters(model)
 engine = create_engine(model, ds_config, lr=1e-4)
 generator = torch.Generator().manual_seed(rank)
@@ -93,8 +95,8 @@ if rank == 0:
         "s_per_step": round(max(g["s_per_step"] for g in gathered), 4),
         "tokens_per_s": round(world * args.batch * args.seq / max(g["s_per_step"] for g in gathered), 1),
         "peak_device_mb": [round(g["peak_device_mb"], 1) for g in gathered] if on_device else None, "bf16": args.bf16,
-        "all_gather_mb_per_step": round(gathered[0]["all_gather"] / 2**20, 2),
-        "reduce_scatter_mb_per_step": round(gathered[0]["reduce_scatter"] / 2**20, 3),
+        "all_gather_mb_per_step": None if args.no_comms_log else round(gathered[0]["all_gather"] / 2**20, 2),
+        "reduce_scatter_mb_per_step": None if args.no_comms_log else round(gathered[0]["reduce_scatter"] / 2**20, 3),
     }
     with open(args.out, "a") as f:
         f.write(json.dumps(line) + "\n")

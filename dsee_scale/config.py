@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 INIT_METHODS = ("lora", "normal")
-SUPPORT_METHODS = ("grebsmo", "grebsmo_released", "magnitude", "random")
 
 
 @dataclass
@@ -54,6 +53,8 @@ class DSEEConfig:
             raise ValueError(f"DSEEConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INIT_METHODS:
             raise ValueError(f"unknown DSEE init {self.init!r}: choose one of {', '.join(INIT_METHODS)}")
+        from dsee_scale.support import SUPPORT_METHODS
+
         if self.support not in SUPPORT_METHODS:
             raise ValueError(
                 f"unknown support method {self.support!r}: choose one of {', '.join(SUPPORT_METHODS)}"
@@ -168,6 +169,9 @@ class TrainConfig:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stages {unknown}: choose from {', '.join(STAGES)}")
+        order = [STAGES.index(s) for s in self.stages]
+        if order != sorted(set(order)):
+            raise ValueError(f"stages {','.join(self.stages)} are out of order: give each at most once, in the order {','.join(STAGES)} (e.g. retune after export would train merged layers)")
         for name in ("steps", "retune_steps", "max_length", "log_every"):
             if getattr(self, name) < (1 if name in ("max_length", "log_every") else 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -206,6 +210,45 @@ def _parse_value(kind, text: str):
             raise ValueError(f"expected true/false, got {text!r}")
         return text.lower() in ("true", "1", "yes")
     return target(text)
+
+
+def _check_type(kind, value):
+    """A recipe value that YAML/JSON already typed: numbers, booleans and lists as the field says."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if value is None and type(None) in typing.get_args(kind):
+        return None
+    target = args[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind
+    base = typing.get_origin(target) or target
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is list and isinstance(value, list):
+        return [_coerce(typing.get_args(target)[0], v) for v in value]
+    if base in (int, bool, str) and type(value) is base:
+        return value
+    raise ValueError(f"expected {getattr(target, '__name__', target)}, got {value!r}")
+
+
+def _coerce(kind, value):
+    """Strings are parsed as the same flag would be (YAML reads `lr: 1e-3` and `stages: tune` as
+    strings); other values must already have the field's type."""
+    return _parse_value(kind, value) if isinstance(value, str) else _check_type(kind, value)
+
+
+def _typed_recipe(data: dict, kinds: dict, source: str, prefix: str = "") -> dict:
+    """Recipe values by field type; unknown keys are kept for the caller to name."""
+    out = {}
+    for key, value in data.items():
+        name = prefix + key
+        if isinstance(value, dict) and any(k.startswith(name + ".") for k in kinds):
+            out[key] = _typed_recipe(value, kinds, source, name + ".")
+        elif name in kinds:
+            try:
+                out[key] = _coerce(kinds[name], value)
+            except ValueError as err:
+                raise ValueError(f"{source}: {name}: {err}") from None
+        else:
+            out[key] = value
+    return out
 
 
 def config_parser() -> argparse.ArgumentParser:
@@ -257,8 +300,8 @@ def load_recipe(path: str) -> dict:
 def train_config_from_argv(argv: list[str] | None = None) -> TrainConfig:
     """Recipe file first, then flags; unknown keys and bad values are named in the error."""
     args = config_parser().parse_args(argv)
-    data = load_recipe(args.config) if args.config else {}
     kinds = {name: kind for name, _, kind in _flat_fields(TrainConfig)}
+    data = _typed_recipe(load_recipe(args.config), kinds, args.config) if args.config else {}
     flat = {}
     for name, kind in kinds.items():
         text = getattr(args, name)

@@ -31,6 +31,8 @@ def init_distributed(timeout_min: float = 30.0) -> None:
     # DeepSpeed calls collectives that torch marks deprecated, once per call: keep logs readable.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timedelta(minutes=timeout_min))
+    if get_accelerator().device_name() != "cpu":  # one device per rank before the first collective (Ω's broadcasts)
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     atexit.register(remove_shm_buffers)
 
 

@@ -91,7 +91,7 @@ def measure_latency(model: nn.Module, batch: dict[str, torch.Tensor], repeats: i
 
 def _synchronize(device: torch.device) -> None:
     if device.type != "cpu":
-        torch.get_device_module(device.type).synchronize(device)
+        torch.accelerator.synchronize(device)
 
 
 def latency_report(dense: nn.Module, exported: nn.Module, compacted: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 20) -> dict:

@@ -6,18 +6,29 @@ int64 buffer of flat indices into the (out_features × in_features) weight: neve
 """
 from __future__ import annotations
 
+import enum
 import math
 import zlib
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from dsee_scale import zero
 
 
+class MergeState(enum.Enum):
+    UNMERGED = "unmerged"
+    MERGED = "merged"  # W ← W + ΔW exactly: unmerge() restores W
+    REMASKED = "remasked"  # merged with a pruned W's zeros kept zero: ΔW there is gone for good
+
+    def __bool__(self) -> bool:
+        return self is not MergeState.UNMERGED
+
+
 def weight_is_transposed(base: nn.Module) -> bool:
     """GPT-2's Conv1D stores its weight as (in, out); nn.Linear as (out, in)."""
-    return type(base).__name__ == "Conv1D"
+    return isinstance(base, Conv1D)
 
 
 def base_dims(base: nn.Module) -> tuple[int, int]:
@@ -58,7 +69,7 @@ class DSEELayer(nn.Module):
         self.rank = rank
         self.scaling = alpha / rank
         self.transposed = weight_is_transposed(base)
-        self.merged = False
+        self.merged = MergeState.UNMERGED
         dtype = dtype or zero.full_dtype(base.weight)
         device = base.weight.device  # under ZeRO-3: where the gathered weight will live
         n_rows = sum(stop - start for start, stop in self.slices)
@@ -68,8 +79,9 @@ class DSEELayer(nn.Module):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         b = torch.zeros(n_rows, rank, device="cpu")  # cpu: seeded draw, moved below
         values = torch.zeros(support.numel(), device="cpu")  # cpu: seeded draw, moved below
-        if init == "normal":
-            a, b, values = (torch.randn(t.shape, generator=generator, device="cpu") * 0.02 for t in (a, b, values))  # cpu: as above
+        if init == "normal":  # in place, so each value is rounded once even when zero.Init made the tensors bf16
+            for t in (a, b, values):
+                t.normal_(0.0, 0.02, generator=generator)
         self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
         self.lora_B = nn.Parameter(b.to(device=device, dtype=dtype))
         self.sparse_values = nn.Parameter(values.to(device=device, dtype=dtype))
@@ -79,7 +91,7 @@ class DSEELayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-            f"slices={self.slices}, nnz={self.sparse_index.numel()}, merged={self.merged}"
+            f"slices={self.slices}, nnz={self.sparse_index.numel()}, merged={self.merged.value}"
         )
 
     def _low_rank(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,11 +157,11 @@ class DSEELayer(nn.Module):
         zeros of a pruned W zero (the merged weight is exactly as sparse; not reversible)."""
         if not self.merged:
             self._add_delta(+1.0, remask)
-            self.merged = "remasked" if remask else True
+            self.merged = MergeState.REMASKED if remask else MergeState.MERGED
 
     def unmerge(self) -> None:
-        if self.merged == "remasked":
+        if self.merged is MergeState.REMASKED:
             raise RuntimeError("a merge with remask=True dropped ΔW at pruned entries and cannot be undone")
         if self.merged:
             self._add_delta(-1.0)
-            self.merged = False
+            self.merged = MergeState.UNMERGED

@@ -96,7 +96,7 @@ def _chunks(shard, start, shape, target, score, use_delta, chunk):
             hi = lo + w.numel()
             first, last = lo // shape[1], (hi - 1) // shape[1] + 1
             delta = _delta_rows(target.layer, first, last, target.layer.transposed).reshape(-1)
-            delta = delta[lo - first * shape[1] : hi - first * shape[1]]
+            delta = delta[lo - first * shape[1] : hi - first * shape[1]].to(w.device)  # shards may be offloaded to the CPU
             w = delta if score == "delta" else w + delta
         yield offset, w.abs()
 
@@ -242,8 +242,10 @@ def sparsity_report(model: nn.Module, include: list[str] | None = None, exclude:
 
     defaults = PruneConfig()
     targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude)
-    counts = torch.tensor([[int((zero.local_shard(t.param) == 0).sum()), zero.local_shard(t.param).numel()] for t in targets], dtype=torch.int64, device=_device(targets))
-    counts = dist.all_reduce(counts)
+    shards = [zero.local_shard(t.param) for t in targets]
+    zeros = torch.stack([(shard == 0).sum() for shard in shards])
+    numels = torch.tensor([shard.numel() for shard in shards], device=zeros.device)
+    counts = dist.all_reduce(torch.stack([zeros, numels], dim=1)).cpu()  # one copy to the host
     per_layer = {t.name: counts[i, 0].item() / max(1, counts[i, 1].item()) for i, t in enumerate(targets)}
     zeros, total = counts.sum(0).tolist()
     return {"total": zeros / max(1, total), "zeros": zeros, "numel": total, "per_layer": per_layer}

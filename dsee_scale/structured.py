@@ -200,12 +200,11 @@ def select(scores: list[torch.Tensor], fraction: float, scope: str, group: list[
         flat = torch.cat(normalised)
         total = int(round(fraction * flat.numel()))
         order = torch.argsort(flat, stable=True)
-        owner = torch.cat([torch.full((u.numel(),), i, device=u.device) for i, u in enumerate(units)])
+        owner = torch.cat([torch.full((u.numel(),), i, device=u.device) for i, u in enumerate(units)])[order].tolist()
         drop = [0] * len(units)
-        for idx in order.tolist():
+        for layer in owner:
             if total == 0:
                 break
-            layer = int(owner[idx])
             if drop[layer] < units[layer].numel() - 1:
                 drop[layer] += 1
                 total -= 1

@@ -17,6 +17,7 @@ depends only on the weight and the seed.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,27 +110,55 @@ def grebsmo_sparse_part(w: torch.Tensor, params: GreBsmoParams, n: int, seed: in
     return s
 
 
+SupportMethod = Callable[[torch.Tensor, int, int], torch.Tensor]
+SUPPORT_METHODS: dict[str, SupportMethod] = {}
+
+
+def register(name: str) -> Callable[[SupportMethod], SupportMethod]:
+    """Add a way to choose Ω: fn(w, n, seed) → n distinct sorted flat indices, 0 < n < w.numel()."""
+    def add(fn: SupportMethod) -> SupportMethod:
+        SUPPORT_METHODS[name] = fn
+        return fn
+    return add
+
+
+def _grebsmo_support(params: GreBsmoParams) -> SupportMethod:
+    def choose(w: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+        sparse = grebsmo_sparse_part(w, params, n, seed).abs().reshape(-1)
+        survivors = torch.nonzero(sparse).flatten()
+        if survivors.numel() >= n:
+            return top_n_indices(sparse.to(torch.float32), n)
+        # Fewer survivors than N: keep them all and fill the rest by |W| (never a dense mask).
+        fill_score = w.detach().abs().to(torch.float32).reshape(-1).clone()
+        fill_score[survivors] = -1.0
+        fill = top_n_indices(fill_score, n - survivors.numel())
+        return torch.sort(torch.cat([survivors, fill])).values
+    return choose
+
+
+for _name, _params in GREBSMO_VARIANTS.items():
+    register(_name)(_grebsmo_support(_params))
+
+
+@register("magnitude")
+def magnitude_support(w: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    return top_n_indices(w.detach().abs().to(torch.float32), n)
+
+
+@register("random")
+def random_support(w: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(seed)  # cpu: Ω independent of the device
+    return torch.sort(torch.randperm(w.numel(), generator=generator, device="cpu")[:n]).values.to(w.device)  # cpu: as above
+
+
 def choose_support(w: torch.Tensor, n: int, method: str, seed: int = 0) -> torch.Tensor:
     """Ω for one matrix: exactly min(n, numel) distinct flat indices, sorted ascending."""
-    numel = w.numel()
-    n = min(n, numel)
-    if method == "random":
-        generator = torch.Generator(device="cpu").manual_seed(seed)  # cpu: Ω independent of the device
-        return torch.sort(torch.randperm(numel, generator=generator, device="cpu")[:n]).values.to(w.device)  # cpu: as above
-    magnitude = w.detach().abs().to(torch.float32)
-    if method == "magnitude" or n == 0 or n == numel:
-        return top_n_indices(magnitude, n)
-    if method not in GREBSMO_VARIANTS:
-        raise ValueError(f"unknown support method {method!r}: choose grebsmo, grebsmo_released, magnitude or random")
-    sparse = grebsmo_sparse_part(w, GREBSMO_VARIANTS[method], n, seed).abs().reshape(-1)
-    survivors = torch.nonzero(sparse).flatten()
-    if survivors.numel() >= n:
-        return top_n_indices(sparse.to(torch.float32), n)
-    # Fewer survivors than N: keep them all and fill the rest by |W| (never a dense mask).
-    fill_score = magnitude.reshape(-1).clone()
-    fill_score[survivors] = -1.0
-    fill = top_n_indices(fill_score, n - survivors.numel())
-    return torch.sort(torch.cat([survivors, fill])).values
+    if method not in SUPPORT_METHODS:
+        raise ValueError(f"unknown support method {method!r}: choose one of {', '.join(SUPPORT_METHODS)}")
+    n = min(n, w.numel())
+    if n == 0 or n == w.numel():
+        return top_n_indices(w.detach().abs().to(torch.float32), n)
+    return SUPPORT_METHODS[method](w, n, seed)
 
 
 @dataclass(frozen=True)

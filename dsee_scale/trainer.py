@@ -30,7 +30,7 @@ from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support
 from dsee_scale.models import build_model, builtin_config, resolve_model_path
 from dsee_scale.prune import ShardMask, magnitude_prune, reapply_masks, sparsity_report
 from dsee_scale.structured import structured_prune
-from dsee_scale.validate import RUN_MARKER, validate_before_launch
+from dsee_scale.validate import RUN_MARKER, run_marker, validate_before_launch
 
 log = logging.getLogger("dsee_scale")
 
@@ -55,6 +55,9 @@ class Recipe:
         self.ds_config = validate_before_launch(cfg)
         init_distributed(cfg.dist_timeout_min)
         self.rank, self.world = dist.rank(), dist.world_size()
+        # Each rank read the output folder before any collective (validate); rank 0's reading is
+        # the one acted on, and no rank is still reading it once rank 0 may replace it.
+        cfg.resume, cfg.overwrite = dist.all_gather_object((cfg.resume, cfg.overwrite))[0]
         logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
         torch.manual_seed(cfg.seed)
         if dist.is_main():
@@ -103,7 +106,7 @@ class Recipe:
         if cfg.overwrite and self.run_dir.exists():
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict(), "created": time.time()}, indent=2))
+        (self.run_dir / RUN_MARKER).write_text(json.dumps({**run_marker(cfg, self.ds_config, self.world), "created": time.time()}, indent=2))
         (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         if not (cfg.train_file or cfg.dataset):
             data = self.run_dir / "data"

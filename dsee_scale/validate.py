@@ -98,31 +98,38 @@ def resolve_batch_sizes(config: dict, cfg: TrainConfig, world: int, source: str)
     config["train_batch_size"] = micro * accum * world
 
 
-def check_output_dir(cfg: TrainConfig) -> None:
+def check_output_dir(cfg: TrainConfig, ds_config: dict, world: int) -> None:
     folder = Path(cfg.output_dir)
     if not folder.exists() or cfg.overwrite:
-        return
-    if cfg.output_dir == TrainConfig.output_dir and not cfg.resume:
-        manage_default_folder(cfg)
         return
     if cfg.resume:
         if not (folder / RUN_MARKER).exists():
             raise ConfigError(f"--resume: {folder} holds no dsee_scale run ({RUN_MARKER} missing)")
         return
-    if any(folder.iterdir()):
-        raise ConfigError(f"output folder {folder} exists and holds another run: pass --resume to continue it, --overwrite to replace it, or choose another --output_dir")
+    if not any(folder.iterdir()):
+        return
+    if cfg.output_dir == TrainConfig.output_dir and (folder / RUN_MARKER).exists():
+        manage_default_folder(cfg, ds_config, world)
+        return
+    raise ConfigError(f"output folder {folder} exists and holds another run: pass --resume to continue it, --overwrite to replace it, or choose another --output_dir")
 
 
-def manage_default_folder(cfg: TrainConfig) -> None:
+def run_marker(cfg: TrainConfig, ds_config: dict, world: int) -> dict:
+    """What identifies a run: its configuration, resolved DeepSpeed config and world size."""
+    return {"config": {**cfg.to_dict(), "resume": False, "overwrite": False}, "ds_config": ds_config, "world_size": world}
+
+
+def manage_default_folder(cfg: TrainConfig, ds_config: dict, world: int) -> None:
     """The default folder belongs to dsee_scale, so running the demo again just works: an
-    unfinished run of the same configuration that has a checkpoint continues; anything else
-    is replaced. Folders the user names are never replaced without --overwrite."""
+    unfinished run of the same configuration (and world size) that has a checkpoint continues;
+    another run is replaced. Folders the user names are never replaced without --overwrite.
+    Every rank decides here, before any collective; Recipe.setup then acts on rank 0's decision."""
     folder = Path(cfg.output_dir)
     try:
-        previous = json.loads((folder / RUN_MARKER).read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        previous = None
-    same = previous is not None and {**previous, "resume": False, "overwrite": False} == {**cfg.to_dict(), "resume": False, "overwrite": False}
+        previous = json.loads((folder / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        previous = {}
+    same = {k: previous.get(k) for k in ("config", "ds_config", "world_size")} == run_marker(cfg, ds_config, world)
     unfinished = not (folder / "summary.json").exists() and (folder / "checkpoints" / "latest").exists()
     if same and unfinished:
         cfg.resume = True
@@ -223,12 +230,12 @@ def validate_before_launch(cfg: TrainConfig) -> dict:
     """All cheap checks; returns the DeepSpeed config with batch sizes resolved (and fp32 on CPU)."""
     config = load_ds_config(cfg.ds_config)
     resolve_batch_sizes(config, cfg, launched_world_size(), cfg.ds_config)
-    check_output_dir(cfg)
-    check_model(cfg)
-    check_data(cfg)
-    check_model_fits(cfg)
     if on_cpu():
         for key in ("bf16", "fp16"):
             if config.get(key, {}).get("enabled"):
                 config[key]["enabled"] = False  # fp16 is refused and bf16 is ~10x slower on CPUs
+    check_output_dir(cfg, config, launched_world_size())
+    check_model(cfg)
+    check_data(cfg)
+    check_model_fits(cfg)
     return config

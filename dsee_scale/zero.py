@@ -113,6 +113,8 @@ def _config_for_dtype(ds_config: dict | None, dtype: torch.dtype) -> dict:
     With dtype=None the config's flags decide, identically on every host.
     """
     config = copy.deepcopy(ds_config) if ds_config else {}
+    if not any(k in config for k in ("train_batch_size", "train_micro_batch_size_per_gpu")):
+        config["train_micro_batch_size_per_gpu"] = 1  # DeepSpeed's config parser insists; Init never uses it
     for key, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         config[key] = {**config.get(key, {}), "enabled": dtype == wanted}
     return config
@@ -130,11 +132,11 @@ def init_context(ds_config: dict | None, dtype: torch.dtype, enabled: bool):
 def check_created_like(what: str, reference: torch.Tensor, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor] = ()) -> None:
     """Refuse parameters not in the reference's dtype and device, and buffers not on its device."""
     dtype, device = full_dtype(reference), reference.device
-    for t in [*params, *buffers]:
-        t_dtype = full_dtype(t) if any(t is p for p in params) else dtype
-        if t_dtype != dtype or t.device != device:
+    found = [(full_dtype(p), p.device) for p in params] + [(dtype, b.device) for b in buffers]
+    for t_dtype, t_device in found:
+        if t_dtype != dtype or t_device != device:
             raise RuntimeError(
-                f"{what} was created as {t_dtype} on {t.device} beside a frozen weight in {dtype} on {device}: "
+                f"{what} was created as {t_dtype} on {t_device} beside a frozen weight in {dtype} on {device}: "
                 f"this DeepSpeed version does not create parameters as dsee_scale asks zero.Init to; use deepspeed "
                 f"0.19.8 (constraints.txt) or report the host line that .ci/run prints"
             )

@@ -23,12 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# (GPT-2 model, BERT model, DeepSpeed config, tune steps, re-tune steps, speed-benchmark flags)
 MODES = {
-    "gpu": ("builtin:gpt2-medium", "builtin:bert-base", "ds_configs/zero3_bf16.json", 20, 10,
-            ["--model", "gpt2-medium", "--seq", "512", "--batch", "8", "--steps", "10", "--warmup", "3", "--bf16"]),
-    "cpu": ("builtin:tiny-gpt2", "builtin:tiny-bert", "ds_configs/zero3.json", 4, 2,
-            ["--model", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--rank", "4"]),
+    "gpu": dict(gpt2="builtin:gpt2-medium", bert="builtin:bert-base", ds_config="ds_configs/zero3_bf16.json", tune=20, retune=10,
+                speed=["--model", "gpt2-medium", "--seq", "512", "--batch", "8", "--steps", "10", "--warmup", "3", "--bf16", "--no_comms_log"]),
+    "cpu": dict(gpt2="builtin:tiny-gpt2", bert="builtin:tiny-bert", ds_config="ds_configs/zero3.json", tune=4, retune=2,
+                speed=["--model", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--rank", "4", "--no_comms_log"]),
 }
 LOGIT_ROWS = 4
 
@@ -66,11 +65,12 @@ def reload_check(run_dir: Path, task: str, device: str) -> dict:
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"].to(device), attention_mask=saved["attention_mask"].to(device)).logits.float().cpu()
     diff = (logits - saved["logits"]).abs().max().item()
-    scale = saved["logits"].abs().max().item()
-    # bf16 weights: the engine and plain torch may pick different kernels; fp32 must agree closely.
-    tolerance = 1e-5 if model.dtype == torch.float32 else 2e-2 * max(1.0, scale)
+    relative = ((logits - saved["logits"]).norm() / saved["logits"].norm().clamp_min(1e-30)).item()
+    # fp32: the same function to rounding. bf16: ZeRO-3's linear (matmul, then bias) and plain
+    # torch's (fused bias) round differently in every layer, so the check is relative.
+    ok = diff <= 1e-5 if model.dtype == torch.float32 else relative <= 2e-2
     return {
-        "model_dtype": str(model.dtype), "max_abs_logit_diff": diff, "max_abs_logit": scale, "tolerance": tolerance, "reload_ok": diff <= tolerance,
+        "model_dtype": str(model.dtype), "max_abs_logit_diff": diff, "relative_l2_diff": relative, "reload_ok": ok,
         "sparsity": summary.get("sparsity"), "final_sparsity": summary.get("final_sparsity"), "flops_saved": summary.get("flops_saved"),
         "train_loss": summary.get("train_loss"), "timings": summary.get("timings"), "wall_s": summary.get("wall_s"),
         "peak_rss_mb_per_rank": summary.get("peak_rss_mb_per_rank"), "structured": summary.get("structured"),
@@ -119,7 +119,8 @@ def main() -> None:
     mode = "cpu" if args.cpu else "gpu"
     if mode == "gpu" and not torch.cuda.is_available():
         sys.exit("no GPU visible to torch: run `bash scripts/gpu_check.sh --cpu` for the CPU mode")
-    gpt2, bert, ds_config, tune, retune, speed = MODES[mode]
+    settings = MODES[mode]
+    gpt2, bert, ds_config, tune, retune, speed = (settings[k] for k in ("gpt2", "bert", "ds_config", "tune", "retune", "speed"))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if mode == "gpu" else "cpu"

@@ -6,6 +6,7 @@ The few tensors meant to stay on the host say `device="cpu"` with a comment on t
 functions listed below.
 """
 import ast
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -21,22 +22,41 @@ ALLOWED_CPU = {
     ("layer.py", "__init__"): "adapters are drawn from a seeded CPU generator, then moved: the same init on every device",
     ("support.py", "_top_directions"): "random probes from the seeded CPU generator: Ω independent of the device",
     ("support.py", "grebsmo_sparse_part"): "the seeded CPU generator for those probes",
-    ("support.py", "choose_support"): "random Ω from the seeded CPU generator",
+    ("support.py", "random_support"): "random Ω from the seeded CPU generator",
     ("data.py", "collate"): "host batches, moved to the device in one copy by the caller",
     ("checkpoint.py", "_rank_state"): "mask ranges written to a safetensors file",
 }
 
 
+class _Factories(ast.NodeVisitor):
+    """Collects (innermost enclosing function or '<module>', line, call) of torch.<factory>(...)."""
+
+    def __init__(self) -> None:
+        self.stack, self.found = ["<module>"], []
+
+    def visit_FunctionDef(self, node) -> None:
+        self.stack.append(node.name)
+        self.generic_visit(node)
+        self.stack.pop()
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Call(self, node: ast.Call) -> None:
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in FACTORIES and isinstance(f.value, ast.Name) and f.value.id == "torch":
+            self.found.append((self.stack[-1], node.lineno, node))
+        self.generic_visit(node)
+
+
 def factory_calls(path: Path):
-    """(function name, line number, call node) of every torch.<factory>(...) call in a file."""
-    tree = ast.parse(path.read_text())
-    for func in ast.walk(tree):
-        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        for node in ast.walk(func):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in FACTORIES
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
-                yield func.name, node.lineno, node
+    visitor = _Factories()
+    visitor.visit(ast.parse(path.read_text()))
+    return visitor.found
+
+
+def commented_lines(path: Path) -> set[int]:
+    with tokenize.open(path) as f:
+        return {tok.start[0] for tok in tokenize.generate_tokens(f.readline) if tok.type == tokenize.COMMENT}
 
 
 def is_cpu(node: ast.expr) -> bool:
@@ -46,17 +66,17 @@ def is_cpu(node: ast.expr) -> bool:
 
 
 def violations(path: Path) -> list[str]:
-    lines = path.read_text().splitlines()
+    comments = commented_lines(path)
     found = []
     for function, lineno, call in factory_calls(path):
         where = f"{path.name}:{lineno} ({function}): torch.{call.func.attr}"
         device = next((k.value for k in call.keywords if k.arg == "device"), None)
-        if device is None:
+        if device is None or (isinstance(device, ast.Constant) and device.value is None):
             found.append(f"{where} without device=")
         elif is_cpu(device):
             if (path.name, function) not in ALLOWED_CPU:
                 found.append(f"{where} on the CPU outside the allow-list")
-            elif "#" not in lines[lineno - 1] and not lines[lineno - 2].strip().startswith("#"):
+            elif lineno not in comments and lineno - 1 not in comments:
                 found.append(f"{where} on the CPU without a comment saying why")
     return found
 
@@ -68,9 +88,12 @@ def test_every_tensor_factory_names_its_device(path):
 
 def test_the_checker_catches_device_less_factories(tmp_path):
     bad = tmp_path / "prune.py"
-    bad.write_text('import torch\n\ndef f(x):\n    a = torch.zeros(3)\n    g = torch.Generator()\n    b = torch.ones(2, device="cpu")\n    return torch.zeros(2, device=x.device)\n')
+    bad.write_text('import torch\nTABLE = torch.arange(4)\n\ndef f(x):\n    a = torch.zeros(3)\n    g = torch.Generator(device=None)\n'
+                   '    b = torch.ones(2, device="cpu")  # a comment\n    def inner():\n        return torch.empty(1)\n    return torch.zeros(2, device=x.device)\n')
     assert [v.split(": ", 1)[1] for v in violations(bad)] == [
-        "torch.zeros without device=", "torch.Generator without device=", "torch.ones on the CPU outside the allow-list"]
+        "torch.arange without device=", "torch.zeros without device=", "torch.Generator without device=",
+        "torch.ones on the CPU outside the allow-list", "torch.empty without device="]
+    assert [v.split(" ", 2)[1] for v in violations(bad)] == ["(<module>):", "(f):", "(f):", "(f):", "(inner):"]
 
 
 def test_allow_list_has_no_stale_entries():

@@ -51,6 +51,8 @@ def bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("output folder of another run", ["--output_dir", str(used)], "exists and holds another run"),
         ("unknown option in a recipe", ["--config", write(tmp / "r.yaml", "model: builtin:tiny-gpt2\nlearning_rate: 0.1\n")], "unknown TrainConfig fields ['learning_rate']"),
         ("bad value for a flag", ["--steps", "many"], "--steps: invalid literal"),
+        ("bad value in a recipe", ["--config", write(tmp / "lr.yaml", "lr: fast\n")], "lr: could not convert string to float: 'fast'"),
+        ("stages out of order", ["--stages", "export,retune"], "stages export,retune are out of order"),
         ("--resume and --overwrite together", ["--resume", "--overwrite"], "choose --resume or --overwrite, not both"),
     ]
 
@@ -78,6 +80,26 @@ def test_readme_table_lists_every_bad_input(cases):
     for what, _, message in cases:
         assert f"| {what} |" in readme, what
         assert message.split("'")[0].strip() in readme, what
+
+
+def test_default_folder_holding_files_of_no_run_is_never_replaced(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    keep = tmp_path / "runs" / "default" / "notes.txt"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("mine")
+    assert main(["--ds_config", str(ROOT / "ds_configs" / "zero3.json")]) == 2
+    assert "output folder runs/default exists and holds another run" in capsys.readouterr().err
+    assert keep.read_text() == "mine"
+
+
+def test_recipe_values_are_typed_like_the_same_flags(tmp_path):
+    """YAML reads `lr: 1e-3` and `stages: tune` as strings; a recipe means what the flags mean."""
+    from dsee_scale.config import train_config_from_argv
+
+    recipe = write(tmp_path / "r.yaml", "lr: 1e-3\nstages: tune\nsteps: 5\ndsee:\n  rank: '16'\nprune:\n  sparsity: 0.3\n")
+    from_recipe = train_config_from_argv(["--config", recipe])
+    from_flags = train_config_from_argv(["--lr", "1e-3", "--stages", "tune", "--steps", "5", "--dsee.rank", "16", "--prune.sparsity", "0.3"])
+    assert from_recipe == from_flags and from_recipe.lr == 1e-3 and from_recipe.stages == ["tune"] and from_recipe.dsee.rank == 16
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "launch" / "recipes").glob("*.yaml")), ids=lambda p: p.name)

@@ -76,3 +76,20 @@ def test_same_weights_and_seed_give_same_support(method):
 def test_random_support_depends_on_seed():
     w = torch.randn(50, 50)
     assert not torch.equal(choose_support(w, 20, "random", seed=1), choose_support(w, 20, "random", seed=2))
+
+
+def test_a_registered_support_method_is_chosen_by_name():
+    from dsee_scale import DSEEConfig
+    from dsee_scale.support import SUPPORT_METHODS, register
+
+    @register("first_rows")
+    def first_rows(w, n, seed):
+        return torch.arange(n, device=w.device)
+
+    try:
+        DSEEConfig(support="first_rows")  # accepted by the config
+        assert torch.equal(choose_support(torch.randn(8, 8), 5, "first_rows"), torch.arange(5))
+    finally:
+        del SUPPORT_METHODS["first_rows"]
+    with pytest.raises(ValueError, match="unknown support method 'first_rows'"):
+        DSEEConfig(support="first_rows")
