@@ -6,6 +6,7 @@ A matmul with a (d_out × d_in) weight costs 2·d_out·d_in FLOPs per token; att
 adapter adds 2·r·(d_in + d_out) per slice and 2·nnz. The LM head is a matmul like any other (tied or not); embedding lookups, biases,
 norms and softmax are ignored.
 Because shapes are read from the modules, removed heads and neurons count automatically.
+DeBERTa's relative-position terms (content↔position attention) are not counted.
 """
 from __future__ import annotations
 
@@ -28,16 +29,12 @@ def _attention_width(config) -> tuple[int, int]:
 
 
 def _query_widths(model: nn.Module) -> list[int] | None:
-    """Per-layer query widths (out features of the q projection), when they can be read."""
-    widths = []
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        base = module.base if isinstance(module, DSEELayer) else module
-        if leaf in ("q_proj", "query") and (isinstance(base, nn.Linear) or weight_is_transposed(base)):
-            widths.append(base_dims(base)[0])
-        elif leaf == "c_attn" and (isinstance(base, nn.Linear) or weight_is_transposed(base)):
-            widths.append(base_dims(base)[0] // 3)
-    return widths or None
+    """Per-layer query widths (heads · head_dim after any removal), for a family dsee_scale knows."""
+    from dsee_scale.arch import ARCHS, attention_layers
+
+    if getattr(getattr(model, "config", None), "model_type", None) not in ARCHS:
+        return None
+    return [a.heads * a.head_dim for a in attention_layers(model)]
 
 
 def inference_flops(model: nn.Module, ctx: int, sparse_zeros: int = 0) -> dict:

@@ -8,23 +8,13 @@ import torch
 from torch import nn
 
 from dsee_scale import zero
+from dsee_scale.arch import ARCHS
 from dsee_scale.config import DSEEConfig
 from dsee_scale.layer import DSEELayer, base_dims, name_seed, weight_is_transposed
 from dsee_scale.support import SupportJob, choose_supports
 
 log = logging.getLogger(__name__)
 
-# Default targets per `config.model_type`: the paper's q and v projections.
-DEFAULT_TARGETS = {
-    "gpt2": ["c_attn:q,v"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-}
-# Fused projections split into equal, contiguous output parts.
-FUSED_PARTS = {"c_attn": ("q", "k", "v")}
 DEFAULT_TRAINABLE_MODULES = ["classifier", "score"]
 ADAPTER_PARAMS = ("lora_A", "lora_B", "sparse_values")
 
@@ -34,13 +24,13 @@ def _parse_target(spec: str) -> tuple[str, tuple[str, ...] | None]:
     return name, (tuple(p.strip() for p in parts.split(",")) if parts else None)
 
 
-def _slices_for(module_name: str, out_features: int, parts: tuple[str, ...] | None) -> list[tuple[int, int]]:
+def _slices_for(module_name: str, out_features: int, parts: tuple[str, ...] | None, fused: dict[str, tuple[str, ...]]) -> list[tuple[int, int]]:
     if parts is None:
         return [(0, out_features)]
     suffix = module_name.rsplit(".", 1)[-1]
-    layout = FUSED_PARTS.get(suffix)
+    layout = fused.get(suffix)
     if layout is None:
-        raise ValueError(f"target '{suffix}:{','.join(parts)}': '{suffix}' is not a known fused projection ({', '.join(FUSED_PARTS)})")
+        raise ValueError(f"target '{suffix}:{','.join(parts)}': '{suffix}' is not a fused projection of this model ({', '.join(fused) or 'it has none'})")
     unknown = [p for p in parts if p not in layout]
     if unknown:
         raise ValueError(f"target parts {unknown} of '{suffix}' unknown: choose from {', '.join(layout)}")
@@ -50,15 +40,17 @@ def _slices_for(module_name: str, out_features: int, parts: tuple[str, ...] | No
 
 def find_targets(model: nn.Module, config: DSEEConfig) -> list[tuple[str, nn.Module, list[tuple[int, int]]]]:
     """(name, base module, output slices) of every layer to adapt, in model order."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = ARCHS.get(model_type)
     targets = config.targets
     if targets is None and config.target_regex is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
+        if arch is None:
             raise ValueError(
                 f"no default DSEE targets for model type {model_type!r}: set DSEEConfig.targets "
                 f"(module-name suffixes such as ['q_proj', 'v_proj']) or target_regex"
             )
-        targets = DEFAULT_TARGETS[model_type]
+        targets = list(arch.targets)
+    fused = arch.fused if arch is not None else {}
     specs = [_parse_target(t) for t in targets] if targets is not None else []
     found = []
     for name, module in model.named_modules():
@@ -71,7 +63,7 @@ def find_targets(model: nn.Module, config: DSEEConfig) -> list[tuple[str, nn.Mod
         else:
             parts = next((p for suffix, p in specs if name == suffix or name.endswith("." + suffix)), False)
         if parts is not False:
-            found.append((name, module, _slices_for(name, base_dims(module)[0], parts)))
+            found.append((name, module, _slices_for(name, base_dims(module)[0], parts, fused)))
     if not found:
         wanted = config.target_regex or targets
         linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or weight_is_transposed(m)})

@@ -15,6 +15,8 @@ from transformers import (
     PretrainedConfig,
 )
 
+from dsee_scale.arch import GPT2_SIZES
+
 TASK_MODELS = {"lm": AutoModelForCausalLM, "cls": AutoModelForSequenceClassification}
 
 
@@ -86,13 +88,12 @@ def build_model(
 def builtin_config(name: str, vocab_size: int | None = None) -> PretrainedConfig:
     """Random-init configs by name ('builtin:<name>'); vocab_size defaults to the tokenizer's."""
     key = name.removeprefix("builtin:")
-    gpt2_sizes = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
     if key == "tiny-llama":
         return LlamaConfig(vocab_size=vocab_size or 512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=2, eos_token_id=3, pad_token_id=0)
     if key == "tiny-gpt2":
         return GPT2Config(vocab_size=vocab_size or 512, n_positions=256, n_embd=128, n_layer=4, n_head=4, bos_token_id=2, eos_token_id=3)
-    if key in gpt2_sizes:
-        d, layers, heads = gpt2_sizes[key]
+    if key in GPT2_SIZES:
+        d, layers, heads = GPT2_SIZES[key]
         return GPT2Config(vocab_size=50257, n_embd=d, n_layer=layers, n_head=heads)
     if key == "bert-base":
         return BertConfig(vocab_size=vocab_size or 30522)
@@ -101,4 +102,4 @@ def builtin_config(name: str, vocab_size: int | None = None) -> PretrainedConfig
     raise ValueError(f"unknown builtin model {name!r}: choose builtin:{', builtin:'.join(BUILTIN_MODELS)}")
 
 
-BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert", "bert-base", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert", "bert-base", *GPT2_SIZES)

@@ -15,8 +15,10 @@ import argparse
 import json
 from dataclasses import dataclass
 
+from dsee_scale.arch import GPT2_SIZES
+
 GIB = 2**30
-SIZES = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
+SIZES = GPT2_SIZES  # (hidden, layers, heads) of the GPT-2 family
 
 
 @dataclass

@@ -21,86 +21,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from dsee_scale import dist, zero
+from dsee_scale.arch import Attention, FFN, arch_of, attention_layers, ffn_layers, frozen_layer
 from dsee_scale.layer import DSEELayer, base_dims, weight_is_transposed
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Attention:
-    """One layer's attention: (module, first output row) of q, k, v; o takes heads·head_dim inputs."""
-
-    module: nn.Module
-    q: tuple[nn.Module, int]
-    k: tuple[nn.Module, int]
-    v: tuple[nn.Module, int]
-    o: nn.Module
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-
-@dataclass
-class FFN:
-    ups: list[nn.Module]  # outputs are neurons (LLaMA: gate and up)
-    down: nn.Module  # inputs are neurons
-    size: int
-
-
-def _blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
-    kind = model.config.model_type
-    if kind == "gpt2":
-        return kind, list(model.transformer.h)
-    if kind in ("bert", "roberta"):
-        return kind, list(getattr(model, kind).encoder.layer)
-    if kind in ("llama", "mistral", "qwen2"):
-        return kind, list(model.model.layers)
-    raise ValueError(f"structured pruning supports GPT-2, BERT/RoBERTa and LLaMA-style models, not {kind!r}")
-
-
-def attention_layers(model: nn.Module) -> list[Attention]:
-    kind, blocks = _blocks(model)
-    out = []
-    for block in blocks:
-        if kind == "gpt2":
-            attn = block.attn
-            width = base_dims(_base(attn.c_attn))[0] // 3
-            heads = width // attn.head_dim
-            out.append(Attention(attn, (attn.c_attn, 0), (attn.c_attn, width), (attn.c_attn, 2 * width), attn.c_proj, heads, heads, attn.head_dim))
-        elif kind in ("bert", "roberta"):
-            s = block.attention.self
-            heads = base_dims(_base(s.query))[0] // s.attention_head_size
-            out.append(Attention(s, (s.query, 0), (s.key, 0), (s.value, 0), block.attention.output.dense, heads, heads, s.attention_head_size))
-        else:
-            a = block.self_attn
-            heads = base_dims(_base(a.q_proj))[0] // a.head_dim
-            kv = base_dims(_base(a.k_proj))[0] // a.head_dim
-            out.append(Attention(a, (a.q_proj, 0), (a.k_proj, 0), (a.v_proj, 0), a.o_proj, heads, kv, a.head_dim))
-    return out
-
-
-def ffn_layers(model: nn.Module) -> list[FFN]:
-    kind, blocks = _blocks(model)
-    out = []
-    for block in blocks:
-        if kind == "gpt2":
-            ups, down = [block.mlp.c_fc], block.mlp.c_proj
-        elif kind in ("bert", "roberta"):
-            ups, down = [block.intermediate.dense], block.output.dense
-        else:
-            ups, down = [block.mlp.gate_proj, block.mlp.up_proj], block.mlp.down_proj
-        out.append(FFN(ups, down, base_dims(_base(ups[0]))[0]))
-    return out
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.base if isinstance(module, DSEELayer) else module
 
 
 def _params(module: nn.Module) -> list[torch.Tensor]:
@@ -113,8 +41,8 @@ def _dense(module: nn.Module, delta: bool) -> torch.Tensor:
     """(out × in) |W| or |ΔW| (|W| without an adapter) of a gathered linear-like module."""
     if delta and isinstance(module, DSEELayer):
         return module.delta_weight().detach().abs()
-    w = _base(module).weight.detach()
-    return (w.t() if weight_is_transposed(_base(module)) else w).abs().float()
+    w = frozen_layer(module).weight.detach()
+    return (w.t() if weight_is_transposed(frozen_layer(module)) else w).abs().float()
 
 
 @torch.no_grad()
@@ -126,7 +54,7 @@ def _static_scores(model: nn.Module, method: str) -> tuple[list[torch.Tensor], l
         with zero.gathered([p for m in modules for p in _params(m)]):
             width = attn.heads * attn.head_dim
             parts = [attn.q, attn.v] if delta else [attn.q, attn.k, attn.v]
-            score = torch.zeros(attn.heads, device=_base(attn.o).weight.device)
+            score = torch.zeros(attn.heads, device=frozen_layer(attn.o).weight.device)
             for module, first in parts:
                 rows = _dense(module, delta)
                 kv_width = attn.kv_heads * attn.head_dim
@@ -147,7 +75,7 @@ def _gradient_scores(model: nn.Module, batches: list[dict]) -> tuple[list[torch.
     """Σ_batches |∂L/∂g| of gates on each head's output (input of o) and each neuron (input of
     down). The absolute value is taken per batch so opposite-signed batches do not cancel."""
     attns, ffns = attention_layers(model), ffn_layers(model)
-    device = _base(attns[0].o).weight.device  # the compute device (under ZeRO-3 too)
+    device = frozen_layer(attns[0].o).weight.device  # the compute device (under ZeRO-3 too)
     head_gates = [torch.ones(a.heads, device=device, requires_grad=True) for a in attns]
     neuron_gates = [torch.ones(f.size, device=device, requires_grad=True) for f in ffns]
     hooks = []
@@ -219,8 +147,8 @@ def select(scores: list[torch.Tensor], fraction: float, scope: str, group: list[
 
 def _rows(module: nn.Module, keep: torch.Tensor, first: int, span: int) -> None:
     """Keep output rows first + keep (of the span starting at first); other rows untouched."""
-    out_features, in_features = base_dims(_base(module))
-    base = _base(module)
+    out_features, in_features = base_dims(frozen_layer(module))
+    base = frozen_layer(module)
     keep = keep.to(base.weight.device)
     kept = torch.cat([torch.arange(first, device=keep.device), first + keep, torch.arange(first + span, out_features, device=keep.device)])
     if weight_is_transposed(base):
@@ -258,7 +186,7 @@ def _adapter_rows(layer: DSEELayer, kept: torch.Tensor) -> None:
 
 
 def _cols(module: nn.Module, keep: torch.Tensor) -> None:
-    base = _base(module)
+    base = frozen_layer(module)
     keep = keep.to(base.weight.device)
     if weight_is_transposed(base):
         base.weight = nn.Parameter(base.weight.data[keep].clone(), requires_grad=False)
@@ -280,26 +208,22 @@ def _head_rows(keep_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (keep_heads[:, None] * head_dim + torch.arange(head_dim, device=keep_heads.device)).flatten()
 
 
-def _remove_heads(attn: Attention, keep_q: torch.Tensor, keep_kv: torch.Tensor) -> None:
+def _remove_heads(arch, attn: Attention, keep_q: torch.Tensor, keep_kv: torch.Tensor) -> None:
     d = attn.head_dim
     width, kv_width = attn.heads * d, attn.kv_heads * d
     q_rows, kv_rows = _head_rows(keep_q, d), _head_rows(keep_kv, d)
-    if attn.q[0] is attn.k[0]:  # GPT-2's fused c_attn: q, k, v blocks of equal width
+    if attn.q[0] is attn.k[0]:  # a fused projection (GPT-2's c_attn): q, k, v blocks of equal width
         fused = attn.q[0]
         kept = torch.cat([q_rows, width + q_rows, 2 * width + q_rows])
         _rows(fused, kept, 0, 3 * width)
-        attn.module.split_size = q_rows.numel()
-        attn.module.num_heads = keep_q.numel()
     else:
         _rows(attn.q[0], q_rows, 0, width)
         _rows(attn.k[0], kv_rows, 0, kv_width)
         _rows(attn.v[0], kv_rows, 0, kv_width)
+    for module in attn.more:
+        _rows(module, q_rows, 0, width)
     _cols(attn.o, q_rows)
-    m = attn.module
-    if hasattr(m, "all_head_size"):  # BERT/RoBERTa
-        m.num_attention_heads, m.all_head_size = keep_q.numel(), q_rows.numel()
-    if hasattr(m, "num_key_value_groups"):  # LLaMA-style
-        m.num_key_value_groups = keep_q.numel() // keep_kv.numel()
+    arch.set_heads(attn.module, keep_q.numel(), keep_kv.numel(), d)
 
 
 def _remove_neurons(ffn: FFN, keep: torch.Tensor) -> None:
@@ -314,11 +238,11 @@ def remove(model: nn.Module, keep_heads: list[torch.Tensor] | None, keep_neurons
     partitioned again). keep_heads lists query heads; KV heads follow their groups."""
     partitioned = zero.zero3_active(model)
     for i, (attn, ffn) in enumerate(zip(attention_layers(model), ffn_layers(model))):
-        unique = list({id(m): m for m in (attn.q[0], attn.k[0], attn.v[0], attn.o, *ffn.ups, ffn.down)}.values())
+        unique = list({id(m): m for m in (attn.q[0], attn.k[0], attn.v[0], attn.o, *attn.more, *ffn.ups, ffn.down)}.values())
         with zero.gathered([p for m in unique for p in _params(m)]):  # new, smaller plain parameters are built here
             if keep_heads is not None and keep_heads[i].numel() < attn.heads:
                 group = attn.heads // attn.kv_heads
-                _remove_heads(attn, keep_heads[i], torch.unique(keep_heads[i] // group))
+                _remove_heads(arch_of(model), attn, keep_heads[i], torch.unique(keep_heads[i] // group))
             if keep_neurons is not None and keep_neurons[i].numel() < ffn.size:
                 _remove_neurons(ffn, keep_neurons[i])
         if partitioned:
@@ -402,17 +326,18 @@ def export_layout(model: nn.Module) -> tuple[dict, dict[str, tuple[str, int, int
     if not hasattr(model.config, "dsee_structured"):
         return {}, {}
     names = _module_names(model)
+    arch = arch_of(model)
     attns, ffns = attention_layers(model), ffn_layers(model)
-    kind = model.config.model_type
     d = attns[0].head_dim
-    if kind in ("llama", "mistral", "qwen2"):
+    if arch.head_dim_in_config:
         group = model.config.num_attention_heads // model.config.num_key_value_heads
         kv = max(a.kv_heads for a in attns)
         heads = kv * group
-        fields = {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d, "intermediate_size": max(f.size for f in ffns)}
+        fields = {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d}
     else:
         heads = kv = model.config.num_attention_heads
-        fields = {"n_inner" if kind == "gpt2" else "intermediate_size": max(f.size for f in ffns)}
+        fields = {}
+    fields[arch.ffn_field] = max(f.size for f in ffns)
     fields["dsee_dense_fields"] = {key: getattr(model.config, key, None) for key in fields}  # for dense_config()
     plan = {}
     for attn in attns:
@@ -422,6 +347,8 @@ def export_layout(model: nn.Module) -> tuple[dict, dict[str, tuple[str, int, int
             plan[names[id(attn.q[0])]] = ("out", 1, heads * d)
             plan[names[id(attn.k[0])]] = ("out", 1, kv * d)
             plan[names[id(attn.v[0])]] = ("out", 1, kv * d)
+        for module in attn.more:
+            plan[names[id(module)]] = ("out", 1, heads * d)
         plan[names[id(attn.o)]] = ("in", 1, heads * d)
     size = max(f.size for f in ffns)
     for ffn in ffns:

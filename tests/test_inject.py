@@ -11,10 +11,11 @@ EXPECTED = {
     "gpt2": ([(32, 32), (32, 32)], 32 * 2),
     "bert": ([(32, 32), (32, 32)], 32 * 2 + 2),
     "llama": ([(32, 32), (16, 32)], 32 * 2),
+    "deberta-v2": ([(32, 32), (32, 32)], 32 * 2 + 2),
 }
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "deberta-v2"])
 def test_trainable_count_matches_closed_form(kind):
     model = tiny_model(kind, task="cls")
     cfg = DSEEConfig(rank=4, nnz=16, support="magnitude")
@@ -37,7 +38,7 @@ def test_gpt2_default_targets_q_and_v_of_c_attn():
     assert ((rows < 32) | (rows >= 64)).all() and ((rows < 32).sum() == 4)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "deberta-v2"])
 def test_adapter_save_load_on_fresh_model_gives_identical_logits(kind, tmp_path):
     cfg = DSEEConfig(rank=4, nnz=8, init="normal", support="magnitude")
     model = apply_dsee(tiny_model(kind, task="cls"), cfg)

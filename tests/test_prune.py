@@ -41,7 +41,7 @@ def reference_masks(model, sparsity: float, scope: str = "global", score: str = 
     return {t.name: (h.weight_mask == 0).flatten() for t, h in zip(targets, holders)}
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "deberta-v2"])
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
 def test_global_prune_matches_torch_and_prunes_exactly_k(kind, sparsity):
     model = adapted(kind)

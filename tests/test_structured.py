@@ -39,10 +39,10 @@ def silence(model, heads: list[int], neurons: int):
 
 
 # LLaMA's tiny config has 2 KV groups of 2 query heads: silence a whole group (heads 0 and 1).
-SILENT = {"gpt2": [1, 3], "bert": [2], "llama": [0, 1]}
+SILENT = {"gpt2": [1, 3], "bert": [2], "llama": [0, 1], "deberta-v2": [0, 2]}
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "deberta-v2"])
 def test_removing_silent_heads_and_neurons_keeps_logits(kind):
     model = adapted(kind)
     silence(model, SILENT[kind], 7)
@@ -57,7 +57,7 @@ def test_removing_silent_heads_and_neurons_keeps_logits(kind):
     torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "deberta-v2"])
 @pytest.mark.parametrize("score", ["dsee", "weight", "gradient"])
 def test_structured_prune_then_plain_reload_gives_same_logits(kind, score, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
@@ -69,7 +69,7 @@ def test_structured_prune_then_plain_reload_gives_same_logits(kind, score, tmp_p
     assert report["flops_saved"] > 0.2 and all(h >= 1 for h in report["heads"])
     expected = model(input_ids=ids).logits
     export_hf(model, tmp_path, merge=True)
-    auto = AutoModelForMaskedLM if kind == "bert" else AutoModelForCausalLM
+    auto = AutoModelForMaskedLM if kind in ("bert", "deberta-v2") else AutoModelForCausalLM
     plain = auto.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
     compact(plain)  # zero padding dropped: back to the per-layer sizes, same function
