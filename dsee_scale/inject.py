@@ -10,7 +10,7 @@ from torch import nn
 from dsee_scale import zero
 from dsee_scale.arch import ARCHS
 from dsee_scale.config import DSEEConfig
-from dsee_scale.layer import DSEELayer, base_dims, name_seed, weight_is_transposed
+from dsee_scale.layer import DSEELayer, base_dims, name_seed, split_support, weight_is_transposed
 from dsee_scale.support import SupportJob, choose_supports
 
 log = logging.getLogger(__name__)
@@ -160,17 +160,11 @@ def dsee_layers(model: nn.Module) -> dict[str, DSEELayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, DSEELayer)}
 
 
-def _split_index(index: torch.Tensor, slices: list[tuple[int, int]], in_features: int) -> list[torch.Tensor]:
-    """A layer's flat Ω over the whole weight → one Ω per slice, relative to the slice."""
-    n = index.numel() // len(slices)
-    return [index[i * n : (i + 1) * n] - start * in_features for i, (start, _) in enumerate(slices)]
-
-
 def support_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Ω of every adapted matrix, keyed as apply_dsee's `support` argument expects."""
     result = {}
     for name, layer in dsee_layers(model).items():
-        for i, part in enumerate(_split_index(layer.sparse_index, layer.slices, layer.in_features)):
+        for i, part in enumerate(layer.support_per_slice()):
             result[_job_name(name, i)] = part
     return result
 
@@ -181,7 +175,7 @@ def support_from_layers(model: nn.Module, config: DSEEConfig, by_layer: dict[str
     for name, module, slices in find_targets(model, config):
         if name not in by_layer:
             raise ValueError(f"no saved Ω for layer {name}: the adapter was saved for another model or targets")
-        for i, part in enumerate(_split_index(by_layer[name], slices, base_dims(module)[1])):
+        for i, part in enumerate(split_support(by_layer[name], slices, base_dims(module)[1])):
             result[_job_name(name, i)] = part
     return result
 

@@ -42,6 +42,12 @@ def name_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+def split_support(index: torch.Tensor, slices: list[tuple[int, int]], in_features: int) -> list[torch.Tensor]:
+    """A layer's flat Ω over the whole weight → one Ω per slice, relative to the slice (nnz each)."""
+    n = index.numel() // len(slices)
+    return [index[i * n : (i + 1) * n] - start * in_features for i, (start, _) in enumerate(slices)]
+
+
 class DSEELayer(nn.Module):
     """Wraps a frozen Linear/Conv1D; adapts all its outputs, or only some row slices of a fused one.
 
@@ -127,16 +133,39 @@ class DSEELayer(nn.Module):
             delta = delta + self._sparse(h)
         return y + delta.to(y.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """Dense ΔW (out × in) of this one matrix; call inside `zero.gathered` under ZeRO-3."""
-        delta = self.lora_A.new_zeros(self.out_features, self.in_features)
+    @torch.no_grad()
+    def delta_rows(self, first: int, last: int) -> torch.Tensor:
+        """Rows [first, last) of ΔW in the base weight's storage layout (ΔWᵀ for Conv1D), fp32.
+
+        The one ΔW computation (merges, exports, pruning scores); only the rows asked for are
+        formed. Call inside `zero.gathered` of the adapter under ZeRO-3.
+        """
+        a, b = self.lora_A.detach().float(), self.lora_B.detach().float()
+        block = torch.zeros(last - first, self.out_features if self.transposed else self.in_features, device=a.device)
         row = 0
         for i, (start, stop) in enumerate(self.slices):
-            a = self.lora_A[i * self.rank : (i + 1) * self.rank]
-            delta[start:stop] = self.lora_B[row : row + stop - start] @ a * self.scaling
+            a_i, b_i = a[i * self.rank : (i + 1) * self.rank], b[row : row + stop - start]
             row += stop - start
-        delta.view(-1).index_add_(0, self.sparse_index, self.sparse_values.detach())
-        return delta
+            if self.transposed:  # storage rows are input features
+                block[:, start:stop] = (a_i[:, first:last].t() @ b_i.t()) * self.scaling
+            else:
+                lo, hi = max(first, start), min(last, stop)
+                if lo < hi:
+                    block[lo - first : hi - first] = (b_i[lo - start : hi - start] @ a_i) * self.scaling
+        rows, cols = self.sparse_index // self.in_features, self.sparse_index % self.in_features
+        r, c = (cols, rows) if self.transposed else (rows, cols)
+        keep = (r >= first) & (r < last)
+        block.index_put_((r[keep] - first, c[keep]), self.sparse_values.detach().float()[keep], accumulate=True)
+        return block
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense ΔW (out × in) of this one matrix, fp32; call inside `zero.gathered` under ZeRO-3."""
+        rows = self.delta_rows(0, self.in_features if self.transposed else self.out_features)
+        return rows.t() if self.transposed else rows
+
+    def support_per_slice(self) -> list[torch.Tensor]:
+        """Ω of each adapted slice, as flat indices relative to the slice."""
+        return split_support(self.sparse_index, self.slices, self.in_features)
 
     @torch.no_grad()
     def merged_weight(self, sign: float = 1.0, remask: bool = False) -> torch.Tensor:

@@ -49,30 +49,6 @@ def prune_targets(model: nn.Module, include: list[str], exclude: list[str]) -> l
     return found
 
 
-def _delta_rows(layer: DSEELayer, first: int, last: int, transposed: bool) -> torch.Tensor:
-    """Rows [first, last) of ΔW in the base weight's storage layout (ΔWᵀ for Conv1D)."""
-    with torch.no_grad():
-        a, b = layer.lora_A.data.float(), layer.lora_B.data.float()
-        width = layer.out_features if transposed else layer.in_features  # Conv1D storage rows are input features: ΔWᵀ[r, :]
-        block = torch.zeros(last - first, width, device=a.device)
-        row = 0
-        for i, (start, stop) in enumerate(layer.slices):
-            a_i, b_i = a[i * layer.rank : (i + 1) * layer.rank], b[row : row + stop - start]
-            row += stop - start
-            if transposed:
-                block[:, start:stop] = (a_i[:, first:last].t() @ b_i.t()) * layer.scaling
-            else:
-                lo, hi = max(first, start), min(last, stop)
-                if lo < hi:
-                    block[lo - first : hi - first] = (b_i[lo - start : hi - start] @ a_i) * layer.scaling
-        rows = layer.sparse_index // layer.in_features
-        cols = layer.sparse_index % layer.in_features
-        r, c = (cols, rows) if transposed else (rows, cols)
-        keep = (r >= first) & (r < last)
-        block.index_put_((r[keep] - first, c[keep]), layer.sparse_values.data.float()[keep], accumulate=True)
-    return block
-
-
 def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
     """(offset in the local shard, float32 scores) over this rank's shard, a chunk at a time.
 
@@ -95,7 +71,7 @@ def _chunks(shard, start, shape, target, score, use_delta, chunk):
             lo = start + offset
             hi = lo + w.numel()
             first, last = lo // shape[1], (hi - 1) // shape[1] + 1
-            delta = _delta_rows(target.layer, first, last, target.layer.transposed).reshape(-1)
+            delta = target.layer.delta_rows(first, last).reshape(-1)
             delta = delta[lo - first * shape[1] : hi - first * shape[1]].to(w.device)  # shards may be offloaded to the CPU
             w = delta if score == "delta" else w + delta
         yield offset, w.abs()
