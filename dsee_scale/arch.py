@@ -59,11 +59,14 @@ def register(arch: Arch) -> Arch:
     return arch
 
 
+def model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
 def arch_of(model: nn.Module) -> Arch:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHS:
-        raise ValueError(f"model type {model_type!r} is not one dsee_scale knows ({', '.join(sorted(ARCHS))}): add an Arch in dsee_scale/arch.py")
-    return ARCHS[model_type]
+    if model_type(model) not in ARCHS:
+        raise ValueError(f"model type {model_type(model)!r} is not one dsee_scale knows ({', '.join(sorted(ARCHS))}): add an Arch in dsee_scale/arch.py")
+    return ARCHS[model_type(model)]
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:

@@ -30,9 +30,9 @@ def _attention_width(config) -> tuple[int, int]:
 
 def _query_widths(model: nn.Module) -> list[int] | None:
     """Per-layer query widths (heads · head_dim after any removal), for a family dsee_scale knows."""
-    from dsee_scale.arch import ARCHS, attention_layers
+    from dsee_scale.arch import ARCHS, attention_layers, model_type
 
-    if getattr(getattr(model, "config", None), "model_type", None) not in ARCHS:
+    if model_type(model) not in ARCHS:
         return None
     return [a.heads * a.head_dim for a in attention_layers(model)]
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dsee_scale import zero
-from dsee_scale.arch import ARCHS
+from dsee_scale.arch import ARCHS, model_type
 from dsee_scale.config import DSEEConfig
 from dsee_scale.layer import DSEELayer, base_dims, name_seed, split_support, weight_is_transposed
 from dsee_scale.support import SupportJob, choose_supports
@@ -40,13 +40,12 @@ def _slices_for(module_name: str, out_features: int, parts: tuple[str, ...] | No
 
 def find_targets(model: nn.Module, config: DSEEConfig) -> list[tuple[str, nn.Module, list[tuple[int, int]]]]:
     """(name, base module, output slices) of every layer to adapt, in model order."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    arch = ARCHS.get(model_type)
+    arch = ARCHS.get(model_type(model))
     targets = config.targets
     if targets is None and config.target_regex is None:
         if arch is None:
             raise ValueError(
-                f"no default DSEE targets for model type {model_type!r}: set DSEEConfig.targets "
+                f"no default DSEE targets for model type {model_type(model)!r}: set DSEEConfig.targets "
                 f"(module-name suffixes such as ['q_proj', 'v_proj']) or target_regex"
             )
         targets = list(arch.targets)

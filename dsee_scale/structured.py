@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dsee_scale import dist, zero
-from dsee_scale.arch import Attention, FFN, arch_of, attention_layers, ffn_layers, frozen_layer
+from dsee_scale.arch import FFN, Arch, Attention, arch_of, attention_layers, ffn_layers, frozen_layer
 from dsee_scale.layer import DSEELayer, base_dims, weight_is_transposed
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def _params(module: nn.Module) -> list[torch.Tensor]:
 def _dense(module: nn.Module, delta: bool) -> torch.Tensor:
     """(out × in) |W| or |ΔW| (|W| without an adapter) of a gathered linear-like module."""
     if delta and isinstance(module, DSEELayer):
-        return module.delta_weight().detach().abs()
+        return module.delta_weight().abs()
     w = frozen_layer(module).weight.detach()
     return (w.t() if weight_is_transposed(frozen_layer(module)) else w).abs().float()
 
@@ -208,7 +208,7 @@ def _head_rows(keep_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (keep_heads[:, None] * head_dim + torch.arange(head_dim, device=keep_heads.device)).flatten()
 
 
-def _remove_heads(arch, attn: Attention, keep_q: torch.Tensor, keep_kv: torch.Tensor) -> None:
+def _remove_heads(arch: Arch, attn: Attention, keep_q: torch.Tensor, keep_kv: torch.Tensor) -> None:
     d = attn.head_dim
     width, kv_width = attn.heads * d, attn.kv_heads * d
     q_rows, kv_rows = _head_rows(keep_q, d), _head_rows(keep_kv, d)
@@ -236,13 +236,13 @@ def _remove_neurons(ffn: FFN, keep: torch.Tensor) -> None:
 def remove(model: nn.Module, keep_heads: list[torch.Tensor] | None, keep_neurons: list[torch.Tensor] | None, ds_config: dict | None = None) -> None:
     """Physically remove heads/neurons not listed, layer by layer (gathered under ZeRO-3, then
     partitioned again). keep_heads lists query heads; KV heads follow their groups."""
-    partitioned = zero.zero3_active(model)
+    partitioned, arch = zero.zero3_active(model), arch_of(model)
     for i, (attn, ffn) in enumerate(zip(attention_layers(model), ffn_layers(model))):
         unique = list({id(m): m for m in (attn.q[0], attn.k[0], attn.v[0], attn.o, *attn.more, *ffn.ups, ffn.down)}.values())
         with zero.gathered([p for m in unique for p in _params(m)]):  # new, smaller plain parameters are built here
             if keep_heads is not None and keep_heads[i].numel() < attn.heads:
                 group = attn.heads // attn.kv_heads
-                _remove_heads(arch_of(model), attn, keep_heads[i], torch.unique(keep_heads[i] // group))
+                _remove_heads(arch, attn, keep_heads[i], torch.unique(keep_heads[i] // group))
             if keep_neurons is not None and keep_neurons[i].numel() < ffn.size:
                 _remove_neurons(ffn, keep_neurons[i])
         if partitioned:

@@ -229,12 +229,13 @@ def check_model_fits(cfg: TrainConfig) -> None:
 def validate_before_launch(cfg: TrainConfig) -> dict:
     """All cheap checks; returns the DeepSpeed config with batch sizes resolved (and fp32 on CPU)."""
     config = load_ds_config(cfg.ds_config)
-    resolve_batch_sizes(config, cfg, launched_world_size(), cfg.ds_config)
+    world = launched_world_size()
+    resolve_batch_sizes(config, cfg, world, cfg.ds_config)
     if on_cpu():
         for key in ("bf16", "fp16"):
             if config.get(key, {}).get("enabled"):
                 config[key]["enabled"] = False  # fp16 is refused and bf16 is ~10x slower on CPUs
-    check_output_dir(cfg, config, launched_world_size())
+    check_output_dir(cfg, config, world)
     check_model(cfg)
     check_data(cfg)
     check_model_fits(cfg)
