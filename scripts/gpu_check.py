@@ -92,10 +92,12 @@ def write_classification_data(folder: Path) -> tuple[Path, Path]:
 
 
 def launcher(mode: str) -> list[str]:
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    # The module, not the `deepspeed` script: DeepSpeed may be importable from a folder without
+    # its scripts beside this interpreter (`pip install --target`).
+    deepspeed = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if mode == "cpu":
-        return [deepspeed, "--num_gpus", "2", "--master_port", os.environ.get("MASTER_PORT", "29650")]
-    return [deepspeed, "--num_gpus", "1"]
+        return deepspeed + ["--num_gpus", "2", "--master_port", os.environ.get("MASTER_PORT", "29650")]
+    return deepspeed + ["--num_gpus", "1"]
 
 
 def run(cmd: list) -> None:
