@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,8 @@ INIT_METHODS = ("lora", "normal")
 @dataclass
 class DSEEConfig:
     """What DSEE adds to a frozen model: ΔW = (alpha/rank)·B·A + S on every targeted weight."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # unknown recipe keys are errors, not ignored
 
     rank: int = field(default=8, metadata={"help": "rank r of the low-rank update B·A"})
     alpha: float = field(default=16.0, metadata={"help": "scale: the low-rank update is multiplied by alpha/rank"})
@@ -79,6 +80,8 @@ HEAD_SCORES = ("dsee", "weight", "gradient")
 class PruneConfig:
     """Sparsity after tuning: unstructured magnitude pruning and/or removal of heads and FFN neurons."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # unknown recipe keys are errors, not ignored
+
     sparsity: float = field(default=0.0, metadata={"help": "fraction of selected weights set to zero (0 disables unstructured pruning)"})
     scope: str = field(default="global", metadata={"help": "'global': one threshold over all selected weights; 'layer': one per matrix"})
     score: str = field(default="weight", metadata={"help": "'weight': |W|; 'merged': |W + ΔW|; 'delta': |ΔW| (the released DSEE code)"})
@@ -116,6 +119,8 @@ TASKS = ("lm", "cls")
 @dataclass
 class TrainConfig:
     """One run of launch/train.py. Recipe files (YAML/JSON) fill it; CLI flags win."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # unknown recipe keys are errors, not ignored
 
     model: str = field(default="builtin:tiny-llama", metadata={"help": "local folder, hub name (online), or builtin:<tiny-llama|tiny-gpt2|tiny-bert|bert-base|gpt2|gpt2-medium|gpt2-xl|...> (random init)"})
     task: str = field(default="lm", metadata={"help": "'lm' (causal LM) or 'cls' (sequence classification)"})
@@ -195,60 +200,16 @@ def _flat_fields(cls, prefix: str = ""):
             yield f"{prefix}{f.name}", f, kind
 
 
-def _parse_value(kind, text: str):
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    base = typing.get_origin(kind)
-    if base in (list, typing.Union, types.UnionType) and args and typing.get_origin(args[0]) is list:
-        kind, base, args = args[0], list, list(typing.get_args(args[0]))
-    if text.lower() in ("none", "null") and type(None) in typing.get_args(kind):
-        return None
-    if base is list:
-        return [] if text == "" else [_parse_value(args[0], t) for t in text.split(",")]
-    target = args[0] if args else kind
-    if target is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"expected true/false, got {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    return target(text)
-
-
-def _check_type(kind, value):
-    """A recipe value that YAML/JSON already typed: numbers, booleans and lists as the field says."""
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    if value is None and type(None) in typing.get_args(kind):
-        return None
-    target = args[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind
-    base = typing.get_origin(target) or target
-    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if base is list and isinstance(value, list):
-        return [_coerce(typing.get_args(target)[0], v) for v in value]
-    if base in (int, bool, str) and type(value) is base:
+def _flag_syntax(kind, value):
+    """What a flag's text means before typing: comma-separated lists, 'none' for optional fields.
+    YAML reads `stages: tune` as a string too, so recipe strings go through the same rule."""
+    if not isinstance(value, str):
         return value
-    raise ValueError(f"expected {getattr(target, '__name__', target)}, got {value!r}")
-
-
-def _coerce(kind, value):
-    """Strings are parsed as the same flag would be (YAML reads `lr: 1e-3` and `stages: tune` as
-    strings); other values must already have the field's type."""
-    return _parse_value(kind, value) if isinstance(value, str) else _check_type(kind, value)
-
-
-def _typed_recipe(data: dict, kinds: dict, source: str, prefix: str = "") -> dict:
-    """Recipe values by field type; unknown keys are kept for the caller to name."""
-    out = {}
-    for key, value in data.items():
-        name = prefix + key
-        if isinstance(value, dict) and any(k.startswith(name + ".") for k in kinds):
-            out[key] = _typed_recipe(value, kinds, source, name + ".")
-        elif name in kinds:
-            try:
-                out[key] = _coerce(kinds[name], value)
-            except ValueError as err:
-                raise ValueError(f"{source}: {name}: {err}") from None
-        else:
-            out[key] = value
-    return out
+    if value.lower() in ("none", "null") and type(None) in typing.get_args(kind):
+        return None
+    if list in (typing.get_origin(kind), *map(typing.get_origin, typing.get_args(kind))):
+        return [] if value == "" else value.split(",")
+    return value
 
 
 def config_parser() -> argparse.ArgumentParser:
@@ -273,17 +234,6 @@ def config_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _nest(flat: dict) -> dict:
-    nested: dict = {}
-    for key, value in flat.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return nested
-
-
 def load_recipe(path: str) -> dict:
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
@@ -297,31 +247,40 @@ def load_recipe(path: str) -> dict:
     return data
 
 
+def _validation_message(error: dict, flags: set[str], recipe: str | None) -> str:
+    """One pydantic error as the user wrote it: the flag or the recipe key, and the value."""
+    name = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "value_error":  # a check in __post_init__: its message names the field
+        return error["msg"].removeprefix("Value error, ")
+    where = f"--{name}" if name in flags else f"{recipe}: {name}"
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"{where}: unknown TrainConfig field (see launch/train.py --help)"
+    return f"{where}: {error['msg']} (got {error['input']!r})"
+
+
 def train_config_from_argv(argv: list[str] | None = None) -> TrainConfig:
-    """Recipe file first, then flags; unknown keys and bad values are named in the error."""
+    """Recipe file first, then flags, typed and checked by pydantic against the dataclasses
+    (`lr: 1e-3` in YAML is the float that `--lr 1e-3` is); argparse keeps the flag syntax users
+    know (`--stages tune,prune`, a bare `--overwrite`)."""
+    import pydantic
+
     args = config_parser().parse_args(argv)
     kinds = {name: kind for name, _, kind in _flat_fields(TrainConfig)}
-    data = _typed_recipe(load_recipe(args.config), kinds, args.config) if args.config else {}
-    flat = {}
-    for name, kind in kinds.items():
-        text = getattr(args, name)
-        if text is not None:
-            try:
-                flat[name] = _parse_value(kind, text)
-            except ValueError as err:
-                raise ValueError(f"--{name}: {err}") from None
-    merged = data
-    for key, value in _nest(flat).items():
-        if isinstance(value, dict):
-            merged[key] = {**(merged.get(key) or {}), **value}
-        else:
-            merged[key] = value
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise ValueError(f"unknown TrainConfig fields {unknown} in {args.config or 'flags'}: see launch/train.py --help")
-    for section, cls in (("dsee", DSEEConfig), ("prune", PruneConfig)):
-        extra = sorted(set(merged.get(section) or {}) - {f.name for f in dataclasses.fields(cls)})
-        if extra:
-            raise ValueError(f"unknown {section} fields {extra}: see launch/train.py --help")
-    return TrainConfig(**merged)
+    merged = load_recipe(args.config) if args.config else {}
+    flags = {name for name in kinds if getattr(args, name) is not None}
+    for name in flags:
+        *parents, leaf = name.split(".")
+        node = merged
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = getattr(args, name)
+
+    def syntax(data: dict, prefix: str = "") -> dict:
+        return {k: syntax(v, f"{prefix}{k}.") if isinstance(v, dict) else _flag_syntax(kinds.get(prefix + k), v) for k, v in data.items()}
+
+    try:
+        return pydantic.TypeAdapter(TrainConfig).validate_python(syntax(merged))
+    except pydantic.ValidationError as err:
+        raise ValueError("; ".join(_validation_message(e, flags, args.config) for e in err.errors())) from None
