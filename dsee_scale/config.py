@@ -113,6 +113,8 @@ class PruneConfig:
 
 
 STAGES = ("tune", "prune", "retune", "export", "evaluate")
+# transformers.get_scheduler names that need no arguments beyond warm-up and length.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
 TASKS = ("lm", "cls")
 
 
@@ -146,7 +148,8 @@ class TrainConfig:
     retune_steps: int = field(default=50, metadata={"help": "re-tuning steps after pruning, masks fixed"})
     lr: float = field(default=1e-2, metadata={"help": "peak learning rate (AdamW); about 1e-3 suits pretrained models"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps, then linear decay to 0"})
+    warmup_steps: int = field(default=10, metadata={"help": "warm-up steps of each training stage's schedule"})
+    lr_scheduler: str = field(default="linear", metadata={"help": f"schedule of each training stage, by transformers.get_scheduler: {', '.join(LR_SCHEDULERS)}; a DeepSpeed config with a 'scheduler' block uses that instead"})
     micro_batch_size: int | None = field(default=None, metadata={"help": "per-rank batch; default: the DeepSpeed config's"})
     grad_accum: int | None = field(default=None, metadata={"help": "gradient accumulation steps; default: the DeepSpeed config's"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps during tuning (0: only at stage ends)"})
@@ -180,6 +183,10 @@ class TrainConfig:
         for name in ("steps", "retune_steps", "max_length", "log_every"):
             if getattr(self, name) < (1 if name in ("max_length", "log_every") else 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.resume and self.overwrite:

@@ -147,11 +147,19 @@ class Recipe:
         self.eval_rows = tokenize(eval_ds, self.tokenizer, cfg, self.labels) if eval_ds is not None else []
 
     # ---- training ----------------------------------------------------------------------------
-    def _lr_at(self, step: int, steps: int) -> float:
-        warm = min(self.cfg.warmup_steps, max(1, steps // 10))
-        if step < warm:
-            return self.cfg.lr * (step + 1) / warm
-        return self.cfg.lr * max(0.0, (steps - step) / max(1, steps - warm))
+    def _schedule(self, steps: int, start: int):
+        """This stage's LR schedule (transformers.get_scheduler over the stage's own steps),
+        positioned at `start` when the stage resumes; None where the DeepSpeed config's
+        scheduler block drives the LR (the engine steps it and checkpoints its state)."""
+        if "scheduler" in self.ds_config:
+            return None
+        from transformers import get_scheduler
+
+        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # the torch optimizer inside ZeRO's
+        for group in optimizer.param_groups:
+            group["initial_lr"] = self.cfg.lr
+        return get_scheduler(self.cfg.lr_scheduler, optimizer, num_warmup_steps=self.cfg.warmup_steps, num_training_steps=steps,
+                             scheduler_specific_kwargs={"last_epoch": start - 1})
 
     def _to_device(self, batch: dict) -> dict:
         device = self.engine.device
@@ -167,27 +175,31 @@ class Recipe:
         cfg, engine = self.cfg, self.engine
         start = self.done["step"] if self.done["stage"] == stage else 0
         batches = GlobalBatches(len(self.train_rows), self.micro, self.accum, self.world, seed=cfg.seed + (1 if stage == "retune" else 0))
+        schedule = self._schedule(steps, start)
+        if schedule is not None and cfg.warmup_steps > steps:
+            log.warning("warm-up (%d steps) is longer than the %s stage (%d steps): the LR never reaches --lr", cfg.warmup_steps, stage, steps)
         engine.train()
         # A bar only on a terminal: in a log file every refresh would add a line's worth of
         # carriage returns, so there the log_every records below are logged instead.
         bar = tqdm(range(start, steps), desc=stage, disable=not (dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True)
         window, tic, stage_tic = [], time.time(), time.time()
         for step in bar:
-            for group in engine.optimizer.param_groups:
-                group["lr"] = self._lr_at(step, steps)
+            lr = engine.get_lr()[0]
             total = torch.zeros(1, device=engine.device)  # summed on the device: one sync per step, not per micro-step
             for accum in range(self.accum):
                 loss = engine(**self._micro_batch(batches, step, accum)).loss
                 engine.backward(loss)
                 engine.step()
                 total += loss.detach().float()
+            if schedule is not None:
+                schedule.step()
             loss_value = float(dist.all_reduce(total / self.accum)) / self.world
             window.append(loss_value)
             self.losses.setdefault(stage, []).append(loss_value)
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 elapsed = time.time() - tic
                 samples = len(window) * batches.global_batch
-                record = {"stage": stage, "step": step + 1, "loss": sum(window) / len(window), "lr": self._lr_at(step, steps), "samples_per_s": samples / elapsed}
+                record = {"stage": stage, "step": step + 1, "loss": sum(window) / len(window), "lr": lr, "samples_per_s": samples / elapsed}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
                 if bar.disable:
                     log.info("%s step %d/%d: loss %.4f, %.1f samples/s", stage, step + 1, steps, record["loss"], record["samples_per_s"])
