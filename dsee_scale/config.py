@@ -71,8 +71,7 @@ class DSEEConfig:
         return dataclasses.asdict(self)
 
 
-PRUNE_SCORES = ("weight", "merged", "delta")
-PRUNE_SCOPES = ("global", "layer")
+STRUCTURED_SCOPES = ("global", "layer")
 HEAD_SCORES = ("dsee", "weight", "gradient")
 
 
@@ -101,11 +100,14 @@ class PruneConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"prune.{name} must be in [0, 1), got {value!r}")
+        from dsee_scale.prune import PRUNE_SCORES, PRUNE_SELECTORS
+
         if self.score not in PRUNE_SCORES:
             raise ValueError(f"unknown prune.score {self.score!r}: choose one of {', '.join(PRUNE_SCORES)}")
-        for name in ("scope", "structured_scope"):
-            if getattr(self, name) not in PRUNE_SCOPES:
-                raise ValueError(f"unknown prune.{name} {getattr(self, name)!r}: choose global or layer")
+        if self.scope not in PRUNE_SELECTORS:
+            raise ValueError(f"unknown prune.scope {self.scope!r}: choose one of {', '.join(PRUNE_SELECTORS)}")
+        if self.structured_scope not in STRUCTURED_SCOPES:
+            raise ValueError(f"unknown prune.structured_scope {self.structured_scope!r}: choose global or layer")
         if self.structured_score not in HEAD_SCORES:
             raise ValueError(f"unknown prune.structured_score {self.structured_score!r}: choose one of {', '.join(HEAD_SCORES)}")
         if self.calibration_batches < 1:

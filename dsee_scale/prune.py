@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,32 +49,55 @@ def prune_targets(model: nn.Module, include: list[str], exclude: list[str]) -> l
     return found
 
 
+ScoreFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+PRUNE_SCORES: dict[str, tuple[ScoreFn, bool]] = {}
+
+
+def register_score(name: str, uses_delta: bool) -> Callable[[ScoreFn], ScoreFn]:
+    """Add a pruning score: fn(W, ΔW or None) → scores >= 0 of the same shape, float32 (lower
+    is pruned first). ΔW is None for weights without an adapter, or when uses_delta is False."""
+    def add(fn: ScoreFn) -> ScoreFn:
+        PRUNE_SCORES[name] = (fn, uses_delta)
+        return fn
+    return add
+
+
+@register_score("weight", uses_delta=False)
+def _weight_score(w: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    return w.abs()
+
+
+@register_score("merged", uses_delta=True)
+def _merged_score(w: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    return (w if delta is None else w + delta).abs()
+
+
+@register_score("delta", uses_delta=True)
+def _delta_score(w: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """The released DSEE code's |ΔW|; |W| where a weight has no adapter."""
+    return (w if delta is None else delta).abs()
+
+
 def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
     """(offset in the local shard, float32 scores) over this rank's shard, a chunk at a time.
 
-    'weight': |W|; 'merged': |W + ΔW|; 'delta': |ΔW| (|W| for weights without an adapter).
     ΔW is computed only for the rows that the chunk touches, never as a full matrix.
     """
+    fn, uses_delta = PRUNE_SCORES[score]
     shard = zero.local_shard(target.param)
     start, _ = zero.shard_range(target.param)
     shape = zero.full_shape(target.param)
-    use_delta = score in ("merged", "delta") and target.layer is not None
-    adapter = [target.layer.lora_A, target.layer.lora_B, target.layer.sparse_values] if use_delta else []
-    with zero.gathered(adapter):  # collective: every rank enters it once per target, even with an empty shard
-        yield from _chunks(shard, start, shape, target, score, use_delta, chunk)
-
-
-def _chunks(shard, start, shape, target, score, use_delta, chunk):
-    for offset in range(0, shard.numel(), chunk):
-        w = shard[offset : offset + chunk].detach().float()
-        if use_delta:
-            lo = start + offset
-            hi = lo + w.numel()
-            first, last = lo // shape[1], (hi - 1) // shape[1] + 1
-            delta = target.layer.delta_rows(first, last).reshape(-1)
-            delta = delta[lo - first * shape[1] : hi - first * shape[1]].to(w.device)  # shards may be offloaded to the CPU
-            w = delta if score == "delta" else w + delta
-        yield offset, w.abs()
+    layer = target.layer if uses_delta else None
+    with zero.gathered([layer.lora_A, layer.lora_B, layer.sparse_values] if layer else []):  # collective: every rank enters it once per target, even with an empty shard
+        for offset in range(0, shard.numel(), chunk):
+            w = shard[offset : offset + chunk].detach().float()
+            delta = None
+            if layer is not None:
+                lo = start + offset
+                hi = lo + w.numel()
+                first, last = lo // shape[1], (hi - 1) // shape[1] + 1
+                delta = layer.delta_rows(first, last).reshape(-1)[lo - first * shape[1] : hi - first * shape[1]].to(w.device)  # shards may be offloaded to the CPU
+            yield offset, fn(w, delta)
 
 
 def _device(targets: list[PruneTarget]) -> torch.device:
@@ -171,6 +194,34 @@ def _select(targets, score: str, sparsity: float) -> dict[str, ShardMask]:
     return _apply(targets, score, t, _tie_quota(targets, score, t, k - below))
 
 
+Selector = Callable[[list[PruneTarget], str, float], dict[str, ShardMask]]
+PRUNE_SELECTORS: dict[str, Selector] = {}
+
+
+def register_selector(name: str) -> Callable[[Selector], Selector]:
+    """Add a way to choose which weights to prune: fn(targets, score name, sparsity) → masks
+    of this rank's shards, applied in place. Collective: every rank calls it with the same targets."""
+    def add(fn: Selector) -> Selector:
+        PRUNE_SELECTORS[name] = fn
+        return fn
+    return add
+
+
+@register_selector("global")
+def _global(targets: list[PruneTarget], score: str, sparsity: float) -> dict[str, ShardMask]:
+    """One threshold over all selected weights: the paper's global magnitude pruning."""
+    return _select(targets, score, sparsity)
+
+
+@register_selector("layer")
+def _per_layer(targets: list[PruneTarget], score: str, sparsity: float) -> dict[str, ShardMask]:
+    """The same fraction of every matrix."""
+    masks = {}
+    for target in targets:
+        masks.update(_select([target], score, sparsity))
+    return masks
+
+
 def magnitude_prune(
     model: nn.Module,
     sparsity: float,
@@ -186,15 +237,11 @@ def magnitude_prune(
     targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if scope == "global":
-        masks = _select(targets, score, sparsity)
-    elif scope == "layer":
-        masks = {}
-        for target in targets:
-            masks.update(_select([target], score, sparsity))
-    else:
-        raise ValueError(f"unknown prune scope {scope!r}: choose global or layer")
-    return masks
+    if scope not in PRUNE_SELECTORS:
+        raise ValueError(f"unknown prune scope {scope!r}: choose one of {', '.join(PRUNE_SELECTORS)}")
+    if score not in PRUNE_SCORES:
+        raise ValueError(f"unknown prune score {score!r}: choose one of {', '.join(PRUNE_SCORES)}")
+    return PRUNE_SELECTORS[scope](targets, score, sparsity)
 
 
 def reapply_masks(model: nn.Module, masks: dict[str, ShardMask]) -> None:

@@ -103,6 +103,36 @@ def test_bad_sparsity_and_patterns_are_named():
         magnitude_prune(adapted("gpt2"), 0.5, include=[r"nothing\..*"])
 
 
+def test_a_registered_score_and_selector_are_chosen_by_name():
+    """A new score or selector is one function: the config accepts its name, pruning uses it."""
+    from dsee_scale.prune import PRUNE_SCORES, PRUNE_SELECTORS, register_score, register_selector
+
+    @register_score("negated", uses_delta=False)
+    def negated(w, delta):  # large weights first: the opposite of magnitude pruning
+        return w.abs().max() - w.abs()
+
+    @register_selector("first_only")
+    def first_only(targets, score, sparsity):
+        return PRUNE_SELECTORS["global"](targets[:1], score, sparsity)
+
+    try:
+        PruneConfig(score="negated", scope="first_only")  # accepted by the config
+        model = adapted("gpt2")
+        targets = prune_targets(model, PruneConfig().include, PruneConfig().exclude)
+        largest = targets[0].param.detach().abs().flatten().clone()
+        masks = magnitude_prune(model, 0.5, scope="first_only", score="negated")
+        assert list(masks) == [targets[0].name]
+        pruned = masks[targets[0].name].dense()
+        assert largest[pruned].min() >= largest[~pruned].max()  # the largest half went
+        assert all((t.param != 0).all() for t in targets[1:])  # other weights untouched
+    finally:
+        del PRUNE_SCORES["negated"], PRUNE_SELECTORS["first_only"]
+    with pytest.raises(ValueError, match="unknown prune.score 'negated'"):
+        PruneConfig(score="negated")
+    with pytest.raises(ValueError, match="unknown prune.scope 'first_only'"):
+        PruneConfig(scope="first_only")
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("kind, task", [("gpt2", "lm"), ("bert", "cls")])
 def test_two_rank_zero3_masks_equal_single_process(kind, task, tmp_path):
