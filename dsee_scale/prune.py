@@ -59,7 +59,7 @@ def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterato
     start, _ = zero.shard_range(target.param)
     shape = zero.full_shape(target.param)
     use_delta = score in ("merged", "delta") and target.layer is not None
-    adapter = [target.layer.lora_A, target.layer.lora_B, target.layer.sparse_values] if use_delta else []
+    adapter = target.layer.adapter_parameters() if use_delta else []
     with zero.gathered(adapter):  # collective: every rank enters it once per target, even with an empty shard
         yield from _chunks(shard, start, shape, target, score, use_delta, chunk)
 
