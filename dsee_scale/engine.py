@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dsee_scale import zero
-from dsee_scale.inject import ADAPTER_PARAMS
+from dsee_scale.inject import adapter_parameters
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ def remove_shm_buffers() -> None:
     for path in glob.glob(pattern):
         with contextlib.suppress(OSError):
             os.unlink(path)
-
-
-def adapter_parameters(model: nn.Module) -> list[torch.Tensor]:
-    return [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ADAPTER_PARAMS]
 
 
 def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):

@@ -132,7 +132,7 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: 
         params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for _, p in params)
         layer = bases.get(id(module))
-        extra = [layer.lora_A, layer.lora_B, layer.sparse_values] if layer is not None and merge and not layer.merged else []
+        extra = layer.adapter_parameters() if layer is not None and merge and not layer.merged else []
         with torch.no_grad(), zero.gathered([p for _, p in params] + extra):
             for pname, param in params:
                 tensor = layer.merged_weight(remask=remask) if pname == "weight" and extra else param.data

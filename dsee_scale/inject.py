@@ -16,7 +16,6 @@ from dsee_scale.support import SupportJob, choose_supports
 log = logging.getLogger(__name__)
 
 DEFAULT_TRAINABLE_MODULES = ["classifier", "score"]
-ADAPTER_PARAMS = ("lora_A", "lora_B", "sparse_values")
 
 
 def _parse_target(spec: str) -> tuple[str, tuple[str, ...] | None]:
@@ -124,7 +123,7 @@ def apply_dsee(
         dtype = zero.full_dtype(module.weight)
         with zero.init_context(ds_config, dtype, enabled=partitioned):
             layer = DSEELayer(module, config.rank, config.alpha, index, slices, config.dropout, config.init, name_seed(config.seed, name), dtype)
-        zero.check_created_like(f"the DSEE adapter of {name}", module.weight, [layer.lora_A, layer.lora_B, layer.sparse_values], [layer.sparse_index])
+        zero.check_created_like(f"the DSEE adapter of {name}", module.weight, layer.adapter_parameters(), [layer.sparse_index])
         _set_submodule(model, name, layer)
     mark_only_dsee_as_trainable(model, config.trainable_modules)
     trainable, total = count_parameters(model)
@@ -139,10 +138,10 @@ def _is_trainable_module(name: str, patterns: list[str]) -> bool:
 def mark_only_dsee_as_trainable(model: nn.Module, trainable_modules: list[str] | None = None) -> None:
     """Freeze everything but A, B, S values and the task head (modules named in trainable_modules)."""
     patterns = DEFAULT_TRAINABLE_MODULES if trainable_modules is None else trainable_modules
+    adapters = {id(p) for p in adapter_parameters(model)}
     for name, param in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
         module_name = name.rsplit(".", 1)[0] if "." in name else ""
-        param.requires_grad = leaf in ADAPTER_PARAMS or _is_trainable_module(module_name, patterns)
+        param.requires_grad = id(param) in adapters or _is_trainable_module(module_name, patterns)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -157,6 +156,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def dsee_layers(model: nn.Module) -> dict[str, DSEELayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, DSEELayer)}
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every adapter's A, B and S values, in model order."""
+    return [p for layer in dsee_layers(model).values() for p in layer.adapter_parameters()]
 
 
 def support_of(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -37,6 +37,34 @@ def base_dims(base: nn.Module) -> tuple[int, int]:
     return (cols, rows) if weight_is_transposed(base) else (rows, cols)
 
 
+def keep_base_rows(base: nn.Module, kept: torch.Tensor) -> None:
+    """Keep output features `kept` of a Linear/Conv1D (weight and bias), as new frozen parameters."""
+    if weight_is_transposed(base):
+        base.weight = nn.Parameter(base.weight.data[:, kept].clone(), requires_grad=False)
+        base.nf = kept.numel()
+    else:
+        base.weight = nn.Parameter(base.weight.data[kept].clone(), requires_grad=False)
+        base.out_features = kept.numel()
+    if getattr(base, "bias", None) is not None:
+        base.bias = nn.Parameter(base.bias.data[kept].clone(), requires_grad=False)
+
+
+def keep_base_cols(base: nn.Module, kept: torch.Tensor) -> None:
+    """Keep input features `kept` of a Linear/Conv1D's weight (the bias is per output)."""
+    if weight_is_transposed(base):
+        base.weight = nn.Parameter(base.weight.data[kept].clone(), requires_grad=False)
+    else:
+        base.weight = nn.Parameter(base.weight.data[:, kept].clone(), requires_grad=False)
+        base.in_features = kept.numel()
+
+
+def _new_positions(kept: torch.Tensor, size: int) -> torch.Tensor:
+    """Position after removal of each of `size` old indices: kept[i] → i, removed ones → -1."""
+    position = torch.full((size,), -1, dtype=torch.long, device=kept.device)
+    position[kept] = torch.arange(kept.numel(), device=kept.device)
+    return position
+
+
 def name_seed(seed: int, name: str) -> int:
     """A per-module seed that depends on the module's name only (not on build order or world size)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
@@ -115,10 +143,22 @@ class DSEELayer(nn.Module):
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
         return out * self.scaling
 
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable tensors (A, B, S values): what is gathered, kept whole and optimised."""
+        return [self.lora_A, self.lora_B, self.sparse_values]
+
+    def _support_coordinates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) in the (out × in) weight of each flat index of Ω."""
+        return self.sparse_index // self.in_features, self.sparse_index % self.in_features
+
+    def _keep_support(self, alive: torch.Tensor, index: torch.Tensor) -> None:
+        """Keep the sparse entries where `alive`, with their new flat indices `index[alive]`."""
+        self.sparse_values = nn.Parameter(self.sparse_values.data[alive].clone())
+        self.sparse_index = index[alive]
+
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         """S·x with S given by (sparse_index, sparse_values): gather inputs, scatter-add outputs."""
-        rows = self.sparse_index // self.in_features
-        cols = self.sparse_index % self.in_features
+        rows, cols = self._support_coordinates()
         contrib = x.index_select(-1, cols) * self.sparse_values
         out = x.new_zeros(*x.shape[:-1], self.out_features)
         return out.index_add(-1, rows, contrib)
@@ -152,7 +192,7 @@ class DSEELayer(nn.Module):
                 lo, hi = max(first, start), min(last, stop)
                 if lo < hi:
                     block[lo - first : hi - first] = (b_i[lo - start : hi - start] @ a_i) * self.scaling
-        rows, cols = self.sparse_index // self.in_features, self.sparse_index % self.in_features
+        rows, cols = self._support_coordinates()
         r, c = (cols, rows) if self.transposed else (rows, cols)
         keep = (r >= first) & (r < last)
         block.index_put_((r[keep] - first, c[keep]), self.sparse_values.detach().float()[keep], accumulate=True)
@@ -167,6 +207,40 @@ class DSEELayer(nn.Module):
         """Ω of each adapted slice, as flat indices relative to the slice."""
         return split_support(self.sparse_index, self.slices, self.in_features)
 
+    def keep_rows(self, kept: torch.Tensor) -> None:
+        """Keep output features `kept` (sorted, on the weight's device) of W, B and S.
+
+        Structured pruning's cut, kept here because it rebuilds the layer's own layout: each
+        slice shrinks to its kept rows (a slice left empty goes, with its block of A) and Ω is
+        re-indexed. Call with base and adapter gathered under ZeRO-3; the new parameters are
+        plain tensors until re-partitioned.
+        """
+        keep_base_rows(self.base, kept)
+        position = _new_positions(kept, self.out_features)
+        a_rows, b_rows, slices, row = [], [], [], 0
+        for i, (start, stop) in enumerate(self.slices):
+            inside = position[start:stop]
+            alive = torch.nonzero(inside >= 0).flatten()
+            if alive.numel():
+                b_rows.append(row + alive)
+                slices.append((int(inside[alive[0]]), int(inside[alive[-1]]) + 1))
+                a_rows.append(torch.arange(i * self.rank, (i + 1) * self.rank, device=kept.device))
+            row += stop - start
+        self.lora_A = nn.Parameter(self.lora_A.data[torch.cat(a_rows)].clone())
+        self.lora_B = nn.Parameter(self.lora_B.data[torch.cat(b_rows)].clone())
+        rows, cols = self._support_coordinates()
+        self._keep_support(position[rows] >= 0, position[rows] * self.in_features + cols)
+        self.slices, self.out_features = slices, kept.numel()
+
+    def keep_cols(self, kept: torch.Tensor) -> None:
+        """Keep input features `kept` (sorted, on the weight's device) of W, A and S; as keep_rows."""
+        keep_base_cols(self.base, kept)
+        position = _new_positions(kept, self.in_features)
+        self.lora_A = nn.Parameter(self.lora_A.data[:, kept].clone())
+        rows, cols = self._support_coordinates()
+        self._keep_support(position[cols] >= 0, rows * kept.numel() + position[cols])
+        self.in_features = kept.numel()
+
     @torch.no_grad()
     def merged_weight(self, sign: float = 1.0, remask: bool = False) -> torch.Tensor:
         """W ± ΔW in the base weight's own layout (call with W and the adapter gathered).
@@ -178,7 +252,7 @@ class DSEELayer(nn.Module):
 
     @torch.no_grad()
     def _add_delta(self, sign: float, remask: bool = False) -> None:
-        with zero.gathered([self.base.weight, self.lora_A, self.lora_B, self.sparse_values], modify=True):
+        with zero.gathered([self.base.weight, *self.adapter_parameters()], modify=True):
             self.base.weight.data.copy_(self.merged_weight(sign, remask))
 
     def merge(self, remask: bool = False) -> None:

@@ -88,7 +88,7 @@ def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterato
     start, _ = zero.shard_range(target.param)
     shape = zero.full_shape(target.param)
     layer = target.layer if uses_delta else None
-    with zero.gathered([layer.lora_A, layer.lora_B, layer.sparse_values] if layer else []):  # collective: every rank enters it once per target, even with an empty shard
+    with zero.gathered(layer.adapter_parameters() if layer else []):  # collective: every rank enters it once per target, even with an empty shard
         for offset in range(0, shard.numel(), chunk):
             w = shard[offset : offset + chunk].detach().float()
             delta = None

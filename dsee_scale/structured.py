@@ -26,7 +26,7 @@ from torch import nn
 
 from dsee_scale import dist, zero
 from dsee_scale.arch import FFN, Arch, Attention, arch_of, attention_layers, ffn_layers, frozen_layer
-from dsee_scale.layer import DSEELayer, base_dims, weight_is_transposed
+from dsee_scale.layer import DSEELayer, base_dims, keep_base_cols, keep_base_rows, weight_is_transposed
 
 log = logging.getLogger(__name__)
 
@@ -147,61 +147,23 @@ def select(scores: list[torch.Tensor], fraction: float, scope: str, group: list[
 
 def _rows(module: nn.Module, keep: torch.Tensor, first: int, span: int) -> None:
     """Keep output rows first + keep (of the span starting at first); other rows untouched."""
-    out_features, in_features = base_dims(frozen_layer(module))
     base = frozen_layer(module)
+    out_features = base_dims(base)[0]
     keep = keep.to(base.weight.device)
     kept = torch.cat([torch.arange(first, device=keep.device), first + keep, torch.arange(first + span, out_features, device=keep.device)])
-    if weight_is_transposed(base):
-        base.weight = nn.Parameter(base.weight.data[:, kept].clone(), requires_grad=False)
-        base.nf = kept.numel()
-    else:
-        base.weight = nn.Parameter(base.weight.data[kept].clone(), requires_grad=False)
-        base.out_features = kept.numel()
-    if getattr(base, "bias", None) is not None:
-        base.bias = nn.Parameter(base.bias.data[kept].clone(), requires_grad=False)
     if isinstance(module, DSEELayer):
-        _adapter_rows(module, kept)
-
-
-def _adapter_rows(layer: DSEELayer, kept: torch.Tensor) -> None:
-    position = torch.full((layer.out_features,), -1, dtype=torch.long, device=kept.device)
-    position[kept] = torch.arange(kept.numel(), device=kept.device)
-    b_rows, slices, a_rows, row = [], [], [], 0
-    for i, (start, stop) in enumerate(layer.slices):
-        inside = position[start:stop]
-        alive = torch.nonzero(inside >= 0).flatten()
-        if alive.numel():
-            b_rows.append(row + alive)
-            slices.append((int(inside[alive[0]]), int(inside[alive[-1]]) + 1))
-            a_rows.append(torch.arange(i * layer.rank, (i + 1) * layer.rank, device=kept.device))
-        row += stop - start
-    rows, cols = layer.sparse_index // layer.in_features, layer.sparse_index % layer.in_features
-    alive = position[rows] >= 0
-    dtype = layer.lora_A.dtype
-    layer.lora_B = nn.Parameter(layer.lora_B.data[torch.cat(b_rows)].clone().to(dtype))
-    layer.lora_A = nn.Parameter(layer.lora_A.data[torch.cat(a_rows)].clone().to(dtype))
-    layer.sparse_values = nn.Parameter(layer.sparse_values.data[alive].clone())
-    layer.sparse_index = position[rows[alive]] * layer.in_features + cols[alive]
-    layer.slices, layer.out_features = slices, kept.numel()
+        module.keep_rows(kept)
+    else:
+        keep_base_rows(module, kept)
 
 
 def _cols(module: nn.Module, keep: torch.Tensor) -> None:
-    base = frozen_layer(module)
-    keep = keep.to(base.weight.device)
-    if weight_is_transposed(base):
-        base.weight = nn.Parameter(base.weight.data[keep].clone(), requires_grad=False)
-    else:
-        base.weight = nn.Parameter(base.weight.data[:, keep].clone(), requires_grad=False)
-        base.in_features = keep.numel()
+    """Keep input columns `keep` of a layer (and of its adapter, if any)."""
+    keep = keep.to(frozen_layer(module).weight.device)
     if isinstance(module, DSEELayer):
-        position = torch.full((module.in_features,), -1, dtype=torch.long, device=keep.device)
-        position[keep] = torch.arange(keep.numel(), device=keep.device)
-        rows, cols = module.sparse_index // module.in_features, module.sparse_index % module.in_features
-        alive = position[cols] >= 0
-        module.lora_A = nn.Parameter(module.lora_A.data[:, keep].clone())
-        module.sparse_values = nn.Parameter(module.sparse_values.data[alive].clone())
-        module.sparse_index = rows[alive] * keep.numel() + position[cols[alive]]
-        module.in_features = keep.numel()
+        module.keep_cols(keep)
+    else:
+        keep_base_cols(module, keep)
 
 
 def _head_rows(keep_heads: torch.Tensor, head_dim: int) -> torch.Tensor:

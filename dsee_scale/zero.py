@@ -144,13 +144,25 @@ def check_created_like(what: str, reference: torch.Tensor, params: Sequence[torc
 
 def keep_whole(engine, params: Sequence[torch.Tensor]) -> None:
     """Keep small trainable parameters (the adapters) whole on every rank, whatever the
-    persistence threshold: no rank ever waits on a gather for them. DeepSpeed re-gathers
-    persistent parameters after every optimizer step, so they are added to its list too."""
-    optimizer = getattr(engine, "optimizer", None)
-    registry = getattr(optimizer, "persistent_parameters", None)
-    params = [p for p in params if is_partitioned(p) and not p.ds_persist]
-    if registry is None or not params:
+    persistence threshold: no rank ever waits on a gather for them.
+
+    DeepSpeed 0.19.8 has no public way to make chosen parameters persistent: its
+    stage3_param_persistence_threshold is one size limit for every parameter, frozen ones too.
+    So they are marked as its own threshold marks them (ds_persist) and added to the ZeRO-3
+    optimizer's persistent_parameters, which it re-gathers after every step and checkpoint.
+    Both are private: a DeepSpeed without them is refused rather than left with gathers.
+    """
+    params = [p for p in params if is_partitioned(p) and not getattr(p, "ds_persist", False)]
+    if not params:
         return
+    registry = getattr(getattr(engine, "optimizer", None), "persistent_parameters", None)
+    if registry is None or not all(hasattr(p, "ds_persist") for p in params):
+        import deepspeed
+
+        raise RuntimeError(
+            f"deepspeed {deepspeed.__version__} has no ZeRO-3 persistent_parameters / ds_persist: dsee_scale cannot keep "
+            f"the adapters whole on every rank; use deepspeed 0.19.8 (constraints.txt)"
+        )
     for p in params:
         p.ds_persist = True
         registry.append(p)

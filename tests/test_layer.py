@@ -94,3 +94,35 @@ def test_dropout_applies_to_adapter_input_only_in_training():
     torch.testing.assert_close(layer(x), dense_reference(layer, x), atol=1e-6, rtol=1e-6)
     layer.train()
     assert not torch.allclose(layer(x), dense_reference(layer, x))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "fused_qv"])
+def test_keep_rows_and_cols_give_the_kept_outputs_of_the_same_function(kind):
+    layer = make_layer(kind)
+    out_features = layer.out_features
+    x = torch.randn(3, 24)
+    rows = torch.arange(0, out_features, 3)  # every slice keeps some rows
+    expected = layer(x)[:, rows]
+    layer.keep_rows(rows)
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(layer(x), dense_reference(layer, x), atol=1e-6, rtol=1e-6)
+    cols = torch.tensor([0, 2, 3, 7, 11, 12, 20, 23])
+    expected = layer(x * torch.isin(torch.arange(24), cols))
+    layer.keep_cols(cols)
+    torch.testing.assert_close(layer(x[:, cols]), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(layer(x[:, cols]), dense_reference(layer, x[:, cols]), atol=1e-6, rtol=1e-6)
+
+
+def test_keep_rows_drops_a_slice_left_empty_with_its_block_of_a():
+    layer = make_layer("fused_qv")
+    x = torch.randn(3, 24)
+    rows = torch.arange(24, 72)  # k and v: the q slice goes
+    expected = layer(x)[:, rows]
+    layer.keep_rows(rows)
+    assert layer.slices == [(24, 48)] and layer.lora_A.shape == (layer.rank, 24)
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_adapter_parameters_are_exactly_the_trainable_ones():
+    layer = make_layer("fused_qv")
+    assert {id(p) for p in layer.adapter_parameters()} == {id(p) for p in layer.parameters() if p.requires_grad}
