@@ -1,84 +1,241 @@
-"""Crash-safe checkpoints: written to a staging folder, renamed into place, `latest` last.
+"""World-size-independent, crash-safe checkpoints of a DSEE run.
 
-A checkpoint folder `<dir>/<tag>/` holds DeepSpeed's engine state (frozen shards included) and,
-per rank, a safetensors file with the RNG state and the pruning masks, so a resumed run
-continues bit for bit. A kill at any moment leaves the previous complete checkpoint as `latest`.
+What a DSEE run must remember is small and does not depend on how many ranks hold it: the
+trainable values (fp32 master copies) and their optimizer moments, the pruning masks (one bit
+per backbone weight, at global positions), the structured plan (kept heads and neurons), stage,
+step and losses. The frozen backbone is rebuilt from --model, the plan and the masks (a digest
+checks that it is the same backbone), and random draws are seeded from (seed, stage, step,
+rank). So a checkpoint resumes on any number of ranks.
+
+`<dir>/<tag>/` holds state.json, trainable.safetensors and masks.safetensors. Each writer
+(global rank 0, and the first rank of every node whose disk does not hold rank 0's folder)
+writes a complete copy into `<dir>/.staging-<tag>`, fsyncs every file and folder, renames it,
+then points `latest` at it the same way: a kill or a full disk at any moment leaves the previous
+checkpoint as `latest`.
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import shutil
 import signal
+import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from dsee_scale import dist
-from dsee_scale.export import atomic_save_file
+from dsee_scale import dist, zero
 from dsee_scale.prune import ShardMask
 
 log = logging.getLogger(__name__)
-FAULT_ENV = "DSEE_FAULT_INJECT"  # test hook: "kill_during_save:<tag>" SIGKILLs this process mid-save
+FAULT_ENV = "DSEE_FAULT_INJECT"  # test hook: "kill_during_save:<tag>" or "enospc_during_save:<tag>"
+STATE, TRAINABLE, MASKS, LATEST = "state.json", "trainable.safetensors", "masks.safetensors", "latest"
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _rank_state(masks: dict[str, ShardMask]) -> dict[str, torch.Tensor]:
-    from deepspeed.accelerator import get_accelerator
-
-    state = {"rng::cpu": torch.get_rng_state()}
-    if get_accelerator().device_name() != "cpu":
-        state["rng::device"] = get_accelerator().get_rng_state()
-    for name, mask in masks.items():
-        state[f"mask::{name}::bits"] = torch.from_numpy(mask.bits)
-        state[f"mask::{name}::range"] = torch.tensor([mask.start, mask.numel], device="cpu")  # cpu: written to a file
-    return state
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or does not fit this run."""
 
 
-ADAPTER_ONLY = "ADAPTER_ONLY"
+def step_seed(seed: int, stage: str, step: int, rank: int) -> int:
+    """The seed of one rank's random draws (dropout) in one step: a function of where the run
+    is, not of what ran before, so a resumed run draws what the uninterrupted one drew."""
+    return zlib.crc32(f"{seed}/{stage}/{step}/{rank}".encode())
 
 
-def save(engine, folder: Path, tag: str, client_state: dict, masks: dict[str, ShardMask], keep: int = 2, frozen: bool = True) -> None:
-    """Collective. Only `keep` most recent checkpoints are kept. frozen=False leaves the frozen
-    backbone out (it is rebuilt from the model source on resume, then the masks re-applied)."""
-    staging = folder / f".staging-{tag}"
-    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=not frozen)
-    if not frozen and dist.is_main():
-        (staging / tag / ADAPTER_ONLY).touch()
-    atomic_save_file(_rank_state(masks), staging / tag / f"rank{dist.rank()}_state.safetensors", {"format": "pt"})
-    if os.environ.get(FAULT_ENV) == f"kill_during_save:{tag}":
-        os.kill(os.getpid(), signal.SIGKILL)
+# ---- what is saved -----------------------------------------------------------------------------
+def _torch_optimizer(engine) -> torch.optim.Optimizer:
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model: nn.Module, engine) -> dict[str, torch.Tensor]:
+    """Whole fp32 value and optimizer moments of every trainable parameter, through DeepSpeed's
+    tensor-fragment API (any ZeRO stage, any world size). Collective."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    optimizer = _torch_optimizer(engine)
+    out = {}
+    for name, p in _trainable(model):
+        shape = zero.full_shape(p)
+        value = safe_get_full_fp32_param(p)
+        out[f"{name}::value"] = (p.detach() if value is None else value).float().reshape(shape).cpu()
+        for key in MOMENTS:
+            moment = safe_get_full_optimizer_state(p, key)
+            if moment is None:  # no ZeRO: the torch optimizer's own state (empty before its first step)
+                moment = optimizer.state.get(p, {}).get(key, torch.zeros_like(p, dtype=torch.float32))
+            out[f"{name}::{key}"] = moment.float().reshape(shape).cpu()
+    return out
+
+
+def optimizer_step(engine) -> int:
+    """Optimizer steps taken (every parameter group steps together)."""
+    for state in _torch_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def load_trainable_state(model: nn.Module, engine, tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Put saved values and moments into this engine, partitioned for this world size."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from dsee_scale.inject import load_dsee_state_dict
+
+    trainable = _trainable(model)
+    expected = {f"{n}::{k}" for n, _ in trainable for k in ("value", *MOMENTS)}
+    if set(tensors) != expected:
+        missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise CheckpointError(f"the checkpoint's trainable tensors do not fit this model: missing {missing[:4]}, unexpected {unknown[:4]}")
+    load_dsee_state_dict(model, {n: tensors[f"{n}::value"] for n, _ in trainable})
+    optimizer = _torch_optimizer(engine)
+    for name, p in trainable:
+        device = zero.local_shard(p).device
+        if zero.is_partitioned(p) or hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, tensors[f"{name}::value"].to(device))
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(p, tensors[f"{name}::{key}"].to(device), key)
+        elif step:
+            optimizer.state[p] = {key: tensors[f"{name}::{key}"].to(p.device) for key in MOMENTS}
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"].fill_(step)
+        else:
+            state["step"] = torch.tensor(float(step), device="cpu")  # cpu: where torch's AdamW keeps its step count
+
+
+def global_masks(masks: dict[str, ShardMask]) -> dict[str, torch.Tensor]:
+    """Each pruned weight's mask over its whole flattened shape, bit-packed (1 = pruned).
+    Collective, one weight at a time: no rank holds more than one weight's bits."""
+    out = {}
+    for name in sorted(masks):
+        mask = masks[name]
+        parts = sorted(dist.all_gather_object((mask.start, mask.numel, mask.bits)))
+        bits = np.concatenate([np.unpackbits(b, count=n) for _, n, b in parts])
+        out[name] = torch.from_numpy(np.packbits(bits))
+    return out
+
+
+def shard_masks(model: nn.Module, packed: dict[str, torch.Tensor]) -> dict[str, ShardMask]:
+    """This rank's part of saved whole-weight masks, for its own shard of each weight."""
+    params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
+    unknown = sorted(set(packed) - set(params))
+    if unknown:
+        raise CheckpointError(f"the checkpoint has masks for weights this model does not have: {unknown[:3]}")
+    out = {}
+    for name, bits in packed.items():
+        numel = zero.full_numel(params[name])
+        if bits.numel() != (numel + 7) // 8:
+            raise CheckpointError(f"the mask of {name} covers {bits.numel() * 8} entries, the weight has {numel}")
+        start, stop = zero.shard_range(params[name])
+        mine = np.unpackbits(bits.numpy(), count=numel)[start:stop]
+        out[name] = ShardMask(start, stop - start, np.packbits(mine))
+    return out
+
+
+def backbone_digest(model: nn.Module) -> list[float]:
+    """Sum and sum of squares of every frozen weight, over shards, all-reduced: a resumed run's
+    rebuilt backbone must match the one the checkpoint was taken from."""
+    sums = [torch.stack([s.sum(), (s * s).sum()]) for s in (zero.local_shard(p).detach().double() for _, p in model.named_parameters() if not p.requires_grad)]
+    return dist.all_reduce(torch.stack(sums)).flatten().tolist() if sums else []
+
+
+# ---- writing -----------------------------------------------------------------------------------
+def is_writer(folder: Path) -> bool:
+    """Whether this rank writes checkpoints: global rank 0, and the first rank of every node
+    that does not see rank 0's folder (node-local disks). Collective."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".probe-{dist.all_gather_object(uuid.uuid4().hex)[0]}"
+    if dist.is_main():
+        probe.touch()
+    dist.barrier()
+    writer = dist.is_main() or (dist.local_rank() == 0 and not probe.exists())
     dist.barrier()
     if dist.is_main():
-        final = folder / tag
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging / tag, final)
-        shutil.rmtree(staging, ignore_errors=True)
-        pointer = folder / "latest.tmp"
-        pointer.write_text(tag)
-        os.replace(pointer, folder / "latest")
-        complete = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
-        for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        probe.unlink()
+    return writer
 
 
-def load_latest(engine, folder: Path) -> tuple[dict | None, dict[str, ShardMask]]:
-    """(client state, this rank's masks) of the checkpoint `latest` names; (None, {}) if none."""
-    pointer = folder / "latest"
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fault(tag: str) -> None:
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == f"kill_during_save:{tag}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == f"enospc_during_save:{tag}":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _write(folder: Path, tag: str, state: dict, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], keep: int) -> None:
+    staging = folder / f".staging-{tag}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(tensors, str(staging / TRAINABLE))
+    _fault(tag)
+    save_file(masks, str(staging / MASKS))
+    (staging / STATE).write_text(json.dumps(state, indent=1))
+    for path in (staging / TRAINABLE, staging / MASKS, staging / STATE, staging):
+        _fsync(path)
+    final = folder / tag
+    if final.exists():  # a save of this tag that a crash left without `latest` pointing at it
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync(folder)
+    pointer = folder / f"{LATEST}.tmp"
+    pointer.write_text(tag)
+    _fsync(pointer)
+    os.replace(pointer, folder / LATEST)
+    _fsync(folder)
+    complete = sorted((p for p in folder.iterdir() if p.is_dir() and (p / STATE).exists()), key=lambda p: p.stat().st_mtime)
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save(folder: Path, tag: str, state: dict, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], writer: bool, keep: int = 2) -> None:
+    """Collective: every rank calls it with the same (gathered) content; writers write. A
+    failed write on any node fails every rank with one message; `latest` is left as it was."""
+    error = None
+    if writer:
+        try:
+            _write(folder, tag, state, tensors, masks, keep)
+        except OSError as err:
+            shutil.rmtree(folder / f".staging-{tag}", ignore_errors=True)
+            previous = (folder / LATEST).read_text().strip() if (folder / LATEST).exists() else "none"
+            error = f"checkpoint {tag} could not be written to {folder}: {err.strerror or err}; the previous checkpoint ({previous}) is intact and resumable"
+    errors = [e for e in dist.all_gather_object(error) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+
+
+# ---- reading -----------------------------------------------------------------------------------
+def latest_state(folder: Path) -> dict | None:
+    """state.json of the checkpoint `latest` names (cheap: read before any heavy work)."""
+    pointer = folder / LATEST
     if not pointer.exists():
-        return None, {}
-    tag = pointer.read_text().strip()
-    _, client = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=not (folder / tag / ADAPTER_ONLY).exists())
-    state = load_file(str(folder / tag / f"rank{dist.rank()}_state.safetensors"))
-    torch.set_rng_state(state["rng::cpu"])
-    if "rng::device" in state:
-        from deepspeed.accelerator import get_accelerator
+        return None
+    return json.loads((folder / pointer.read_text().strip() / STATE).read_text())
 
-        get_accelerator().set_rng_state(state["rng::device"])
-    names = sorted({k.split("::")[1] for k in state if k.startswith("mask::")})
-    masks = {n: ShardMask(int(state[f"mask::{n}::range"][0]), int(state[f"mask::{n}::range"][1]), np.asarray(state[f"mask::{n}::bits"].numpy())) for n in names}
-    log.info("resumed from %s/%s", folder, tag)
-    return client, masks
+
+def load_latest(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """(state, trainable tensors, whole-weight masks) of the checkpoint `latest` names."""
+    pointer = folder / LATEST
+    if not pointer.exists():
+        return None
+    tag = folder / pointer.read_text().strip()
+    log.info("resuming from %s", tag)
+    return json.loads((tag / STATE).read_text()), load_file(str(tag / TRAINABLE)), load_file(str(tag / MASKS))
