@@ -60,7 +60,7 @@ def build(method: str, seed: int, rank: int):
     return apply_dsee(model, DSEEConfig(rank=rank, alpha=2.0 * rank, nnz=64, support=options["support"], seed=seed))
 
 
-def train(model, rows, steps: int, lr: float, batch: int, seed: int) -> float:
+def train(model, rows, tokenizer, steps: int, lr: float, batch: int, seed: int) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     batches = GlobalBatches(len(rows), batch, 1, 1, seed)
@@ -70,7 +70,7 @@ def train(model, rows, steps: int, lr: float, batch: int, seed: int) -> float:
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * min((step + 1) / warm, max(0.0, (steps - step) / (steps - warm)))
-        loss = model(**collate([rows[i] for i in batches.micro_indices(step, 0, 0)], 0)).loss
+        loss = model(**collate(rows[batches.micro_indices(step, 0, 0)], tokenizer)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -79,26 +79,26 @@ def train(model, rows, steps: int, lr: float, batch: int, seed: int) -> float:
 
 
 @torch.no_grad()
-def accuracy(model, rows) -> float:
+def accuracy(model, rows, tokenizer) -> float:
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(rows), 64):
-        batch = collate(rows[i : i + 64], 0)
+        batch = collate(rows[i : i + 64], tokenizer)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         sums += metric_sums(logits, batch["labels"], "cls", torch.ones(len(logits), dtype=torch.bool))
     return finish(sums, "cls")["accuracy"]
 
 
-def run(method: str, seed: int, args, train_rows, test_rows) -> dict:
+def run(method: str, seed: int, args, tokenizer, train_rows, test_rows) -> dict:
     model = build(method, seed, args.rank)
     trainable, total = count_parameters(model)
     lr = args.full_lr if method == "full" else args.lr
-    train_s = train(model, train_rows, args.steps, lr, args.batch, seed)
+    train_s = train(model, train_rows, tokenizer, args.steps, lr, args.batch, seed)
     options = METHODS[method]
     dense = inference_flops(model, ctx=64)["dense_model"]
     flops_saved = sparsity = 0.0
     if options.get("heads") or options.get("ffn"):
-        calibration = [collate(train_rows[i : i + 16], 0) for i in range(0, 16 * args.calibration_batches, 16)]
+        calibration = [collate(train_rows[i : i + 16], tokenizer) for i in range(0, 16 * args.calibration_batches, 16)]
         prune_cfg = PruneConfig(heads=options["heads"], ffn=options["ffn"], structured_score=args.structured_score)
         report = structured_prune(model, prune_cfg, calibration=calibration, ctx=64)
         flops_saved = report["flops_saved"]
@@ -110,16 +110,16 @@ def run(method: str, seed: int, args, train_rows, test_rows) -> dict:
         flops_saved = inference_flops(model, ctx=64, sparse_zeros=sparsity_report(model)["zeros"])["sparse_saved"] / dense
     retuned = bool(options.get("sparsity") or options.get("heads") or options.get("retune"))
     if retuned:
-        train_s += train(model, train_rows, args.retune_steps, lr, args.batch, seed + 1)
-    latency = exported_latency(model, test_rows) if options.get("heads") else None
+        train_s += train(model, train_rows, tokenizer, args.retune_steps, lr, args.batch, seed + 1)
+    latency = exported_latency(model, test_rows, tokenizer) if options.get("heads") else None
     return {"method": method, "seed": seed, "trainable_params": trainable, "trainable_pct": round(100 * trainable / total, 4),
-            "test_acc": round(accuracy(model, test_rows), 4), "sparsity": round(sparsity, 4), "flops_saved": round(flops_saved, 4),
+            "test_acc": round(accuracy(model, test_rows, tokenizer), 4), "sparsity": round(sparsity, 4), "flops_saved": round(flops_saved, 4),
             "train_s": round(train_s, 1), "steps": args.steps,
             **({"structured_score": args.structured_score} if options.get("heads") else {}), "retune_steps": args.retune_steps if retuned else 0,
             **({"per_layer_sparsity": per_layer} if per_layer else {}), **({"latency": latency} if latency else {})}
 
 
-def exported_latency(model, test_rows) -> dict:
+def exported_latency(model, test_rows, tokenizer) -> dict:
     """Export the structured model, reload it without dsee_scale, check it is the same function,
     and time dense vs exported vs compacted forwards on the first 32 test sentences."""
     import tempfile
@@ -128,7 +128,7 @@ def exported_latency(model, test_rows) -> dict:
     from dsee_scale.export import export_hf
     from dsee_scale.models import TASK_MODELS
 
-    batch = collate(test_rows[:32], 0)
+    batch = collate(test_rows[:32], tokenizer)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with tempfile.TemporaryDirectory() as folder:
         export_hf(model, folder)
@@ -168,7 +168,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            line = {**run(method, seed, args, train_rows, test_rows), "train_rows": len(train_rows), "quick": args.quick}
+            line = {**run(method, seed, args, tokenizer, train_rows, test_rows), "train_rows": len(train_rows), "quick": args.quick}
             print(json.dumps(line), flush=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(line) + "\n")

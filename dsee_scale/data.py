@@ -9,8 +9,15 @@ import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+    from dsee_scale.config import TrainConfig
 
 PAIR_SEPARATOR = "||"
 
@@ -105,46 +112,44 @@ def label_map(train_ds, cfg) -> dict[str, int]:
     return {str(v): i for i, v in enumerate(values)}
 
 
-def tokenize(ds, tokenizer, cfg, labels: dict | None = None) -> list[dict]:
-    """Examples as lists of token ids; LM pairs get labels -100 on the source (loss on the target only)."""
-    out = []
-    for row in ds:
-        if cfg.task == "cls":
-            args = (row[cfg.text_column],) + ((row[cfg.text_pair_column],) if cfg.text_pair_column else ())
-            ids = tokenizer(*args, truncation=True, max_length=cfg.max_length)["input_ids"]
-            value = str(row[cfg.label_column])
-            if value not in labels:
-                raise ValueError(f"label {value!r} does not occur in the training data (labels: {', '.join(labels)})")
-            out.append({"input_ids": ids, "label": labels[value]})
-        elif "source" in row:
-            src = tokenizer(row["source"] + " " + PAIR_SEPARATOR, add_special_tokens=False)["input_ids"]
-            tgt = tokenizer(" " + row["target"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            ids = (src + tgt)[: cfg.max_length]
-            out.append({"input_ids": ids, "labels": ([-100] * len(src) + tgt)[: cfg.max_length], "source": row["source"], "target": row["target"]})
-        else:
-            ids = tokenizer(row[cfg.text_column], truncation=True, max_length=cfg.max_length)["input_ids"]
-            out.append({"input_ids": ids, "labels": list(ids)})
-    return out
+def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, labels: dict[str, int] | None = None) -> Dataset:
+    """One batched pass → columns input_ids and labels: a class id, or per-token targets with -100
+    on an LM pair's source (loss on the target only); pairs keep source and target for BLEU.
+    datasets caches the result beside a file-backed split, so a rank mapping after rank 0 (see
+    dist.main_process_first) reads it instead of tokenizing again."""
+    # Plain locals, not cfg: the cache key hashes what `encode` closes over.
+    text, pair, label, max_length, cls = cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.max_length, cfg.task == "cls"
+    pairs = not cls and "source" in ds.column_names
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        if cls:
+            ids = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=max_length)["input_ids"]
+            values = [str(v) for v in batch[label]]
+            unknown = [v for v in values if v not in labels]
+            if unknown:
+                raise ValueError(f"label {unknown[0]!r} does not occur in the training data (labels: {', '.join(labels)})")
+            return {"input_ids": ids, "labels": [labels[v] for v in values]}
+        if pairs:
+            src = tokenizer([s + " " + PAIR_SEPARATOR for s in batch["source"]], add_special_tokens=False)["input_ids"]
+            tgt = [t + [tokenizer.eos_token_id] for t in tokenizer([" " + t for t in batch["target"]], add_special_tokens=False)["input_ids"]]
+            return {"input_ids": [(s + t)[:max_length] for s, t in zip(src, tgt)], "labels": [([-100] * len(s) + t)[:max_length] for s, t in zip(src, tgt)]}
+        ids = tokenizer(batch[text], truncation=True, max_length=max_length)["input_ids"]
+        return {"input_ids": ids, "labels": ids}
+
+    keep = {"source", "target"} if pairs else set()
+    return ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c not in keep], desc="tokenizing")
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors on the host (the caller moves the batch to its device in one copy);
-    padded label positions are -100."""
-    length = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long, device="cpu")  # cpu: host batch
-    mask = torch.zeros((len(examples), length), dtype=torch.long, device="cpu")  # cpu: host batch
-    for i, e in enumerate(examples):
-        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"], device="cpu")  # cpu: host batch
-        mask[i, : len(e["input_ids"])] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if "label" in examples[0]:
-        batch["labels"] = torch.tensor([e["label"] for e in examples], device="cpu")  # cpu: host batch
-    else:
-        labels = torch.full((len(examples), length), -100, dtype=torch.long, device="cpu")  # cpu: host batch
-        for i, e in enumerate(examples):
-            labels[i, : len(e["labels"])] = torch.tensor(e["labels"], device="cpu")  # cpu: host batch
-        batch["labels"] = labels
-    return batch
+def collate(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    """Tokenized rows (columns, as `Dataset[indices]` gives them) as host tensors; the caller moves
+    them to its device in one copy. Right-padded whatever the tokenizer's own side (LLaMA
+    tokenizers say left), so every tokenizer gives the same layout. `tokenizer.pad` pads only the
+    model inputs, so per-token labels are padded here, with -100 (no loss on padding)."""
+    labels = rows["labels"]
+    if isinstance(labels[0], list):
+        width = max(map(len, labels))
+        labels = [row + [-100] * (width - len(row)) for row in labels]
+    return dict(tokenizer.pad({"input_ids": rows["input_ids"], "labels": labels}, padding_side="right", return_attention_mask=True, return_tensors="pt"))
 
 
 @dataclass

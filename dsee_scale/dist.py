@@ -1,6 +1,9 @@
 """Rank/world helpers and collectives that also work in a single process without a process group."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
@@ -52,6 +55,18 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def barrier() -> None:
     if initialized():
         dist.barrier()
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the body (filling a cache, e.g. datasets' tokenized files), then the others run
+    it and read that cache. No barrier on the way out of an exception: a failing rank exits and
+    the launcher stops the others (no collective clean-up)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
 
 
 def all_gather_object(obj) -> list:

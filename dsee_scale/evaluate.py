@@ -54,12 +54,12 @@ def evaluate_folder(model_dir: str, eval_file: str, task: str, batch_size: int =
     device = next(model.parameters()).device
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], tokenizer.pad_token_id).items()}
+        batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], tokenizer).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         sums += metric_sums(logits, batch["labels"], task, torch.ones(len(batch["input_ids"]), dtype=torch.bool, device=device))
     result = finish(sums, task)
     if latency_batch:
-        batch = collate(rows[:latency_batch], tokenizer.pad_token_id)
+        batch = collate(rows[:latency_batch], tokenizer)
         result["latency"] = structured_latency(model_dir, task, {k: batch[k] for k in ("input_ids", "attention_mask")})
     return result
 

@@ -136,15 +136,17 @@ class Recipe:
         return tokenizer
 
     def _load_data(self) -> None:
+        """Rank 0 loads and tokenizes first; the other ranks then read datasets' cache of it."""
         cfg = self.cfg
-        train_ds = load_split(cfg, "train")
-        check_columns(train_ds.column_names, cfg, "training data")
-        eval_ds = load_split(cfg, "eval")
-        if eval_ds is not None:
-            check_columns(eval_ds.column_names, cfg, "evaluation data")
-        self.labels = label_map(train_ds, cfg) if cfg.task == "cls" else None
-        self.train_rows = tokenize(train_ds, self.tokenizer, cfg, self.labels)
-        self.eval_rows = tokenize(eval_ds, self.tokenizer, cfg, self.labels) if eval_ds is not None else []
+        with dist.main_process_first():
+            train_ds = load_split(cfg, "train")
+            check_columns(train_ds.column_names, cfg, "training data")
+            eval_ds = load_split(cfg, "eval")
+            if eval_ds is not None:
+                check_columns(eval_ds.column_names, cfg, "evaluation data")
+            self.labels = label_map(train_ds, cfg) if cfg.task == "cls" else None
+            self.train_rows = tokenize(train_ds, self.tokenizer, cfg, self.labels)
+            self.eval_rows = tokenize(eval_ds, self.tokenizer, cfg, self.labels) if eval_ds is not None else None
 
     # ---- training ----------------------------------------------------------------------------
     def _schedule(self, steps: int, start: int):
@@ -167,8 +169,7 @@ class Recipe:
 
     def _micro_batch(self, batches: GlobalBatches, step: int, accum: int) -> dict:
         """This rank's training micro-batch, collated and on the device."""
-        rows = [self.train_rows[i] for i in batches.micro_indices(step, accum, self.rank)]
-        return self._to_device(collate(rows, self.tokenizer.pad_token_id))
+        return self._to_device(collate(self.train_rows[batches.micro_indices(step, accum, self.rank)], self.tokenizer))
 
     def train(self, stage: str, steps: int) -> None:
         """Optimizer steps of `stage` ('tune' or 'retune'); resumes from the checkpointed step."""
@@ -243,13 +244,13 @@ class Recipe:
     def _eval_batches(self):
         """This rank's evaluation batches and which rows are real. Every rank runs the same
         number of forwards (ZeRO-3 gathers are collective); padding rows are not counted."""
-        rows = self.eval_rows or self.train_rows[: 4 * self.micro * self.world]
+        rows = self.eval_rows or self.train_rows.select(range(min(len(self.train_rows), 4 * self.micro * self.world)))
         per_rank = math.ceil(len(rows) / self.world)
-        mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
+        mine = range(len(rows))[self.rank * per_rank : (self.rank + 1) * per_rank]
         for i in range(math.ceil(per_rank / self.micro)):
-            chunk = mine[i * self.micro : (i + 1) * self.micro]
+            chunk = list(mine[i * self.micro : (i + 1) * self.micro])
             real = torch.tensor([True] * len(chunk) + [False] * (self.micro - len(chunk)), device=self.engine.device)
-            yield chunk + [rows[0]] * (self.micro - len(chunk)), real
+            yield rows[chunk + [0] * (self.micro - len(chunk))], real
 
     @torch.no_grad()
     def evaluate(self, tag: str = "final", bleu: bool = True) -> dict:
@@ -257,7 +258,7 @@ class Recipe:
         engine.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=engine.device)
         for rows, real in self._eval_batches():
-            batch = self._to_device(collate(rows, self.tokenizer.pad_token_id))
+            batch = self._to_device(collate(rows, self.tokenizer))
             sums += metric_sums(engine(**batch).logits, batch["labels"], cfg.task, real)
         result = finish(dist.all_reduce(sums), cfg.task)
         if cfg.task == "lm" and bleu and self.eval_rows and "source" in self.eval_rows[0]:

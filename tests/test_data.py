@@ -1,4 +1,5 @@
 """Data formats of both tasks, label maps, loss masking, and deterministic global batches."""
+import copy
 import json
 
 import pytest
@@ -12,7 +13,9 @@ from dsee_scale.data import GlobalBatches, collate, label_map, load_split, token
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(SHARED_DATA / "gpt2_tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(str(SHARED_DATA / "gpt2_tokenizer"))
+    tokenizer.pad_token = tokenizer.eos_token  # as Recipe._tokenizer does
+    return tokenizer
 
 
 ROWS = [("a fine film", "pos"), ("dull", "neg"), ("so-so", "mixed"), ("great", "pos")]
@@ -37,7 +40,16 @@ def test_classification_files_with_string_labels_and_three_classes(fmt, tmp_path
     labels = label_map(ds, cfg)
     assert labels == {"mixed": 0, "neg": 1, "pos": 2}
     rows = tokenize(ds, tokenizer, cfg, labels)
-    assert [r["label"] for r in rows] == [2, 1, 0, 2]
+    assert rows["labels"] == [2, 1, 0, 2]
+
+
+def test_a_label_unseen_in_training_is_named(tmp_path, tokenizer):
+    train, evaluation = tmp_path / "train.tsv", tmp_path / "eval.tsv"
+    train.write_text("text\tlabel\na\tpos\nb\tneg\n")
+    evaluation.write_text("text\tlabel\nc\tpos\nd\tmixed\n")
+    cfg = TrainConfig(task="cls", train_file=str(train), eval_file=str(evaluation))
+    with pytest.raises(ValueError, match="label 'mixed' does not occur in the training data"):
+        tokenize(load_split(cfg, "eval"), tokenizer, cfg, label_map(load_split(cfg, "train"), cfg))
 
 
 def test_integer_labels_keep_their_values(tmp_path):
@@ -64,8 +76,12 @@ def test_e2e_pairs_put_the_loss_on_the_target_only(tokenizer):
         masked = row["labels"].count(-100)
         assert masked > 0 and row["labels"][masked:] == row["input_ids"][masked:]
         assert tokenizer.decode(row["input_ids"][masked:], skip_special_tokens=True).strip() == row["target"]
-    batch = collate(rows, tokenizer.eos_token_id)
+    left = copy.deepcopy(tokenizer)
+    left.padding_side = "left"  # LLaMA tokenizers' side: batches stay right-padded anyway
+    batch = collate(rows[:], left)
     assert batch["labels"].shape == batch["input_ids"].shape and (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    assert batch["attention_mask"].tolist() == [[1] * n + [0] * (max(lengths) - n) for n in lengths]
 
 
 def test_global_batches_are_the_same_at_any_world_size():

@@ -23,7 +23,6 @@ ALLOWED_CPU = {
     ("support.py", "_top_directions"): "random probes from the seeded CPU generator: Ω independent of the device",
     ("support.py", "grebsmo_sparse_part"): "the seeded CPU generator for those probes",
     ("support.py", "random_support"): "random Ω from the seeded CPU generator",
-    ("data.py", "collate"): "host batches, moved to the device in one copy by the caller",
     ("checkpoint.py", "_rank_state"): "mask ranges written to a safetensors file",
 }
 
