@@ -100,7 +100,7 @@ def run(method: str, seed: int, args, tokenizer, train_rows, test_rows) -> dict:
     if options.get("heads") or options.get("ffn"):
         calibration = [collate(train_rows[i : i + 16], tokenizer) for i in range(0, 16 * args.calibration_batches, 16)]
         prune_cfg = PruneConfig(heads=options["heads"], ffn=options["ffn"], structured_score=args.structured_score)
-        report = structured_prune(model, prune_cfg, calibration=calibration, ctx=64)
+        report, _ = structured_prune(model, prune_cfg, calibration=calibration, ctx=64)
         flops_saved = report["flops_saved"]
     per_layer = None
     if options.get("sparsity"):

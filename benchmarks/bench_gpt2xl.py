@@ -1,5 +1,6 @@
 """The GPT-2-XL path on this box: 1.56B-parameter config built partitioned under ZeRO-3 on 2 CPU
-ranks, Ω chosen, 2 steps at seq 64, 50% global prune, 1 re-tune step, adapter-only export.
+ranks, Ω chosen, 2 steps at seq 64, 50% global prune, 1 re-tune step, adapter-only export;
+with the size and save time of its last checkpoint (adapters, moments, masks, plan).
 
     python benchmarks/bench_gpt2xl.py       # ~7 min here; prints one JSON line
 
@@ -17,6 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
 def run(output_dir: Path, extra: list[str]) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": str(ROOT)}
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
@@ -32,6 +37,7 @@ def run(output_dir: Path, extra: list[str]) -> dict:
         "peak_rss_mb_per_rank": summary["peak_rss_mb_per_rank"], "total_rss_gib": round(sum(summary["peak_rss_mb_per_rank"]) / 1024, 2),
         "build_s": round(t["build_s"], 1), "support_s": round(t["support_s"], 1), "step_s": round(t["tune_s_per_step"], 1),
         "prune_s": round(t["prune_s"], 1), "retune_step_s": round(t["retune_s_per_step"], 1), "adapter_ckpt_bytes": summary["adapter_bytes"],
+        "checkpoint_s": round(t["checkpoint_s"], 1), "checkpoint_bytes": _folder_bytes(output_dir / "checkpoints" / (output_dir / "checkpoints" / "latest").read_text()),
         "sparsity": summary["sparsity"], "wall_s": round(time.time() - tic, 1),
     }
 

@@ -60,8 +60,9 @@ def gpt2xl_section() -> str:
     if not rows:
         return "_not run yet_"
     r = rows[0]
-    return table([[f"{r['params']:,}", " / ".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"]), r["total_rss_gib"], r["build_s"], r["support_s"], r["step_s"], r["prune_s"], r["retune_step_s"], f"{r['adapter_ckpt_bytes']:,}", r["wall_s"]]],
-                 ["params", "peak RSS MB (rank 0 / 1)", "total GiB", "build s", "Ω s", "s/step", "prune s", "re-tune s/step", "adapter bytes", "wall s"])
+    checkpoint = [f"{r['checkpoint_bytes']:,}", r["checkpoint_s"]] if "checkpoint_bytes" in r else ["–", "–"]
+    return table([[f"{r['params']:,}", " / ".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"]), r["total_rss_gib"], r["build_s"], r["support_s"], r["step_s"], r["prune_s"], r["retune_step_s"], f"{r['adapter_ckpt_bytes']:,}", *checkpoint, r["wall_s"]]],
+                 ["params", "peak RSS MB (rank 0 / 1)", "total GiB", "build s", "Ω s", "s/step", "prune s", "re-tune s/step", "adapter bytes", "checkpoint bytes", "checkpoint save s", "wall s"])
 
 
 def accuracy_section() -> str:

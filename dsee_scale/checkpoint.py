@@ -18,10 +18,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import signal
-import uuid
 import zlib
 from pathlib import Path
 
@@ -49,6 +49,22 @@ def step_seed(seed: int, stage: str, step: int, rank: int) -> int:
     return zlib.crc32(f"{seed}/{stage}/{step}/{rank}".encode())
 
 
+IDENTITY_FIELDS = ("model", "task", "tokenizer", "train_file", "dataset", "dataset_config", "text_column", "text_pair_column", "label_column", "max_length", "max_train_samples", "seed")
+
+
+def run_identity(cfg, ds_config: dict) -> dict:
+    """What a checkpoint must share with the run that resumes it: the model, the data, DSEE's
+    shape (targets, rank, nnz, ...) and the global batch (the data order depends on it)."""
+    return {**{k: getattr(cfg, k) for k in IDENTITY_FIELDS}, "dsee": cfg.dsee.to_dict(), "global_batch": ds_config["train_batch_size"]}
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    """'field: checkpoint X, now Y' for every difference (DSEE fields by their flag names)."""
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "dsee"}, **{f"dsee.{k}": v for k, v in d.get("dsee", {}).items()}}  # noqa: E731
+    before, now = flat(saved), flat(current)
+    return [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+
+
 # ---- what is saved -----------------------------------------------------------------------------
 def _torch_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -63,16 +79,16 @@ def trainable_state(model: nn.Module, engine) -> dict[str, torch.Tensor]:
     tensor-fragment API (any ZeRO stage, any world size). Collective."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    optimizer = _torch_optimizer(engine)
+    optimizer, stepped = _torch_optimizer(engine), optimizer_step(engine) > 0
     out = {}
     for name, p in _trainable(model):
         shape = zero.full_shape(p)
         value = safe_get_full_fp32_param(p)
         out[f"{name}::value"] = (p.detach() if value is None else value).float().reshape(shape).cpu()
         for key in MOMENTS:
-            moment = safe_get_full_optimizer_state(p, key)
-            if moment is None:  # no ZeRO: the torch optimizer's own state (empty before its first step)
-                moment = optimizer.state.get(p, {}).get(key, torch.zeros_like(p, dtype=torch.float32))
+            moment = safe_get_full_optimizer_state(p, key) if stepped else None  # no state before the first step
+            if moment is None:  # no ZeRO: the torch optimizer's own state
+                moment = optimizer.state.get(p, {}).get(key, torch.zeros(shape, dtype=torch.float32, device=value.device if value is not None else p.device))
             out[f"{name}::{key}"] = moment.float().reshape(shape).cpu()
     return out
 
@@ -87,7 +103,7 @@ def optimizer_step(engine) -> int:
 
 def load_trainable_state(model: nn.Module, engine, tensors: dict[str, torch.Tensor], step: int) -> None:
     """Put saved values and moments into this engine, partitioned for this world size."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param, safe_set_local_optimizer_state
 
     from dsee_scale.inject import load_dsee_state_dict
 
@@ -98,19 +114,37 @@ def load_trainable_state(model: nn.Module, engine, tensors: dict[str, torch.Tens
         raise CheckpointError(f"the checkpoint's trainable tensors do not fit this model: missing {missing[:4]}, unexpected {unknown[:4]}")
     load_dsee_state_dict(model, {n: tensors[f"{n}::value"] for n, _ in trainable})
     optimizer = _torch_optimizer(engine)
+    if step:  # optimizers create their state at their first step: create it now, to fill it
+        # ZeRO-3 hands its fp32 partitions to the torch optimizer only during a step.
+        held_by_zero3 = getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])
+        for held in held_by_zero3 or [p for group in optimizer.param_groups for p in group["params"]]:
+            state = optimizer.state[held]
+            for key in MOMENTS:
+                state.setdefault(key, torch.zeros_like(held, dtype=torch.float32))
+            state["step"] = _step_like(optimizer, state.get("step"), step)
     for name, p in trainable:
         device = zero.local_shard(p).device
-        if zero.is_partitioned(p) or hasattr(p, "_hp_mapping"):
+        if zero.is_partitioned(p):  # ZeRO-3: this rank's partitions (the full setters mis-slice a padded last partition)
+            safe_set_local_fp32_param(p, zero.partition_of(p, tensors[f"{name}::value"]).to(device))
+            for key in MOMENTS if step else ():
+                safe_set_local_optimizer_state(p, zero.partition_of(p, tensors[f"{name}::{key}"]).to(device), key)
+        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and bf16: DeepSpeed holds the fp32 copy and the moments
             safe_set_full_fp32_param(p, tensors[f"{name}::value"].to(device))
-            for key in MOMENTS:
+            for key in MOMENTS if step else ():
                 safe_set_full_optimizer_state(p, tensors[f"{name}::{key}"].to(device), key)
         elif step:
-            optimizer.state[p] = {key: tensors[f"{name}::{key}"].to(p.device) for key in MOMENTS}
-    for state in optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"].fill_(step)
-        else:
-            state["step"] = torch.tensor(float(step), device="cpu")  # cpu: where torch's AdamW keeps its step count
+            for key in MOMENTS:
+                optimizer.state[p][key].copy_(tensors[f"{name}::{key}"])
+
+
+def _step_like(optimizer, current, step: int):
+    """The step count in the optimizer's own form: DeepSpeed's CPU Adam counts in a Python int,
+    torch's Adam family in a float tensor on the host."""
+    if torch.is_tensor(current):
+        return current.fill_(step)
+    if isinstance(current, int) or type(optimizer).__name__.startswith("DeepSpeedCPU"):
+        return step
+    return torch.tensor(float(step), device="cpu")  # cpu: where torch's AdamW keeps its step count
 
 
 def global_masks(masks: dict[str, ShardMask]) -> dict[str, torch.Tensor]:
@@ -144,27 +178,26 @@ def shard_masks(model: nn.Module, packed: dict[str, torch.Tensor]) -> dict[str, 
 
 def backbone_digest(model: nn.Module) -> list[float]:
     """Sum and sum of squares of every frozen weight, over shards, all-reduced: a resumed run's
-    rebuilt backbone must match the one the checkpoint was taken from."""
-    sums = [torch.stack([s.sum(), (s * s).sum()]) for s in (zero.local_shard(p).detach().double() for _, p in model.named_parameters() if not p.requires_grad)]
+    rebuilt backbone must match the one the checkpoint was taken from (`same_backbone`)."""
+    sums = []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        flat = zero.local_shard(p).detach().reshape(-1)
+        total = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        for chunk in flat.split(1 << 20):  # float64 a chunk at a time, not a copy of the shard
+            chunk = chunk.double()
+            total += torch.stack([chunk.sum(), chunk.dot(chunk)])
+        sums.append(total)
     return dist.all_reduce(torch.stack(sums)).flatten().tolist() if sums else []
 
 
+def same_backbone(saved: list[float], now: list[float]) -> bool:
+    """Equal up to the summation order, which depends on the world size."""
+    return len(saved) == len(now) and all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) for a, b in zip(saved, now))
+
+
 # ---- writing -----------------------------------------------------------------------------------
-def is_writer(folder: Path) -> bool:
-    """Whether this rank writes checkpoints: global rank 0, and the first rank of every node
-    that does not see rank 0's folder (node-local disks). Collective."""
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".probe-{dist.all_gather_object(uuid.uuid4().hex)[0]}"
-    if dist.is_main():
-        probe.touch()
-    dist.barrier()
-    writer = dist.is_main() or (dist.local_rank() == 0 and not probe.exists())
-    dist.barrier()
-    if dist.is_main():
-        probe.unlink()
-    return writer
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

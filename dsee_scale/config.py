@@ -160,7 +160,6 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "seed for data order, init and random support"})
     dist_timeout_min: float = field(default=30.0, metadata={"help": "a collective that waits longer than this fails the run instead of hanging"})
     keep_checkpoints: int = field(default=2, metadata={"help": "most recent checkpoints kept in output_dir/checkpoints"})
-    checkpoint_frozen: bool = field(default=True, metadata={"help": "store the frozen (pruned) backbone shards in checkpoints; false: adapter-only checkpoints, the backbone is rebuilt from --model on resume and masks re-applied"})
     export_merged: bool = field(default=True, metadata={"help": "export stage: also merge the adapters and write a plain HF folder (false: adapter file only)"})
     export_remask: bool = field(default=False, metadata={"help": "after pruning, merge with re-masking: the exported weights are exactly as sparse as the masks, but ΔW at pruned entries is dropped (costs accuracy); default: the exact adapted function (adapted matrices become dense)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (non-reentrant) to trade compute for activation memory"})

@@ -6,6 +6,7 @@ resumes exactly from its step counter and gives the same global batches at any w
 from __future__ import annotations
 
 import csv
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,14 @@ def collate(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[s
     return dict(tokenizer.pad({"input_ids": rows["input_ids"], "labels": labels}, padding_side="right", return_attention_mask=True, return_tensors="pt"))
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    """One epoch's shuffle, made once (a 60k-row shuffle costs ~30 ms: once per epoch, not per micro-batch)."""
+    order = list(range(n_examples))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
 @dataclass
 class GlobalBatches:
     """Step s → the s-th global batch of a seeded per-epoch shuffle; rank r takes its slice."""
@@ -167,9 +176,7 @@ class GlobalBatches:
         return self.micro_batch * self.grad_accum * self.world
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(self.n_examples))
-        random.Random(self.seed * 100_003 + epoch).shuffle(order)
-        return order
+        return _epoch_order(self.n_examples, self.seed, epoch)
 
     def global_indices(self, step: int) -> list[int]:
         start = step * self.global_batch
@@ -217,6 +224,27 @@ def write_corpus(path: Path, n: int, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{s}{PAIR_SEPARATOR}{t}\n" for s, t in generate_corpus(n, seed)), encoding="utf-8")
     return path
+
+
+def load_tokenizer(cfg, writer: bool) -> PreTrainedTokenizerBase:
+    """The model's own tokenizer (or --tokenizer); builtin models get a SentencePiece tokenizer
+    trained once on the run's corpus, by the run folder's writers (run_folder.is_writer)."""
+    from transformers import AutoTokenizer
+
+    from dsee_scale import dist
+    from dsee_scale.models import resolve_model_path
+
+    if cfg.tokenizer or not cfg.model.startswith("builtin:"):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.tokenizer or cfg.model))
+    else:
+        folder = Path(cfg.output_dir) / "tokenizer"
+        if writer and not (folder / "tokenizer_config.json").exists():
+            train_sentencepiece(Path(cfg.train_file), folder, vocab_size=512)
+        dist.barrier()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
 
 
 def train_sentencepiece(corpus: Path, folder: Path, vocab_size: int):

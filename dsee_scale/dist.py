@@ -20,6 +20,16 @@ def world_size() -> int:
     return dist.get_world_size() if initialized() else 1
 
 
+def local_rank() -> int:
+    """Rank on this node, as the launcher (torchrun, deepspeed, accelerate, mpirun) reports it."""
+    import os
+
+    for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
 def is_main() -> bool:
     return rank() == 0
 

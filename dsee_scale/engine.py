@@ -11,7 +11,7 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from dsee_scale import zero
+from dsee_scale import dist, zero
 from dsee_scale.inject import adapter_parameters
 
 log = logging.getLogger(__name__)
@@ -32,18 +32,16 @@ def init_distributed(timeout_min: float = 30.0) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timedelta(minutes=timeout_min))
     if get_accelerator().device_name() != "cpu":  # one device per rank before the first collective (Ω's broadcasts)
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        get_accelerator().set_device(dist.local_rank())
     atexit.register(remove_shm_buffers)
 
 
 def remove_shm_buffers() -> None:
     """DeepSpeed's CPU shared-memory collectives leave a 69 MB /dev/shm buffer per rank and run
     (tmpfs: it is RAM); remove this rank's at exit."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
+    if not dist.initialized():
         return
-    pattern = f"/dev/shm/deepspeed_*_{os.environ.get('MASTER_ADDR', '*')}_{os.environ.get('MASTER_PORT', '*')}_{dist.get_rank()}"
+    pattern = f"/dev/shm/deepspeed_*_{os.environ.get('MASTER_ADDR', '*')}_{os.environ.get('MASTER_PORT', '*')}_{dist.rank()}"
     for path in glob.glob(pattern):
         with contextlib.suppress(OSError):
             os.unlink(path)

@@ -34,6 +34,68 @@ def finish(sums: torch.Tensor, task: str) -> dict:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
+def _my_batches(rows, micro: int, device: torch.device):
+    """This rank's evaluation batches and which of their rows are real. Every rank runs the same
+    number of forwards (ZeRO-3 gathers are collective); filler rows are not counted."""
+    from dsee_scale import dist
+
+    per_rank = math.ceil(len(rows) / dist.world_size())
+    mine = range(len(rows))[dist.rank() * per_rank : (dist.rank() + 1) * per_rank]
+    for i in range(math.ceil(per_rank / micro)):
+        chunk = list(mine[i * micro : (i + 1) * micro])
+        real = torch.tensor([True] * len(chunk) + [False] * (micro - len(chunk)), device=device)
+        yield rows[chunk + [0] * (micro - len(chunk))], real
+
+
+@torch.no_grad()
+def evaluate_engine(engine, rows, tokenizer, task: str, micro: int) -> dict:
+    """The task metric of a (DeepSpeed) engine on tokenized rows, split over the ranks. Collective."""
+    from dsee_scale import dist
+    from dsee_scale.data import collate
+
+    engine.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    for batch_rows, real in _my_batches(rows, micro, engine.device):
+        batch = {k: v.to(engine.device) for k, v in collate(batch_rows, tokenizer).items()}
+        sums += metric_sums(engine(**batch).logits, batch["labels"], task, real)
+    return finish(dist.all_reduce(sums), task)
+
+
+def corpus_bleu(model, tokenizer, rows, samples: int, max_new_tokens: int, synced_gpus: bool) -> float:
+    """Greedy generation from each unique source (the first `samples`), split over the ranks;
+    corpus BLEU against all of each source's references. Collective."""
+    import sacrebleu
+
+    from dsee_scale import dist
+
+    refs: dict[str, list[str]] = {}
+    for source, target in zip(rows["source"], rows["target"]):
+        refs.setdefault(source, []).append(target)
+    sources = sorted(refs)[:samples]
+    per_rank = math.ceil(len(sources) / dist.world_size())
+    mine = sources[dist.rank() * per_rank : (dist.rank() + 1) * per_rank]
+    hyps = [generate(model, tokenizer, s, max_new_tokens, synced_gpus) for s in mine]
+    for _ in range(per_rank - len(mine)):  # keep the collective forwards in step across ranks
+        generate(model, tokenizer, sources[0], max_new_tokens, synced_gpus)
+    pairs = [p for part in dist.all_gather_object(list(zip(mine, hyps))) for p in part]
+    depth = max(len(refs[s]) for s, _ in pairs)
+    streams = [[refs[s][min(i, len(refs[s]) - 1)] for s, _ in pairs] for i in range(depth)]
+    return sacrebleu.corpus_bleu([h for _, h in pairs], streams).score
+
+
+def generate(model, tokenizer, source: str, max_new_tokens: int, synced_gpus: bool) -> str:
+    """Greedy continuation of `source ||`; synced_gpus keeps ZeRO-3 ranks in step."""
+    from dsee_scale.data import PAIR_SEPARATOR
+
+    device = next(model.parameters()).device
+    ids = tokenizer(source + " " + PAIR_SEPARATOR, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
 @torch.no_grad()
 def evaluate_folder(model_dir: str, eval_file: str, task: str, batch_size: int = 8, latency_batch: int = 0, **data_options) -> dict:
     """Load an exported HF folder (model + tokenizer) with plain transformers and evaluate it;

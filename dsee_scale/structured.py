@@ -220,9 +220,10 @@ def _update_config(model: nn.Module) -> None:
     model.config.dsee_structured = {"heads": heads, "kv_heads": kv, "ffn": sizes}
 
 
-def structured_prune(model: nn.Module, cfg, calibration: list[dict] | None = None, ds_config: dict | None = None, ctx: int = 128, engine=None) -> dict:
+def structured_prune(model: nn.Module, cfg, calibration: list[dict] | None = None, ds_config: dict | None = None, ctx: int = 128, engine=None) -> tuple[dict, dict]:
     """Score, select and remove heads (cfg.heads) and FFN neurons (cfg.ffn); returns a report
-    with the inference FLOPs per token (context ctx) of the merged model before and after.
+    with the inference FLOPs per token (context ctx) of the merged model before and after, and
+    the plan (kept query heads and FFN neurons per layer, for `remove` on a rebuilt model).
 
     Under ZeRO-3 pass the DeepSpeed `engine` that wraps the model: the gradient score's backward
     reaches only the gates, so ZeRO-3 would leave the layers below gathered (it releases them
@@ -242,7 +243,8 @@ def structured_prune(model: nn.Module, cfg, calibration: list[dict] | None = Non
     after = inference_flops(model, ctx=ctx)["dense_model"]
     report = {"heads": model.config.dsee_structured["heads"], "ffn": model.config.dsee_structured["ffn"], "flops_before": before, "flops_after": after, "flops_saved": 1 - after / before}
     log.info("structured pruning: heads per layer %s, FFN sizes %s, %.1f%% FLOPs saved", report["heads"], report["ffn"], 100 * report["flops_saved"])
-    return report
+    plan = {"heads": [k.tolist() for k in keep_heads] if keep_heads else None, "ffn": [k.tolist() for k in keep_neurons] if keep_neurons else None}
+    return report, plan
 
 
 def dense_config(config):

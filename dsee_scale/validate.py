@@ -105,6 +105,7 @@ def check_output_dir(cfg: TrainConfig, ds_config: dict, world: int) -> None:
     if cfg.resume:
         if not (folder / RUN_MARKER).exists():
             raise ConfigError(f"--resume: {folder} holds no dsee_scale run ({RUN_MARKER} missing)")
+        check_resumable(cfg, ds_config)
         return
     if not any(folder.iterdir()):
         return
@@ -112,6 +113,20 @@ def check_output_dir(cfg: TrainConfig, ds_config: dict, world: int) -> None:
         manage_default_folder(cfg, ds_config, world)
         return
     raise ConfigError(f"output folder {folder} exists and holds another run: pass --resume to continue it, --overwrite to replace it, or choose another --output_dir")
+
+
+def check_resumable(cfg: TrainConfig, ds_config: dict) -> None:
+    """A checkpoint of another model, data, DSEE shape or global batch is refused here, before
+    anything is built; another world size is fine when the global batch is the same."""
+    from dsee_scale.checkpoint import identity_differences, latest_state, run_identity
+
+    state = latest_state(Path(cfg.output_dir) / "checkpoints")
+    if state is None:
+        return
+    differences = identity_differences(state["run"], run_identity(cfg, ds_config))
+    if differences:
+        hint = " (set --micro_batch_size / --grad_accum so that micro × accumulation × world size matches)" if any(d.startswith("global_batch") for d in differences) else ""
+        raise ConfigError(f"--resume: the checkpoint in {cfg.output_dir} is of another run: {'; '.join(differences)}{hint}")
 
 
 def run_marker(cfg: TrainConfig, ds_config: dict, world: int) -> dict:

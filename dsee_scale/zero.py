@@ -56,6 +56,15 @@ def shard_range(param: torch.Tensor) -> tuple[int, int]:
     return start, min(start + size, param.ds_numel)
 
 
+def partition_of(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's partition of a whole tensor shaped like a ZeRO-3 parameter, zero-padded to
+    the partition size (as DeepSpeed's local fp32 / optimizer-state setters take it)."""
+    size = param.ds_tensor.ds_numel
+    start = _partition_rank(param) * size
+    part = whole.reshape(-1)[start : start + size]
+    return torch.nn.functional.pad(part, (0, size - part.numel()))
+
+
 def local_shard(param: torch.Tensor) -> torch.Tensor:
     """This rank's elements of the flattened parameter (padding excluded), as a view."""
     if not is_partitioned(param):

@@ -15,9 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dsee_scale.checkpoint import CheckpointError  # noqa: E402
 from dsee_scale.config import train_config_from_argv  # noqa: E402
 from dsee_scale.engine import remove_shm_buffers  # noqa: E402
-from dsee_scale.trainer import Recipe  # noqa: E402
+from dsee_scale.trainer import NonFiniteLoss, Recipe  # noqa: E402
 from dsee_scale.validate import ConfigError, launched_rank  # noqa: E402
 
 
@@ -26,16 +27,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = train_config_from_argv(argv)
         recipe = Recipe(cfg)
         recipe.setup()
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         if launched_rank() == 0:
             print(f"dsee_scale: error: {err}", file=sys.stderr)
         return 2
     try:
         recipe.run()
-    except BaseException:
+    except BaseException as err:
         # Leave at once: a collective clean-up would wait forever for ranks that are still
         # inside another collective; the launcher then stops every rank.
-        traceback.print_exc()
+        if isinstance(err, (CheckpointError, NonFiniteLoss)):  # every rank raises it: one message
+            if launched_rank() == 0:
+                print(f"dsee_scale: error: {err}", file=sys.stderr)
+        else:
+            traceback.print_exc()
         sys.stderr.flush()
         remove_shm_buffers()
         os._exit(1)

@@ -44,7 +44,7 @@ def worker(argv: list[str]) -> None:
     recipe = Recipe(train_config_from_argv(argv))
     recipe.setup()
     recipe.run()
-    batch = recipe._to_device(collate(recipe.eval_rows[:LOGIT_ROWS], recipe.tokenizer))
+    batch = {k: v.to(recipe.engine.device) for k, v in collate(recipe.eval_rows[:LOGIT_ROWS], recipe.tokenizer).items()}
     recipe.engine.eval()
     with torch.no_grad():
         logits = recipe.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

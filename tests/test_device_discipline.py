@@ -23,7 +23,7 @@ ALLOWED_CPU = {
     ("support.py", "_top_directions"): "random probes from the seeded CPU generator: Ω independent of the device",
     ("support.py", "grebsmo_sparse_part"): "the seeded CPU generator for those probes",
     ("support.py", "random_support"): "random Ω from the seeded CPU generator",
-    ("checkpoint.py", "_rank_state"): "mask ranges written to a safetensors file",
+    ("checkpoint.py", "_step_like"): "torch's AdamW keeps its step count on the host",
 }
 
 

@@ -26,7 +26,7 @@ def test_gpt2xl_builds_tunes_prunes_and_saves_within_20gib_and_30min(tmp_path):
 
 
 MULTINODE = ["--config", "launch/recipes/gpt2-e2e.yaml", "--steps", 3, "--retune_steps", 1, "--max_train_samples", 64, "--max_eval_samples", 8,
-             "--stages", "tune,prune,retune", "--micro_batch_size", 2, "--save_every", 0, "--checkpoint_frozen", "false"]
+             "--stages", "tune,prune,retune", "--micro_batch_size", 2, "--save_every", 0]
 
 
 def test_two_simulated_nodes_equal_one_node_with_two_ranks(tmp_path):

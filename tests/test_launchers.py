@@ -63,24 +63,38 @@ def test_accelerate_launch(tmp_path, deepspeed_run):
     check_run(out, json.loads((deepspeed_run / "summary.json").read_text()))
 
 
-def test_two_nodes_simulated_over_loopback(tmp_path, deepspeed_run):
-    """Two `torchrun --nnodes 2 --node_rank i` invocations of 1 rank each, rendezvous on 127.0.0.1."""
+def test_two_nodes_simulated_over_loopback_with_node_local_disks(tmp_path, deepspeed_run):
+    """Two `torchrun --nnodes 2 --node_rank i` invocations of 1 rank each, rendezvous on
+    127.0.0.1, each "node" with its own output root: every node holds a complete checkpoint,
+    and node 1's alone resumes (here on 1 rank) to the model node 0 exported."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    out, port = tmp_path / "run", str(free_port())
+
+    port = str(free_port())
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen([torchrun, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, "launch/train.py"]
-                         + [str(a) for a in QUICK + ["--output_dir", out]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         + [str(a) for a in QUICK + ["--output_dir", tmp_path / f"node{rank}" / "run"]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in (0, 1)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    check_run(out, json.loads((deepspeed_run / "summary.json").read_text()))
+    node0, node1 = (tmp_path / f"node{rank}" / "run" for rank in (0, 1))
+    check_run(node0, json.loads((deepspeed_run / "summary.json").read_text()))
+    tag = (node0 / "checkpoints" / "latest").read_text()
+    assert (node1 / "checkpoints" / "latest").read_text() == tag == "retune-2"
+    for name in ("trainable.safetensors", "masks.safetensors", "state.json"):
+        assert (node1 / "checkpoints" / tag / name).read_bytes() == (node0 / "checkpoints" / tag / name).read_bytes(), name
+    # Node 1's copy alone: resume on one rank (same global batch) and export.
+    shutil.rmtree(node0.parent)
+    run_launcher("deepspeed", "launch/train.py", QUICK + ["--micro_batch_size", 8, "--output_dir", node1, "--resume"], nproc=1)
+    plain = evaluate_folder(str(node1 / "export" / "merged"), str(node1 / "data" / "eval.txt"), "lm")
+    reference = json.loads((deepspeed_run / "summary.json").read_text())["after"]["eval_loss"]
+    assert plain["eval_loss"] == pytest.approx(reference, rel=1e-4)
 
 
 def test_hf_trainer_with_apply_dsee_under_zero3(tmp_path):

@@ -160,3 +160,34 @@ def test_kill_during_save_then_resume_repeats_the_uninterrupted_run(tmp_path):
     resumed = json.loads((crashed / "summary.json").read_text())
     assert resumed["losses"] == expected["losses"]
     assert resumed["sparsity"] == expected["sparsity"] == 0.5
+
+
+def one_process(args: list, env: dict | None = None) -> subprocess.CompletedProcess:
+    """launch/train.py as a plain single process (world size 1)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "launch/train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=full_env)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    run = tmp_path / "run"
+    flags = QUICK + ["--steps", 6, "--retune_steps", 2, "--save_every", 2, "--output_dir", run]
+    proc = one_process(flags, env={"DSEE_FAULT_INJECT": "enospc_during_save:tune-4"})
+    assert proc.returncode != 0
+    assert "dsee_scale: error: checkpoint tune-4 could not be written to" in proc.stderr
+    assert "No space left on device; the previous checkpoint (tune-2) is intact and resumable" in proc.stderr
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "tune-2"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "tune-2"]  # no half-written folder left behind
+    resumed = one_process(flags + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(json.loads((run / "summary.json").read_text())["losses"]["tune"]) == 6
+
+
+def test_a_non_finite_loss_stops_the_run_naming_stage_and_step(tmp_path):
+    run = tmp_path / "run"
+    proc = one_process(QUICK + ["--steps", 40, "--save_every", 1, "--lr", 1e30, "--output_dir", run])
+    assert proc.returncode != 0
+    message = next(line for line in proc.stderr.splitlines() if line.startswith("dsee_scale: error: tune step"))
+    step = int(message.split("tune step ")[1].split(":")[0])
+    assert "the loss is nan" in message or "the loss is inf" in message
+    assert (run / "checkpoints" / "latest").read_text() == f"tune-{step - 1}"  # the last good step

@@ -65,7 +65,7 @@ def test_structured_prune_then_plain_reload_gives_same_logits(kind, score, tmp_p
     model = adapted(kind)
     ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     calibration = [{"input_ids": ids, "labels": ids}]
-    report = structured_prune(model, PruneConfig(heads=0.3, ffn=0.3, structured_score=score), calibration)
+    report, _ = structured_prune(model, PruneConfig(heads=0.3, ffn=0.3, structured_score=score), calibration)
     assert report["flops_saved"] > 0.2 and all(h >= 1 for h in report["heads"])
     expected = model(input_ids=ids).logits
     export_hf(model, tmp_path, merge=True)
@@ -83,7 +83,7 @@ def test_latency_report_compares_dense_exported_and_compacted(kind, tmp_path):
 
     model = adapted(kind)
     original = model.config.to_dict()
-    report = structured_prune(model, PruneConfig(heads=0.3, ffn=0.5, structured_scope="layer"), ctx=12)
+    report, _ = structured_prune(model, PruneConfig(heads=0.3, ffn=0.5, structured_scope="layer"), ctx=12)
     export_hf(model, tmp_path, merge=True)
     batch = {"input_ids": torch.randint(1, 128, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
     latency = structured_latency(str(tmp_path), "lm", batch, repeats=3)
