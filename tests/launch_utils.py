@@ -42,7 +42,9 @@ def host_env(host: str | None) -> dict:
 def launch(launcher: str, script: str, args: list, timeout: int = 300, nproc: int = 2, env: dict | None = None, host: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run script under launcher with nproc ranks; host simulates another kind of CPU host."""
     cmd = launcher_command(launcher, script, nproc) + [str(a) for a in args]
-    full_env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **host_env(host), **(env or {})}
+    # One thread per rank under every launcher (torchrun's default; 2 ranks share 2 cores here):
+    # float sums that a thread count can reorder then agree to the last bit across launchers.
+    full_env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", **host_env(host), **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
