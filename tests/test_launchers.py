@@ -1,6 +1,7 @@
 """launch/train.py under every launcher: 2 real CPU ranks train, prune, re-tune and export;
 the export is re-evaluated in this (plain) process and must give the metric the run reported."""
 import json
+import os
 import shutil
 
 import pytest
@@ -58,7 +59,7 @@ def test_accelerate_launch(tmp_path, deepspeed_run):
     out = tmp_path / "run"
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--config_file", "launch/accelerate/zero3.yaml", "--main_process_port", str(free_port()), "launch/train.py"] + [str(a) for a in QUICK + ["--output_dir", out]]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     check_run(out, json.loads((deepspeed_run / "summary.json").read_text()))
 
@@ -67,7 +68,6 @@ def test_two_nodes_simulated_over_loopback_with_node_local_disks(tmp_path, deeps
     """Two `torchrun --nnodes 2 --node_rank i` invocations of 1 rank each, rendezvous on
     127.0.0.1, each "node" with its own output root: every node holds a complete checkpoint,
     and node 1's alone resumes (here on 1 rank) to the model node 0 exported."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -75,7 +75,7 @@ def test_two_nodes_simulated_over_loopback_with_node_local_disks(tmp_path, deeps
 
     port = str(free_port())
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # as launch_utils.launch: one thread per rank
     procs = [
         subprocess.Popen([torchrun, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, "launch/train.py"]
                          + [str(a) for a in QUICK + ["--output_dir", tmp_path / f"node{rank}" / "run"]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
