@@ -147,18 +147,6 @@ def _step_like(optimizer, current, step: int):
     return torch.tensor(float(step), device="cpu")  # cpu: where torch's AdamW keeps its step count
 
 
-def global_masks(masks: dict[str, ShardMask]) -> dict[str, torch.Tensor]:
-    """Each pruned weight's mask over its whole flattened shape, bit-packed (1 = pruned).
-    Collective, one weight at a time: no rank holds more than one weight's bits."""
-    out = {}
-    for name in sorted(masks):
-        mask = masks[name]
-        parts = sorted(dist.all_gather_object((mask.start, mask.numel, mask.bits)))
-        bits = np.concatenate([np.unpackbits(b, count=n) for _, n, b in parts])
-        out[name] = torch.from_numpy(np.packbits(bits))
-    return out
-
-
 def shard_masks(model: nn.Module, packed: dict[str, torch.Tensor]) -> dict[str, ShardMask]:
     """This rank's part of saved whole-weight masks, for its own shard of each weight."""
     params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}

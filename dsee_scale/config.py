@@ -89,6 +89,8 @@ class PruneConfig:
         metadata={"help": "regexes on parameter names to prune (2-D weights of the transformer blocks by default)"},
     )
     exclude: list[str] = field(default_factory=lambda: [r".*(norm|ln_|embed|wte|wpe|LayerNorm).*"], metadata={"help": "regexes never pruned"})
+    pattern: str | None = field(default=None, metadata={"help": "N:M semi-structured pruning instead, e.g. 2:4 (sparse tensor cores) or 4:8: every M consecutive weights along the input dimension keep the N highest scores"})
+    keep_sparse: bool = field(default=True, metadata={"help": "re-tune and merge ΔW ⊙ M (M: the pruning mask), so the merged model is exactly as sparse as the pruned backbone; false: dense ΔW (the paper's), adapted matrices become dense when merged"})
     heads: float = field(default=0.0, metadata={"help": "structured: fraction of attention heads to remove"})
     ffn: float = field(default=0.0, metadata={"help": "structured: fraction of FFN neurons to remove"})
     structured_score: str = field(default="dsee", metadata={"help": "head/neuron importance: dsee (|ΔW|, the paper's, data-free), weight (|W|) or gradient (gate gradients over calibration batches; the most accurate in benchmarks/RESULTS.md)"})
@@ -101,6 +103,12 @@ class PruneConfig:
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"prune.{name} must be in [0, 1), got {value!r}")
         from dsee_scale.prune import PRUNE_SCORES, PRUNE_SELECTORS
+        from dsee_scale.semistructured import parse_pattern
+
+        if self.pattern is not None:
+            n, m = parse_pattern(self.pattern)
+            if self.sparsity not in (0.0, 1 - n / m):
+                raise ValueError(f"prune.pattern {self.pattern} prunes {1 - n / m:.0%} of every group: set prune.sparsity to {1 - n / m:g} or 0")
 
         if self.score not in PRUNE_SCORES:
             raise ValueError(f"unknown prune.score {self.score!r}: choose one of {', '.join(PRUNE_SCORES)}")
@@ -161,7 +169,7 @@ class TrainConfig:
     dist_timeout_min: float = field(default=30.0, metadata={"help": "a collective that waits longer than this fails the run instead of hanging"})
     keep_checkpoints: int = field(default=2, metadata={"help": "most recent checkpoints kept in output_dir/checkpoints"})
     export_merged: bool = field(default=True, metadata={"help": "export stage: also merge the adapters and write a plain HF folder (false: adapter file only)"})
-    export_remask: bool = field(default=False, metadata={"help": "after pruning, merge with re-masking: the exported weights are exactly as sparse as the masks, but ΔW at pruned entries is dropped (costs accuracy); default: the exact adapted function (adapted matrices become dense)"})
+    export_remask: bool = field(default=False, metadata={"help": "with prune.keep_sparse false: merge with re-masking, so the exported weights are exactly as sparse as the masks but ΔW at pruned entries is dropped (costs accuracy); default: the exact adapted function"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (non-reentrant) to trade compute for activation memory"})
     gen_samples: int = field(default=32, metadata={"help": "LM with source||target data: examples generated for BLEU"})
     gen_max_new_tokens: int = field(default=40, metadata={"help": "tokens generated per example for BLEU"})

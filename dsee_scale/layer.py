@@ -120,6 +120,10 @@ class DSEELayer(nn.Module):
         self.lora_B = nn.Parameter(b.to(device=device, dtype=dtype))
         self.sparse_values = nn.Parameter(values.to(device=device, dtype=dtype))
         self.register_buffer("sparse_index", support.to(device=device, dtype=torch.int64, copy=True))
+        # Set after pruning (keep_mask): ΔW is trained and merged as ΔW ⊙ M, so the merged weight
+        # is exactly as sparse as the pruned W. Whole (storage layout) on every rank; not saved
+        # with the adapter (checkpoints and the run's masks restore it).
+        self.register_buffer("delta_mask", None, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def extra_repr(self) -> str:
@@ -163,11 +167,31 @@ class DSEELayer(nn.Module):
         out = x.new_zeros(*x.shape[:-1], self.out_features)
         return out.index_add(-1, rows, contrib)
 
+    def keep_mask(self, mask: torch.Tensor | None) -> None:
+        """Confine ΔW to the backbone's surviving weights (mask: bool, True = kept, in the base
+        weight's storage layout); None lifts it."""
+        self.delta_mask = None if mask is None else mask.to(device=self.sparse_index.device, dtype=torch.bool)
+
+    def _masked_delta(self) -> torch.Tensor:
+        """ΔW ⊙ M (out × in), differentiable: the re-tune forward under keep_mask. It costs one
+        dense (out × in) matrix per call, the price of a merge that stays sparse."""
+        a, b = self.lora_A, self.lora_B
+        delta = a.new_zeros(self.out_features, self.in_features)
+        row = 0
+        for i, (start, stop) in enumerate(self.slices):
+            delta[start:stop] = (b[row : row + stop - start] @ a[i * self.rank : (i + 1) * self.rank]) * self.scaling
+            row += stop - start
+        rows, cols = self._support_coordinates()
+        delta = delta.index_put((rows, cols), self.sparse_values, accumulate=True)
+        return delta * (self.delta_mask.t() if self.transposed else self.delta_mask)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.merged:
             return y
         h = self.dropout(x)
+        if self.delta_mask is not None:
+            return y + nn.functional.linear(h, self._masked_delta()).to(y.dtype)
         delta = self._low_rank(h)
         if self.sparse_index.numel():
             delta = delta + self._sparse(h)
@@ -177,8 +201,8 @@ class DSEELayer(nn.Module):
     def delta_rows(self, first: int, last: int) -> torch.Tensor:
         """Rows [first, last) of ΔW in the base weight's storage layout (ΔWᵀ for Conv1D), fp32.
 
-        The one ΔW computation (merges, exports, pruning scores); only the rows asked for are
-        formed. Call inside `zero.gathered` of the adapter under ZeRO-3.
+        The one ΔW computation (merges, exports, pruning scores; ⊙ M under keep_mask); only the
+        rows asked for are formed. Call inside `zero.gathered` of the adapter under ZeRO-3.
         """
         a, b = self.lora_A.detach().float(), self.lora_B.detach().float()
         block = torch.zeros(last - first, self.out_features if self.transposed else self.in_features, device=a.device)
@@ -196,7 +220,7 @@ class DSEELayer(nn.Module):
         r, c = (cols, rows) if self.transposed else (rows, cols)
         keep = (r >= first) & (r < last)
         block.index_put_((r[keep] - first, c[keep]), self.sparse_values.detach().float()[keep], accumulate=True)
-        return block
+        return block if self.delta_mask is None else block * self.delta_mask[first:last]
 
     def delta_weight(self) -> torch.Tensor:
         """Dense ΔW (out × in) of this one matrix, fp32; call inside `zero.gathered` under ZeRO-3."""
@@ -215,6 +239,7 @@ class DSEELayer(nn.Module):
         re-indexed. Call with base and adapter gathered under ZeRO-3; the new parameters are
         plain tensors until re-partitioned.
         """
+        assert self.delta_mask is None, "structured removal comes before unstructured masks"
         keep_base_rows(self.base, kept)
         position = _new_positions(kept, self.out_features)
         a_rows, b_rows, slices, row = [], [], [], 0
@@ -234,6 +259,7 @@ class DSEELayer(nn.Module):
 
     def keep_cols(self, kept: torch.Tensor) -> None:
         """Keep input features `kept` (sorted, on the weight's device) of W, A and S; as keep_rows."""
+        assert self.delta_mask is None, "structured removal comes before unstructured masks"
         keep_base_cols(self.base, kept)
         position = _new_positions(kept, self.in_features)
         self.lora_A = nn.Parameter(self.lora_A.data[:, kept].clone())

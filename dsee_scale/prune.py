@@ -20,6 +20,7 @@ from torch import nn
 
 from dsee_scale import dist, zero
 from dsee_scale.layer import DSEELayer
+from dsee_scale.semistructured import input_dim, nm_keep, parse_pattern
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 22
@@ -179,6 +180,18 @@ def _apply(targets, score, t: int | None, quota: list[int]) -> dict[str, ShardMa
     return masks
 
 
+def whole_masks(masks: dict[str, ShardMask]) -> dict[str, torch.Tensor]:
+    """Each pruned weight's mask over its whole flattened shape, bit-packed (1 = pruned).
+    Collective, one weight at a time: no rank holds more than one weight's bits."""
+    out = {}
+    for name in sorted(masks):
+        mask = masks[name]
+        parts = sorted(dist.all_gather_object((mask.start, mask.numel, mask.bits)))
+        bits = np.concatenate([np.unpackbits(b, count=n) for _, n, b in parts])
+        out[name] = torch.from_numpy(np.packbits(bits))
+    return out
+
+
 def apply_mask(param: torch.Tensor, mask: ShardMask) -> None:
     """Zero the masked entries of this rank's shard (and of a whole copy, if one exists)."""
     dense = mask.dense()
@@ -242,6 +255,33 @@ def magnitude_prune(
     if score not in PRUNE_SCORES:
         raise ValueError(f"unknown prune score {score!r}: choose one of {', '.join(PRUNE_SCORES)}")
     return PRUNE_SELECTORS[scope](targets, score, sparsity)
+
+
+def nm_prune(model: nn.Module, pattern: str, score: str = "weight", include: list[str] | None = None, exclude: list[str] | None = None) -> dict[str, ShardMask]:
+    """N:M semi-structured pruning ('2:4'): in every M consecutive weights along the input
+    dimension the N highest scores stay. One matrix at a time, gathered whole, so groups that
+    straddle ZeRO-3 shard boundaries are decided exactly; each rank masks its own shard. Collective."""
+    from dsee_scale.config import PruneConfig
+
+    n, m = parse_pattern(pattern)
+    defaults = PruneConfig()
+    fn, uses_delta = PRUNE_SCORES[score]
+    owners = {id(p): module for module in model.modules() for p in module.parameters(recurse=False)}
+    masks = {}
+    for target in prune_targets(model, include or defaults.include, exclude or defaults.exclude):
+        layer = target.layer if uses_delta else None
+        with torch.no_grad(), zero.gathered([target.param, *(layer.adapter_parameters() if layer else [])]):
+            weight = target.param.detach().float()
+            delta = layer.delta_rows(0, weight.shape[0]).to(weight.device) if layer else None
+            try:
+                pruned = ~nm_keep(fn(weight, delta), n, m, input_dim(owners[id(target.param)]))
+            except ValueError as err:
+                raise ValueError(f"{target.name}: {err}") from None
+        start, stop = zero.shard_range(target.param)
+        mine = pruned.reshape(-1)[start:stop]
+        masks[target.name] = ShardMask(start, mine.numel(), np.packbits(mine.cpu().numpy()))  # host bits: saved with checkpoints
+        apply_mask(target.param, masks[target.name])
+    return masks
 
 
 def reapply_masks(model: nn.Module, masks: dict[str, ShardMask]) -> None:

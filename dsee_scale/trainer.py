@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -28,7 +29,7 @@ from dsee_scale.export import atomic_save_file, export_hf, load_support, save_ad
 from dsee_scale.flops import inference_flops
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.models import build_model, builtin_config
-from dsee_scale.prune import ShardMask, magnitude_prune, reapply_masks, sparsity_report
+from dsee_scale.prune import ShardMask, magnitude_prune, nm_prune, reapply_masks, sparsity_report, whole_masks
 from dsee_scale.structured import remove, structured_prune
 from dsee_scale.validate import validate_before_launch
 
@@ -49,6 +50,7 @@ class Recipe:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.masks: dict[str, ShardMask] = {}
         self.plan: dict | None = None  # kept heads / FFN neurons per layer, after structured pruning
+        self.keep_sparse = False  # adapters confined to the unpruned weights (layer.keep_mask)
         self.summary: dict = {}
         self.done: dict = {"stage": None, "step": 0, "finished": []}
         self.losses: dict[str, list[float]] = {}
@@ -234,12 +236,27 @@ class Recipe:
             self.engine.destroy()
             self.engine = create_engine(self.model, self.ds_config, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
             self.timings["structured_s"] = time.time() - tic
-        if p.sparsity > 0:
+        if p.pattern or p.sparsity > 0:
             tic = time.time()
-            self.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude)
+            if p.pattern:
+                self.masks = nm_prune(self.model, p.pattern, p.score, p.include, p.exclude)
+            else:
+                self.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude)
             self.timings["prune_s"] = time.time() - tic
-            log.info("pruned to %.1f%% sparsity in %.1fs", 100 * p.sparsity, self.timings["prune_s"])
+            log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", self.timings["prune_s"])
+            self.keep_sparse = p.keep_sparse
+            if self.keep_sparse:
+                self._confine_deltas(whole_masks(self.masks))
         self.summary["sparsity"] = sparsity_report(self.model, p.include, p.exclude)["total"]
+
+    def _confine_deltas(self, packed: dict[str, torch.Tensor]) -> None:
+        """From now on every adapter trains and merges ΔW ⊙ M (layer.keep_mask)."""
+        for name, layer in dsee_layers(self.model).items():
+            bits = packed.get(f"{name}.weight")
+            if bits is not None:
+                shape = zero.full_shape(layer.base.weight)
+                pruned = np.unpackbits(bits.numpy(), count=shape.numel()).reshape(tuple(shape))
+                layer.keep_mask(torch.from_numpy(pruned == 0))
 
     def _calibration_batches(self, n: int) -> list[dict]:
         batches = GlobalBatches(len(self.train_rows), self.micro, 1, self.world, seed=self.cfg.seed + 7)
@@ -289,10 +306,10 @@ class Recipe:
         state = {
             "done": self.done, "losses": self.losses, "summary": self.summary, "plan": self.plan, "backbone_digest": self.backbone_digest,
             "optimizer_step": checkpoint.optimizer_step(self.engine), "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "world_size": self.world, "run": self.identity,
+            "world_size": self.world, "run": self.identity, "keep_sparse": self.keep_sparse,
         }
         tensors = checkpoint.trainable_state(self.model, self.engine)
-        masks = checkpoint.global_masks(self.masks)
+        masks = whole_masks(self.masks)
         tag = f"{self.done['stage']}-{self.done['step']}"
         checkpoint.save(self.ckpt_dir, tag, state, tensors, masks, self.writer, keep=self.cfg.keep_checkpoints)
         self.timings["checkpoint_s"] = time.time() - tic
@@ -305,6 +322,9 @@ class Recipe:
         if masks:
             self.masks = checkpoint.shard_masks(self.model, masks)
             reapply_masks(self.model, self.masks)
+            self.keep_sparse = state["keep_sparse"]
+            if self.keep_sparse:
+                self._confine_deltas(masks)
         log.info("resumed at %s step %d (saved by %d ranks, now %d)", self.done["stage"], self.done["step"], state["world_size"], self.world)
 
     # ---- the whole run -----------------------------------------------------------------------

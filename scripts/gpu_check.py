@@ -6,6 +6,8 @@ steps on small models and 2 CPU ranks (part of `make test`).
    give the logits the engine gave.
 2. A BERT config: structured pruning (heads and FFN neurons removed), re-tune, export, same
    reload check.
+2b. GPT-2 with 2:4 pruning and the sparsity-preserving re-tune: the export is 2:4 in every
+   pruned matrix; on a GPU it also runs with PyTorch semi-structured weights (logits, latency).
 3. Training speed (tokens/s) of DSEE, PEFT LoRA and full fine-tuning on the same engine.
 
 Each check prints one JSON line, appended to <out>/gpu_check.jsonl; the exit status is non-zero
@@ -108,10 +110,39 @@ def run(cmd: list) -> None:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-6000:]}")
 
 
+def sparse24_check(run_dir: Path, device: str) -> dict:
+    """The 2:4 export: every pruned matrix (adapted ones too) 2:4 along its input dimension;
+    on a GPU also loaded with PyTorch semi-structured weights: logits and latency vs dense."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dsee_scale.flops import measure_latency
+    from dsee_scale.models import TASK_MODELS
+    from dsee_scale.semistructured import is_nm_sparse, to_semi_structured
+
+    weights = load_file(str(run_dir / "export" / "merged" / "model.safetensors"))
+    pruned = [n for n in weights if ".h." in n and n.endswith("weight") and weights[n].dim() == 2]
+    result = {"matrices": len(pruned), "all_2of4": all(is_nm_sparse(weights[n], 2, 4, dim=0) for n in pruned)}
+    if device == "cuda":
+        saved = torch.load(run_dir / "engine_logits.pt", weights_only=True)
+        load = lambda: TASK_MODELS["lm"].from_pretrained(run_dir / "export" / "merged", dtype=torch.bfloat16).to(device).eval()  # noqa: E731
+        dense, sparse = load(), load()
+        result["semi_structured_modules"] = len(to_semi_structured(sparse))
+        ids = saved["input_ids"].to(device)
+        with torch.inference_mode():
+            ref, got = dense(input_ids=ids).logits.float(), sparse(input_ids=ids).logits.float()
+            result["semi_structured_relative_l2_diff"] = ((got - ref).norm() / ref.norm()).item()
+            for batch in (1, 8, 64):
+                tokens = {"input_ids": torch.randint(0, dense.config.vocab_size, (batch, 128), device=device)}
+                result[f"latency_ms_batch{batch}"] = {"dense": round(measure_latency(dense, tokens), 3), "2of4": round(measure_latency(sparse, tokens), 3)}
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="small models on 2 CPU ranks (the same code path)")
     p.add_argument("--out", default="runs/gpu_check")
+    p.add_argument("--only", default="gpt2,bert,sparse24,speed", help="checks to run, comma-separated: gpt2, bert, sparse24, speed")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args()
     if args.worker:
@@ -131,32 +162,41 @@ def main() -> None:
     common = ["--ds_config", ds_config, "--steps", tune, "--retune_steps", retune, "--save_every", 0, "--log_every", max(1, tune // 4),
               "--stages", "tune,prune,retune,export", "--overwrite", "--micro_batch_size", 4]
 
-    run_dir = out / "gpt2_unstructured"
-    run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", gpt2, "--prune.sparsity", 0.5, "--output_dir", run_dir, *common])
-    results.append({"check": "gpt2_prune50_export_reload", "model": gpt2, "ds_config": ds_config, **reload_check(run_dir, "lm", device)})
+    only = args.only.split(",")
+    if "gpt2" in only:
+        run_dir = out / "gpt2_unstructured"
+        run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", gpt2, "--prune.sparsity", 0.5, "--output_dir", run_dir, *common])
+        results.append({"check": "gpt2_prune50_export_reload", "model": gpt2, "ds_config": ds_config, **reload_check(run_dir, "lm", device)})
 
-    train, eval_ = write_classification_data(out / "data")
-    run_dir = out / "bert_structured"
-    run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", bert, "--task", "cls", "--train_file", train, "--eval_file", eval_, "--text_column", "sentence",
-                          "--prune.sparsity", 0, "--prune.heads", 0.25, "--prune.ffn", 0.25, "--output_dir", run_dir, *common])
-    results.append({"check": "bert_structured_export_reload", "model": bert, "ds_config": ds_config, **reload_check(run_dir, "cls", device)})
+    if "bert" in only:
+        train, eval_ = write_classification_data(out / "data")
+        run_dir = out / "bert_structured"
+        run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", bert, "--task", "cls", "--train_file", train, "--eval_file", eval_, "--text_column", "sentence",
+                              "--prune.sparsity", 0, "--prune.heads", 0.25, "--prune.ffn", 0.25, "--output_dir", run_dir, *common])
+        results.append({"check": "bert_structured_export_reload", "model": bert, "ds_config": ds_config, **reload_check(run_dir, "cls", device)})
 
-    speed_file = out / "speed.jsonl"
-    speed_file.unlink(missing_ok=True)
-    for method in ("full", "peft_lora", "dsee"):
-        run(launcher(mode) + ["benchmarks/memory_worker.py", "--method", method, "--out", str(speed_file), *speed])
-    lines = {line["method"]: line for line in map(json.loads, speed_file.read_text().splitlines())}
-    results.append({"check": "speed", **{f"{m}_tokens_per_s": lines[m]["tokens_per_s"] for m in lines},
-                    "dsee_vs_peft_lora": round(lines["dsee"]["tokens_per_s"] / lines["peft_lora"]["tokens_per_s"], 3),
-                    "dsee_vs_full": round(lines["dsee"]["tokens_per_s"] / lines["full"]["tokens_per_s"], 3),
-                    "peak_device_mb": {m: lines[m].get("peak_device_mb") for m in lines}, "speed_flags": speed})
+    if "sparse24" in only:
+        run_dir = out / "gpt2_2of4"
+        run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", gpt2, "--prune.pattern", "2:4", "--output_dir", run_dir, *common])
+        results.append({"check": "gpt2_2of4_export_reload", "model": gpt2, "ds_config": ds_config, **reload_check(run_dir, "lm", device), **sparse24_check(run_dir, device)})
+
+    if "speed" in only:
+        speed_file = out / "speed.jsonl"
+        speed_file.unlink(missing_ok=True)
+        for method in ("full", "peft_lora", "dsee"):
+            run(launcher(mode) + ["benchmarks/memory_worker.py", "--method", method, "--out", str(speed_file), *speed])
+        lines = {line["method"]: line for line in map(json.loads, speed_file.read_text().splitlines())}
+        results.append({"check": "speed", **{f"{m}_tokens_per_s": lines[m]["tokens_per_s"] for m in lines},
+                        "dsee_vs_peft_lora": round(lines["dsee"]["tokens_per_s"] / lines["peft_lora"]["tokens_per_s"], 3),
+                        "dsee_vs_full": round(lines["dsee"]["tokens_per_s"] / lines["full"]["tokens_per_s"], 3),
+                        "peak_device_mb": {m: lines[m].get("peak_device_mb") for m in lines}, "speed_flags": speed})
     with open(out / "gpu_check.jsonl", "a") as f:
         for result in results:
             line = json.dumps({**host, **result})
             print(line)
             f.write(line + "\n")
-    if not all(r.get("reload_ok", True) for r in results):
-        sys.exit("a reloaded export did not give the engine's logits (see reload_ok above)")
+    if not all(r.get("reload_ok", True) and r.get("all_2of4", True) for r in results):
+        sys.exit("a reloaded export did not give the engine's logits or is not 2:4 (see reload_ok / all_2of4 above)")
 
 
 if __name__ == "__main__":

@@ -54,3 +54,9 @@ def run_launcher(launcher: str, script: str, args: list, **options) -> str:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(map(str, proc.args))} failed ({proc.returncode}):\n{output[-6000:]}"
     return output
+
+
+def one_process(args: list, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """launch/train.py as a plain single process (world size 1), offline."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "launch/train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)

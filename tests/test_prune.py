@@ -1,11 +1,13 @@
 """Exact magnitude pruning: single process vs torch.nn.utils.prune, and 2-rank ZeRO-3 shards."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.utils.prune as torch_prune
 from conftest import tiny_model
-from launch_utils import run_launcher
+from launch_utils import one_process, run_launcher
+from transformers.pytorch_utils import Conv1D
 
 from dsee_scale import DSEEConfig, apply_dsee
 from dsee_scale.config import PruneConfig
@@ -20,18 +22,23 @@ def adapted(kind: str, task: str = "lm"):
     return apply_dsee(tiny_model(kind, task), DSEE)
 
 
+def dense_scores(target, score: str) -> torch.Tensor:
+    """|W|, |W + ΔW| or |ΔW| of one target as a dense matrix in its storage layout."""
+    dense = target.param.data.float()
+    if score != "weight" and target.layer is not None:
+        delta = target.layer.delta_weight().detach()
+        delta = delta.t() if target.layer.transposed else delta
+        dense = delta if score == "delta" else dense + delta
+    return dense.abs()
+
+
 def reference_masks(model, sparsity: float, scope: str = "global", score: str = "weight") -> dict[str, torch.Tensor]:
     """Masks (True = pruned) from torch.nn.utils.prune on dense scores of the same weights."""
     targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
     holders = []
     for t in targets:
         holder = torch.nn.Module()
-        dense = t.param.data.float()
-        if score != "weight" and t.layer is not None:
-            delta = t.layer.delta_weight().detach()
-            delta = delta.t() if t.layer.transposed else delta
-            dense = delta if score == "delta" else dense + delta
-        holder.weight = torch.nn.Parameter(dense.abs().contiguous().clone())
+        holder.weight = torch.nn.Parameter(dense_scores(t, score).contiguous().clone())
         holders.append(holder)
     if scope == "global":
         torch_prune.global_unstructured([(h, "weight") for h in holders], pruning_method=torch_prune.L1Unstructured, amount=sparsity)
@@ -39,6 +46,86 @@ def reference_masks(model, sparsity: float, scope: str = "global", score: str = 
         for h in holders:
             torch_prune.l1_unstructured(h, "weight", amount=sparsity)
     return {t.name: (h.weight_mask == 0).flatten() for t, h in zip(targets, holders)}
+
+
+def reference_nm_masks(model, n: int, m: int, score: str) -> dict[str, torch.Tensor]:
+    """N:M masks (True = pruned) by a plain loop over groups along the input dimension."""
+    out = {}
+    for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
+        scores = dense_scores(t, score)
+        transposed = isinstance(model.get_submodule(t.name.rsplit(".", 1)[0]), Conv1D)
+        rows = scores.t() if transposed else scores  # (out, in): groups run along each row
+        pruned = torch.zeros_like(rows, dtype=torch.bool)
+        for r in range(rows.shape[0]):
+            for g in range(0, rows.shape[1], m):
+                group = rows[r, g : g + m].tolist()
+                keep = sorted(range(m), key=lambda i: (-group[i], i))[:n]
+                for i in range(m):
+                    pruned[r, g + i] = i not in keep
+        out[t.name] = (pruned.t() if transposed else pruned).flatten()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("score", ["weight", "merged"])
+def test_nm_pruning_keeps_n_of_every_m_along_the_input_dimension(kind, score):
+    from dsee_scale.prune import nm_prune
+    from dsee_scale.semistructured import input_dim, is_nm_sparse
+
+    model = adapted(kind)
+    expected = reference_nm_masks(model, 2, 4, score)
+    masks = nm_prune(model, "2:4", score=score)
+    owners = {id(p): mod for mod in model.modules() for p in mod.parameters(recurse=False)}
+    for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
+        assert torch.equal(masks[t.name].dense(), expected[t.name]), t.name
+        assert is_nm_sparse(t.param.data, 2, 4, input_dim(owners[id(t.param)])), t.name
+    assert sparsity_report(model)["total"] == 0.5
+
+
+def test_nm_helpers_refuse_bad_patterns_and_shapes():
+    from dsee_scale.semistructured import nm_keep, parse_pattern
+
+    assert parse_pattern("4:8") == (4, 8)
+    for bad in ("2-4", "4:2", "0:4", "a:b"):
+        with pytest.raises(ValueError, match="N:M pattern"):
+            parse_pattern(bad)
+    with pytest.raises(ValueError, match="not a multiple of M=4"):
+        nm_keep(torch.rand(3, 6), 2, 4, dim=1)
+    assert nm_keep(torch.ones(1, 8), 2, 4, dim=1).tolist() == [[True, True, False, False, True, True, False, False]]  # ties: lower index
+    with pytest.raises(ValueError, match="prune.pattern 1:4 prunes 75%"):
+        PruneConfig(pattern="1:4", sparsity=0.5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_keep_sparse_retune_merges_exactly_and_stays_as_sparse_as_the_mask(kind):
+    """After pruning, ΔW ⊙ M is trained: the merge is exact and zero wherever W was pruned."""
+    from dsee_scale.inject import dsee_layers
+    from dsee_scale.prune import whole_masks
+
+    model = adapted(kind)
+    masks = magnitude_prune(model, 0.5)
+    whole = whole_masks(masks)
+    layers = dsee_layers(model)
+    for name, layer in layers.items():
+        pruned = torch.from_numpy(np.unpackbits(whole[f"{name}.weight"].numpy(), count=layer.base.weight.numel())).reshape(layer.base.weight.shape)
+        layer.keep_mask(pruned == 0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 100, (2, 12))
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        for layer in layers.values():
+            assert layer.lora_B.abs().sum() > 0  # it trained
+            layer.merge()
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    for name, layer in layers.items():
+        assert torch.equal(layer.base.weight.flatten() == 0, masks[f"{name}.weight"].dense()), name
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "deberta-v2"])
@@ -145,12 +232,14 @@ def test_two_rank_zero3_masks_equal_single_process(kind, task, tmp_path):
     for key, got in results.items():
         scope, score, sparsity = key.split("-")
         model = apply_dsee(build_model(base, task), DSEE)
-        expected = reference_masks(model, float(sparsity), scope, score)
+        expected = reference_nm_masks(model, 2, 4, score) if scope == "pattern" else reference_masks(model, float(sparsity), scope, score)
         assert set(got["masks"]) == set(expected)
         for name, mask in got["masks"].items():
             assert torch.equal(mask, expected[name]), (key, name)
         if scope == "global":
             assert got["zeros"] == round(float(sparsity) * got["numel"])
+        if scope == "pattern":
+            assert got["zeros"] * 2 == got["numel"]
 
 
 @pytest.mark.multiproc
@@ -183,3 +272,25 @@ def test_sparse_backbone_plus_unmerged_adapter_export_is_the_exact_function(tmp_
         assert torch.equal(params[name].detach().flatten() == 0, mask.dense()), name
     restored = load_adapter(backbone, tmp_path / "adapter")
     torch.testing.assert_close(restored(input_ids=ids).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_recipe_with_a_2_4_pattern_exports_a_2_4_sparse_model_with_the_runs_metric(tmp_path):
+    """The shipped recipe, one process: 2:4 pruning, sparsity-preserving re-tune, exact merge."""
+    from safetensors.torch import load_file
+
+    from dsee_scale.evaluate import evaluate_folder
+    from dsee_scale.semistructured import is_nm_sparse
+
+    run = tmp_path / "run"
+    proc = one_process(["--model", "builtin:tiny-gpt2", "--steps", 4, "--retune_steps", 3, "--micro_batch_size", 4, "--save_every", 0,
+                        "--gen_samples", 2, "--gen_max_new_tokens", 2, "--prune.pattern", "2:4", "--output_dir", run])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sparsity"] == summary["final_sparsity"] == 0.5  # merging kept every zero
+    weights = load_file(str(run / "export" / "merged" / "model.safetensors"))
+    pruned = [n for n in weights if ".h." in n and n.endswith("weight") and weights[n].dim() == 2]
+    assert any("c_attn" in n for n in pruned)  # the adapted matrices too
+    for name in pruned:
+        assert is_nm_sparse(weights[name], 2, 4, dim=0), name  # Conv1D: (in, out)
+    plain = evaluate_folder(str(run / "export" / "merged"), str(run / "data" / "eval.txt"), "lm")
+    assert plain["eval_loss"] == pytest.approx(summary["after"]["eval_loss"], rel=1e-5)

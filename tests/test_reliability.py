@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, SHARED_DATA, minilm_dir
-from launch_utils import launcher_command, run_launcher
+from launch_utils import launcher_command, one_process, run_launcher
 
 sys.path.insert(0, str(ROOT / "launch"))
 from train import main  # noqa: E402
@@ -160,12 +160,6 @@ def test_kill_during_save_then_resume_repeats_the_uninterrupted_run(tmp_path):
     resumed = json.loads((crashed / "summary.json").read_text())
     assert resumed["losses"] == expected["losses"]
     assert resumed["sparsity"] == expected["sparsity"] == 0.5
-
-
-def one_process(args: list, env: dict | None = None) -> subprocess.CompletedProcess:
-    """launch/train.py as a plain single process (world size 1)."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "launch/train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=full_env)
 
 
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_so(tmp_path):

@@ -14,7 +14,7 @@ from dsee_scale import DSEEConfig, apply_dsee, zero  # noqa: E402
 from dsee_scale import dist as ddist  # noqa: E402
 from dsee_scale.engine import create_engine  # noqa: E402
 from dsee_scale.models import build_model  # noqa: E402
-from dsee_scale.prune import magnitude_prune, reapply_masks, sparsity_report  # noqa: E402
+from dsee_scale.prune import magnitude_prune, nm_prune, reapply_masks, sparsity_report  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--base", required=True)
@@ -68,6 +68,11 @@ else:
         masks = full_masks(magnitude_prune(model, sparsity, scope=scope, score=score))
         report = sparsity_report(model)
         results[f"{scope}-{score}-{sparsity}"] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"]}
+    for score in ("weight", "merged"):
+        model = fresh_model()
+        masks = full_masks(nm_prune(model, "2:4", score=score))
+        report = sparsity_report(model)
+        results[f"pattern-{score}-2:4"] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"]}
     if rank == 0:
         torch.save(results, out / "masks.pt")
 dist.barrier()
