@@ -53,7 +53,7 @@ def reference_nm_masks(model, n: int, m: int, score: str) -> dict[str, torch.Ten
     out = {}
     for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
         scores = dense_scores(t, score)
-        transposed = isinstance(model.get_submodule(t.name.rsplit(".", 1)[0]), Conv1D)
+        transposed = t.layer.transposed if t.layer is not None else isinstance(model.get_submodule(t.name.rsplit(".", 1)[0]), Conv1D)
         rows = scores.t() if transposed else scores  # (out, in): groups run along each row
         pruned = torch.zeros_like(rows, dtype=torch.bool)
         for r in range(rows.shape[0]):
