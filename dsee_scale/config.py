@@ -293,6 +293,11 @@ def train_config_from_argv(argv: list[str] | None = None) -> TrainConfig:
             node = node[part]
         node[leaf] = getattr(args, name)
 
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):  # a section given in part keeps TrainConfig's defaults for the rest
+        if dataclasses.is_dataclass(getattr(defaults, f.name)) and isinstance(merged.get(f.name), dict):
+            merged[f.name] = {**dataclasses.asdict(getattr(defaults, f.name)), **merged[f.name]}
+
     def syntax(data: dict, prefix: str = "") -> dict:
         return {k: syntax(v, f"{prefix}{k}.") if isinstance(v, dict) else _flag_syntax(kinds.get(prefix + k), v) for k, v in data.items()}
 

@@ -102,6 +102,15 @@ def test_recipe_values_are_typed_like_the_same_flags(tmp_path):
     assert from_recipe == from_flags and from_recipe.lr == 1e-3 and from_recipe.stages == ["tune"] and from_recipe.dsee.rank == 16
 
 
+def test_a_section_given_in_part_keeps_the_other_defaults():
+    """`--prune.score delta` alone must not reset the default 50% sparsity to PruneConfig's 0."""
+    from dsee_scale.config import TrainConfig, train_config_from_argv
+
+    cfg = train_config_from_argv(["--prune.score", "delta", "--dsee.rank", "4"])
+    assert cfg.prune.score == "delta" and cfg.prune.sparsity == TrainConfig().prune.sparsity == 0.5
+    assert cfg.dsee.rank == 4 and cfg.dsee.nnz == TrainConfig().dsee.nnz
+
+
 @pytest.mark.parametrize("recipe", sorted((ROOT / "launch" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_parses_into_a_train_config(recipe):
     from dsee_scale.config import train_config_from_argv
