@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dsee_scale import dist, zero
-from dsee_scale.prune import ShardMask
+from dsee_scale.prune import ShardMask, unpack_mask
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "DSEE_FAULT_INJECT"  # test hook: "kill_during_save:<tag>" or "enospc_during_save:<tag>"
@@ -155,11 +155,12 @@ def shard_masks(model: nn.Module, packed: dict[str, torch.Tensor]) -> dict[str, 
         raise CheckpointError(f"the checkpoint has masks for weights this model does not have: {unknown[:3]}")
     out = {}
     for name, bits in packed.items():
-        numel = zero.full_numel(params[name])
-        if bits.numel() != (numel + 7) // 8:
-            raise CheckpointError(f"the mask of {name} covers {bits.numel() * 8} entries, the weight has {numel}")
+        try:
+            whole = unpack_mask(bits, zero.full_numel(params[name]))
+        except ValueError as err:
+            raise CheckpointError(f"the mask of {name}: {err}") from None
         start, stop = zero.shard_range(params[name])
-        mine = np.unpackbits(bits.numpy(), count=numel)[start:stop]
+        mine = whole[start:stop]
         out[name] = ShardMask(start, stop - start, np.packbits(mine))
     return out
 

@@ -1,7 +1,6 @@
 """DeepSpeed engine for a DSEE model: only adapters (and the head) reach the optimizer."""
 from __future__ import annotations
 
-import atexit
 import contextlib
 import glob
 import logging
@@ -33,14 +32,16 @@ def init_distributed(timeout_min: float = 30.0) -> None:
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timedelta(minutes=timeout_min))
     if get_accelerator().device_name() != "cpu":  # one device per rank before the first collective (Ω's broadcasts)
         get_accelerator().set_device(dist.local_rank())
-    atexit.register(remove_shm_buffers)
+    else:
+        dist.barrier()  # every rank has mapped every peer's buffer (DeepSpeed's shm_initialize)
+        unlink_shm_buffers()
 
 
-def remove_shm_buffers() -> None:
-    """DeepSpeed's CPU shared-memory collectives leave a 69 MB /dev/shm buffer per rank and run
-    (tmpfs: it is RAM); remove this rank's at exit."""
-    if not dist.initialized():
-        return
+def unlink_shm_buffers() -> None:
+    """DeepSpeed's CPU shared-memory collectives create a 69 MB /dev/shm buffer per rank and run
+    (tmpfs: it is RAM) and never remove it; a killed run left them behind (19 GB after one test
+    suite). Once every rank has mapped them, the names can go: the memory stays mapped while the
+    ranks live and is freed with the last of them, however it ends."""
     pattern = f"/dev/shm/deepspeed_*_{os.environ.get('MASTER_ADDR', '*')}_{os.environ.get('MASTER_PORT', '*')}_{dist.rank()}"
     for path in glob.glob(pattern):
         with contextlib.suppress(OSError):

@@ -192,6 +192,13 @@ def whole_masks(masks: dict[str, ShardMask]) -> dict[str, torch.Tensor]:
     return out
 
 
+def unpack_mask(bits: torch.Tensor, numel: int) -> np.ndarray:
+    """A whole weight's packed mask (whole_masks) as flat 0/1 (1 = pruned)."""
+    if bits.numel() != (numel + 7) // 8:
+        raise ValueError(f"a mask of {bits.numel() * 8} bits cannot cover a weight of {numel} entries")
+    return np.unpackbits(bits.numpy(), count=numel)
+
+
 def apply_mask(param: torch.Tensor, mask: ShardMask) -> None:
     """Zero the masked entries of this rank's shard (and of a whole copy, if one exists)."""
     dense = mask.dense()

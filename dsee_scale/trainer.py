@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -29,7 +28,7 @@ from dsee_scale.export import atomic_save_file, export_hf, load_support, save_ad
 from dsee_scale.flops import inference_flops
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.models import build_model, builtin_config
-from dsee_scale.prune import ShardMask, magnitude_prune, nm_prune, reapply_masks, sparsity_report, whole_masks
+from dsee_scale.prune import ShardMask, magnitude_prune, nm_prune, reapply_masks, sparsity_report, unpack_mask, whole_masks
 from dsee_scale.structured import remove, structured_prune
 from dsee_scale.validate import validate_before_launch
 
@@ -255,8 +254,7 @@ class Recipe:
             bits = packed.get(f"{name}.weight")
             if bits is not None:
                 shape = zero.full_shape(layer.base.weight)
-                pruned = np.unpackbits(bits.numpy(), count=shape.numel()).reshape(tuple(shape))
-                layer.keep_mask(torch.from_numpy(pruned == 0))
+                layer.keep_mask(torch.from_numpy(unpack_mask(bits, shape.numel()) == 0).reshape(shape))
 
     def _calibration_batches(self, n: int) -> list[dict]:
         batches = GlobalBatches(len(self.train_rows), self.micro, 1, self.world, seed=self.cfg.seed + 7)

@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsee_scale.checkpoint import CheckpointError  # noqa: E402
 from dsee_scale.config import train_config_from_argv  # noqa: E402
-from dsee_scale.engine import remove_shm_buffers  # noqa: E402
 from dsee_scale.trainer import NonFiniteLoss, Recipe  # noqa: E402
 from dsee_scale.validate import ConfigError, launched_rank  # noqa: E402
 
@@ -42,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             traceback.print_exc()
         sys.stderr.flush()
-        remove_shm_buffers()
         os._exit(1)
     recipe.close()
     return 0

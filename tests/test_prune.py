@@ -1,7 +1,6 @@
 """Exact magnitude pruning: single process vs torch.nn.utils.prune, and 2-rank ZeRO-3 shards."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.utils.prune as torch_prune
@@ -100,14 +99,14 @@ def test_nm_helpers_refuse_bad_patterns_and_shapes():
 def test_keep_sparse_retune_merges_exactly_and_stays_as_sparse_as_the_mask(kind):
     """After pruning, ΔW ⊙ M is trained: the merge is exact and zero wherever W was pruned."""
     from dsee_scale.inject import dsee_layers
-    from dsee_scale.prune import whole_masks
+    from dsee_scale.prune import unpack_mask, whole_masks
 
     model = adapted(kind)
     masks = magnitude_prune(model, 0.5)
     whole = whole_masks(masks)
     layers = dsee_layers(model)
     for name, layer in layers.items():
-        pruned = torch.from_numpy(np.unpackbits(whole[f"{name}.weight"].numpy(), count=layer.base.weight.numel())).reshape(layer.base.weight.shape)
+        pruned = torch.from_numpy(unpack_mask(whole[f"{name}.weight"], layer.base.weight.numel())).reshape(layer.base.weight.shape)
         layer.keep_mask(pruned == 0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 100, (2, 12))
