@@ -36,7 +36,7 @@ def test_two_simulated_nodes_equal_one_node_with_two_ranks(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # as launch_utils.launch: one thread per rank
     procs = [
         subprocess.Popen([deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port, "launch/train.py"]
                          + [str(a) for a in MULTINODE + ["--output_dir", nodes]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
