@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dsee_scale import dist, zero
+from dsee_scale.engine import torch_optimizer
 from dsee_scale.prune import ShardMask, unpack_mask
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,6 @@ def identity_differences(saved: dict, current: dict) -> list[str]:
 
 
 # ---- what is saved -----------------------------------------------------------------------------
-def _torch_optimizer(engine) -> torch.optim.Optimizer:
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -79,7 +76,7 @@ def trainable_state(model: nn.Module, engine) -> dict[str, torch.Tensor]:
     tensor-fragment API (any ZeRO stage, any world size). Collective."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    optimizer, stepped = _torch_optimizer(engine), optimizer_step(engine) > 0
+    optimizer, stepped = torch_optimizer(engine), optimizer_step(engine) > 0
     out = {}
     for name, p in _trainable(model):
         shape = zero.full_shape(p)
@@ -95,7 +92,7 @@ def trainable_state(model: nn.Module, engine) -> dict[str, torch.Tensor]:
 
 def optimizer_step(engine) -> int:
     """Optimizer steps taken (every parameter group steps together)."""
-    for state in _torch_optimizer(engine).state.values():
+    for state in torch_optimizer(engine).state.values():
         if "step" in state:
             return int(state["step"])
     return 0
@@ -113,7 +110,7 @@ def load_trainable_state(model: nn.Module, engine, tensors: dict[str, torch.Tens
         missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise CheckpointError(f"the checkpoint's trainable tensors do not fit this model: missing {missing[:4]}, unexpected {unknown[:4]}")
     load_dsee_state_dict(model, {n: tensors[f"{n}::value"] for n, _ in trainable})
-    optimizer = _torch_optimizer(engine)
+    optimizer = torch_optimizer(engine)
     if step:  # optimizers create their state at their first step: create it now, to fill it
         # ZeRO-3 hands its fp32 partitions to the torch optimizer only during a step.
         held_by_zero3 = getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])
@@ -237,7 +234,7 @@ def save(folder: Path, tag: str, state: dict, tensors: dict[str, torch.Tensor], 
             _write(folder, tag, state, tensors, masks, keep)
         except OSError as err:
             shutil.rmtree(folder / f".staging-{tag}", ignore_errors=True)
-            previous = (folder / LATEST).read_text().strip() if (folder / LATEST).exists() else "none"
+            previous = latest_tag(folder) or "none"
             error = f"checkpoint {tag} could not be written to {folder}: {err.strerror or err}; the previous checkpoint ({previous}) is intact and resumable"
     errors = [e for e in dist.all_gather_object(error) if e]
     if errors:
@@ -245,19 +242,22 @@ def save(folder: Path, tag: str, state: dict, tensors: dict[str, torch.Tensor], 
 
 
 # ---- reading -----------------------------------------------------------------------------------
+def latest_tag(folder: Path) -> str | None:
+    """The tag `latest` names; None before the first checkpoint."""
+    pointer = folder / LATEST
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
 def latest_state(folder: Path) -> dict | None:
     """state.json of the checkpoint `latest` names (cheap: read before any heavy work)."""
-    pointer = folder / LATEST
-    if not pointer.exists():
-        return None
-    return json.loads((folder / pointer.read_text().strip() / STATE).read_text())
+    tag = latest_tag(folder)
+    return None if tag is None else json.loads((folder / tag / STATE).read_text())
 
 
 def load_latest(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     """(state, trainable tensors, whole-weight masks) of the checkpoint `latest` names."""
-    pointer = folder / LATEST
-    if not pointer.exists():
+    tag = latest_tag(folder)
+    if tag is None:
         return None
-    tag = folder / pointer.read_text().strip()
-    log.info("resuming from %s", tag)
-    return json.loads((tag / STATE).read_text()), load_file(str(tag / TRAINABLE)), load_file(str(tag / MASKS))
+    log.info("resuming from %s", folder / tag)
+    return json.loads((folder / tag / STATE).read_text()), load_file(str(folder / tag / TRAINABLE)), load_file(str(folder / tag / MASKS))

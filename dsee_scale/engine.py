@@ -75,7 +75,11 @@ def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: fl
     return engine
 
 
+def torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the state: inside ZeRO's wrapper, or the engine's own."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
 def optimizer_state_numel(engine) -> int:
     """Elements of optimizer state held by this rank (all tensors of every state entry)."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    return sum(t.numel() for state in inner.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+    return sum(t.numel() for state in torch_optimizer(engine).state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)

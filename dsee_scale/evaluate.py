@@ -34,13 +34,18 @@ def finish(sums: torch.Tensor, task: str) -> dict:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
+def _my_share(n: int) -> tuple[range, int]:
+    """This rank's contiguous share of n items, and the share every rank is padded to."""
+    from dsee_scale import dist
+
+    per_rank = math.ceil(n / dist.world_size())
+    return range(n)[dist.rank() * per_rank : (dist.rank() + 1) * per_rank], per_rank
+
+
 def _my_batches(rows, micro: int, device: torch.device):
     """This rank's evaluation batches and which of their rows are real. Every rank runs the same
     number of forwards (ZeRO-3 gathers are collective); filler rows are not counted."""
-    from dsee_scale import dist
-
-    per_rank = math.ceil(len(rows) / dist.world_size())
-    mine = range(len(rows))[dist.rank() * per_rank : (dist.rank() + 1) * per_rank]
+    mine, per_rank = _my_share(len(rows))
     for i in range(math.ceil(per_rank / micro)):
         chunk = list(mine[i * micro : (i + 1) * micro])
         real = torch.tensor([True] * len(chunk) + [False] * (micro - len(chunk)), device=device)
@@ -72,8 +77,8 @@ def corpus_bleu(model, tokenizer, rows, samples: int, max_new_tokens: int, synce
     for source, target in zip(rows["source"], rows["target"]):
         refs.setdefault(source, []).append(target)
     sources = sorted(refs)[:samples]
-    per_rank = math.ceil(len(sources) / dist.world_size())
-    mine = sources[dist.rank() * per_rank : (dist.rank() + 1) * per_rank]
+    share, per_rank = _my_share(len(sources))
+    mine = [sources[i] for i in share]
     hyps = [generate(model, tokenizer, s, max_new_tokens, synced_gpus) for s in mine]
     for _ in range(per_rank - len(mine)):  # keep the collective forwards in step across ranks
         generate(model, tokenizer, sources[0], max_new_tokens, synced_gpus)

@@ -172,15 +172,19 @@ class DSEELayer(nn.Module):
         weight's storage layout); None lifts it."""
         self.delta_mask = None if mask is None else mask.to(device=self.sparse_index.device, dtype=torch.bool)
 
+    def _slice_factors(self, a: torch.Tensor, b: torch.Tensor):
+        """(start, stop, A_i, B_i) of each adapted slice: its rank-r block of A, its rows of B."""
+        row = 0
+        for i, (start, stop) in enumerate(self.slices):
+            yield start, stop, a[i * self.rank : (i + 1) * self.rank], b[row : row + stop - start]
+            row += stop - start
+
     def _masked_delta(self) -> torch.Tensor:
         """ΔW ⊙ M (out × in), differentiable: the re-tune forward under keep_mask. It costs one
         dense (out × in) matrix per call, the price of a merge that stays sparse."""
-        a, b = self.lora_A, self.lora_B
-        delta = a.new_zeros(self.out_features, self.in_features)
-        row = 0
-        for i, (start, stop) in enumerate(self.slices):
-            delta[start:stop] = (b[row : row + stop - start] @ a[i * self.rank : (i + 1) * self.rank]) * self.scaling
-            row += stop - start
+        delta = self.lora_A.new_zeros(self.out_features, self.in_features)
+        for start, stop, a_i, b_i in self._slice_factors(self.lora_A, self.lora_B):
+            delta[start:stop] = (b_i @ a_i) * self.scaling
         rows, cols = self._support_coordinates()
         delta = delta.index_put((rows, cols), self.sparse_values, accumulate=True)
         return delta * (self.delta_mask.t() if self.transposed else self.delta_mask)
@@ -206,10 +210,7 @@ class DSEELayer(nn.Module):
         """
         a, b = self.lora_A.detach().float(), self.lora_B.detach().float()
         block = torch.zeros(last - first, self.out_features if self.transposed else self.in_features, device=a.device)
-        row = 0
-        for i, (start, stop) in enumerate(self.slices):
-            a_i, b_i = a[i * self.rank : (i + 1) * self.rank], b[row : row + stop - start]
-            row += stop - start
+        for start, stop, a_i, b_i in self._slice_factors(a, b):
             if self.transposed:  # storage rows are input features
                 block[:, start:stop] = (a_i[:, first:last].t() @ b_i.t()) * self.scaling
             else:

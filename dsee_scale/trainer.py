@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dsee_scale import checkpoint, dist, run_folder, zero
 from dsee_scale.config import TrainConfig
 from dsee_scale.data import GlobalBatches, check_columns, collate, label_map, load_split, load_tokenizer, tokenize
-from dsee_scale.engine import create_engine, init_distributed
+from dsee_scale.engine import create_engine, init_distributed, torch_optimizer
 from dsee_scale.evaluate import corpus_bleu, evaluate_engine
 from dsee_scale.export import atomic_save_file, export_hf, load_support, save_adapter
 from dsee_scale.flops import inference_flops
@@ -150,7 +150,7 @@ class Recipe:
             return None
         from transformers import get_scheduler
 
-        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # the torch optimizer inside ZeRO's
+        optimizer = torch_optimizer(self.engine)
         for group in optimizer.param_groups:
             group["initial_lr"] = self.cfg.lr
         return get_scheduler(self.cfg.lr_scheduler, optimizer, num_warmup_steps=self.cfg.warmup_steps, num_training_steps=steps,
@@ -347,7 +347,7 @@ class Recipe:
     def _final_summary(self, wall_s: float) -> None:
         cfg = self.cfg
         report = sparsity_report(self.model, cfg.prune.include, cfg.prune.exclude)
-        self.summary["final_sparsity"] = report["total"]  # after an exact merge, adapted matrices are dense
+        self.summary["final_sparsity"] = report["total"]  # below the backbone's only where a dense ΔW was merged (keep_sparse false)
         flops = inference_flops(self.model, ctx=cfg.max_length, sparse_zeros=report["zeros"])
         dense_before = self.summary.get("structured", {}).get("flops_before", flops["dense_model"])
         final = flops["dense_model"] - flops["sparse_saved"]  # dense-equivalent: zeros cost nothing

@@ -1,13 +1,11 @@
 """The LR each optimizer step used: transformers' schedule by name, per stage; a DeepSpeed
 `scheduler` block is honoured instead when the config has one (one process, ZeRO-3)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import ROOT
+from launch_utils import one_process
 
 STEPS, RETUNE, LR = 6, 4, 0.01
 ARGS = ["--model", "builtin:tiny-gpt2", "--steps", STEPS, "--retune_steps", RETUNE, "--lr", LR, "--micro_batch_size", 4, "--log_every", 1,
@@ -18,9 +16,7 @@ def logged_lrs(tmp_path, ds_config: dict, *flags) -> dict[str, list[float]]:
     config = tmp_path / "ds.json"
     config.write_text(json.dumps(ds_config))
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "launch/train.py", "--ds_config", config, "--output_dir", out, *ARGS, *flags]
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = one_process(["--ds_config", config, "--output_dir", out, *ARGS, *flags])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lrs: dict[str, list[float]] = {}
     for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
