@@ -35,7 +35,7 @@ from dsee_scale.engine import torch_optimizer
 from dsee_scale.prune import ShardMask, unpack_mask
 
 log = logging.getLogger(__name__)
-FAULT_ENV = "DSEE_FAULT_INJECT"  # test hook: "kill_during_save:<tag>" or "enospc_during_save:<tag>"
+FAULT_ENV = "DSEE_FAULT_INJECT"  # test hook: "kill_during_save:<tag>", "enospc_during_save:<tag>", "nan_loss:<stage>-<step>" (trainer)
 STATE, TRAINABLE, MASKS, LATEST = "state.json", "trainable.safetensors", "masks.safetensors", "latest"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -165,6 +165,7 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps during tuning (0: only at stage ends)"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0: only at stage ends)"})
     log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})
+    skip_nonfinite: int = field(default=0, metadata={"help": "steps with a NaN/inf loss that may be skipped (DeepSpeed discards their update) before the run stops; 0: stop at the first"})
     seed: int = field(default=42, metadata={"help": "seed for data order, init and random support"})
     dist_timeout_min: float = field(default=30.0, metadata={"help": "a collective that waits longer than this fails the run instead of hanging"})
     keep_checkpoints: int = field(default=2, metadata={"help": "most recent checkpoints kept in output_dir/checkpoints"})
@@ -194,6 +195,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
+        if self.skip_nonfinite < 0:
+            raise ValueError(f"skip_nonfinite must be >= 0, got {self.skip_nonfinite}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr <= 0:

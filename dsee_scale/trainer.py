@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -53,6 +54,7 @@ class Recipe:
         self.summary: dict = {}
         self.done: dict = {"stage": None, "step": 0, "finished": []}
         self.losses: dict[str, list[float]] = {}
+        self.skipped: dict[str, list[int]] = {}  # steps whose loss was not finite, per stage (--skip_nonfinite)
         self.timings: dict[str, float] = {}
         self.metrics = None
 
@@ -192,17 +194,20 @@ class Recipe:
             total = torch.zeros(1, device=engine.device)  # summed on the device: one sync per step, not per micro-step
             for accum in range(self.accum):
                 loss = engine(**self._micro_batch(batches, step, accum), **share).loss
+                if os.environ.get(checkpoint.FAULT_ENV) == f"nan_loss:{stage}-{step + 1}":
+                    loss = loss * float("nan")
                 engine.backward(loss)
                 engine.step()
                 total += loss.detach().float()
             if schedule is not None:
                 schedule.step()
             loss_value = float(dist.all_reduce(total / self.accum)) / self.world
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f"{stage} step {step + 1}: the loss is {loss_value}; the run stops here and its last checkpoint is the last good state (lower --lr, or check the data)")
-            window.append(loss_value)
-            self.losses.setdefault(stage, []).append(loss_value)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            if math.isfinite(loss_value):
+                window.append(loss_value)
+                self.losses.setdefault(stage, []).append(loss_value)
+            else:
+                self._skip_or_stop(stage, step + 1, loss_value)
+            if window and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
                 elapsed = time.time() - tic
                 samples = len(window) * batches.global_batch
                 record = {"stage": stage, "step": step + 1, "loss": sum(window) / len(window), "lr": lr, "samples_per_s": samples / elapsed}
@@ -221,6 +226,19 @@ class Recipe:
         bar.close()
         if steps > start:
             self.timings[f"{stage}_s_per_step"] = (time.time() - stage_tic) / (steps - start)
+
+    def _skip_or_stop(self, stage: str, step: int, loss_value: float) -> None:
+        """A non-finite loss stops the run, unless --skip_nonfinite allows one more skipped step
+        and the engine discarded its update (DeepSpeed's overflow check of the gradient norm)."""
+        where = f"{stage} step {step}: the loss is {loss_value}"
+        if sum(map(len, self.skipped.values())) >= self.cfg.skip_nonfinite:
+            raise NonFiniteLoss(f"{where}; the run stops here and its last checkpoint is the last good state "
+                                f"(lower --lr, check the data, or let --skip_nonfinite N steps be skipped; now {self.cfg.skip_nonfinite})")
+        if self.engine.was_step_applied():
+            raise NonFiniteLoss(f"{where} and the engine applied the update anyway (this ZeRO stage and dtype do not check the "
+                                "gradients for overflow), so the step cannot be skipped; the last checkpoint is the last good state")
+        self.skipped.setdefault(stage, []).append(step)
+        log.warning("%s: step skipped, its update discarded (%d of --skip_nonfinite %d)", where, sum(map(len, self.skipped.values())), self.cfg.skip_nonfinite)
 
     # ---- pruning -----------------------------------------------------------------------------
     def prune(self) -> None:
@@ -302,7 +320,7 @@ class Recipe:
         tic = time.time()
         scheduler = self.engine.lr_scheduler
         state = {
-            "done": self.done, "losses": self.losses, "summary": self.summary, "plan": self.plan, "backbone_digest": self.backbone_digest,
+            "done": self.done, "losses": self.losses, "skipped": self.skipped, "summary": self.summary, "plan": self.plan, "backbone_digest": self.backbone_digest,
             "optimizer_step": checkpoint.optimizer_step(self.engine), "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
             "world_size": self.world, "run": self.identity, "keep_sparse": self.keep_sparse,
         }
@@ -313,7 +331,7 @@ class Recipe:
         self.timings["checkpoint_s"] = time.time() - tic
 
     def _restore(self, state: dict, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
-        self.done, self.losses, self.summary = state["done"], state["losses"], {**state["summary"], **self.summary}
+        self.done, self.losses, self.skipped, self.summary = state["done"], state["losses"], state.get("skipped", {}), {**state["summary"], **self.summary}
         checkpoint.load_trainable_state(self.model, self.engine, tensors, state["optimizer_step"])
         if state["lr_scheduler"] is not None and self.engine.lr_scheduler is not None:
             self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -354,6 +372,7 @@ class Recipe:
         self.summary.update(flops_per_token=final, flops_saved=1 - final / dense_before, wall_s=wall_s, output_dir=str(self.run_dir))
         self.summary["train_loss"] = {k: [v[0], v[-1]] for k, v in self.losses.items() if v}
         self.summary["losses"] = self.losses
+        self.summary["skipped_steps"] = self.skipped
         self.summary["timings"] = self.timings
         self.summary["peak_rss_mb_per_rank"] = [round(x, 1) for x in dist.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
 

@@ -1,6 +1,7 @@
 """Bad input fails early and clearly; a dead rank ends the job; a kill during a save loses
 nothing and the resumed run repeats the uninterrupted one bit for bit."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from conftest import ROOT, SHARED_DATA, minilm_dir
 from launch_utils import launcher_command, one_process, run_launcher
 
@@ -194,3 +197,19 @@ def test_a_non_finite_loss_stops_the_run_naming_stage_and_step(tmp_path):
     step = int(message.split("tune step ")[1].split(":")[0])
     assert "the loss is nan" in message or "the loss is inf" in message
     assert (run / "checkpoints" / "latest").read_text() == f"tune-{step - 1}"  # the last good step
+
+
+def test_skip_nonfinite_discards_that_steps_update_and_goes_on(tmp_path):
+    run = tmp_path / "run"
+    flags = QUICK + ["--steps", 5, "--retune_steps", 2, "--save_every", 1, "--keep_checkpoints", 10, "--skip_nonfinite", 1, "--output_dir", run]
+    proc = one_process(flags, env={"DSEE_FAULT_INJECT": "nan_loss:tune-3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tune step 3: the loss is nan: step skipped, its update discarded (1 of --skip_nonfinite 1)" in proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped_steps"] == {"tune": [3]}
+    assert len(summary["losses"]["tune"]) == 4 and all(math.isfinite(x) for x in summary["losses"]["tune"])
+    # The skipped step left adapters and optimizer moments as they were after step 2.
+    before, after = (load_file(run / "checkpoints" / tag / "trainable.safetensors") for tag in ("tune-2", "tune-3"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    changed = load_file(run / "checkpoints" / "tune-4" / "trainable.safetensors")
+    assert not all(torch.equal(after[k], changed[k]) for k in after)  # and training went on

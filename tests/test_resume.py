@@ -12,7 +12,7 @@ from conftest import ROOT
 from launch_utils import launch, run_launcher
 
 pytestmark = pytest.mark.multiproc
-GLOBAL_BATCH = 8
+GLOBAL_BATCH = 6  # 6, 3 and 2 rows per rank on 1, 2 and 3 ranks
 COMMON = ["--ds_config", "ds_configs/zero3.json", "--model", "builtin:tiny-llama", "--steps", 6, "--retune_steps", 4, "--save_every", 2,
           "--log_every", 1, "--stages", "tune,prune,retune,export", "--gen_samples", 2, "--gen_max_new_tokens", 2]
 UNSTRUCTURED = ["--prune.sparsity", 0.5]
@@ -69,18 +69,32 @@ def structured(tmp_path_factory):
     return reference_run(tmp_path_factory, "structured", STRUCTURED)
 
 
-def test_killed_mid_retune_resumes_bit_for_bit_on_2_ranks_and_within_rounding_on_1(unstructured):
+@pytest.fixture(scope="module")
+def killed_mid_retune(unstructured):
+    root, flags, _ = unstructured
+    return killed(root / "killed", flags, 2, "retune-2")  # latest: right after pruning
+
+
+def test_killed_mid_retune_resumes_bit_for_bit_on_2_ranks_and_within_rounding_on_1(unstructured, killed_mid_retune):
     root, flags, reference = unstructured
-    run = killed(root / "killed", flags, 2, "retune-2")  # latest: right after pruning
-    same = resumed(run, root / "same", flags, 2)
+    same = resumed(killed_mid_retune, root / "same", flags, 2)
     assert same["losses"] == reference["losses"]
     # Masks come from the checkpoint: another prune score or sparsity now would change them.
-    fewer = resumed(run, root / "one_rank", flags + ["--prune.score", "delta", "--prune.sparsity", 0.2], 1)
+    fewer = resumed(killed_mid_retune, root / "one_rank", flags + ["--prune.score", "delta", "--prune.sparsity", 0.2], 1)
     assert fewer["world_size"] == 1
     assert close(fewer["losses"], reference["losses"])
     assert fewer["sparsity"] == same["sparsity"] == reference["sparsity"] == 0.5
     assert fewer["final_sparsity"] == reference["final_sparsity"]
     torch.testing.assert_close(export_logits(root / "one_rank", "lm"), export_logits(root / "reference", "lm"), atol=1e-5, rtol=0)
+
+
+def test_two_rank_run_continues_on_three_oversubscribed(unstructured, killed_mid_retune):
+    root, flags, reference = unstructured
+    more = resumed(killed_mid_retune, root / "three_ranks", flags, 3)  # 3 ranks on 2 cores
+    assert more["world_size"] == 3
+    assert close(more["losses"], reference["losses"])
+    assert more["final_sparsity"] == reference["final_sparsity"]
+    torch.testing.assert_close(export_logits(root / "three_ranks", "lm"), export_logits(root / "reference", "lm"), atol=1e-5, rtol=0)
 
 
 def test_one_rank_run_continues_on_two(unstructured):
@@ -117,4 +131,4 @@ def test_a_checkpoint_of_another_run_is_refused_before_launch(unstructured, tmp_
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "is of another run" in err and "dsee.rank: checkpoint 8, now 4" in err and "dsee.nnz: checkpoint 64, now 8" in err
-    assert "global_batch: checkpoint 8, now 2" in err and "--grad_accum" in err
+    assert "global_batch: checkpoint 6, now 2" in err and "--grad_accum" in err
