@@ -126,6 +126,7 @@ STAGES = ("tune", "prune", "retune", "export", "evaluate")
 # transformers.get_scheduler names that need no arguments beyond warm-up and length.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
 TASKS = ("lm", "cls")
+EXPORT_FORMATS = ("hf", "compressed")
 
 
 @dataclass
@@ -171,6 +172,7 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "most recent checkpoints kept in output_dir/checkpoints"})
     export_merged: bool = field(default=True, metadata={"help": "export stage: also merge the adapters and write a plain HF folder (false: adapter file only)"})
     export_remask: bool = field(default=False, metadata={"help": "with prune.keep_sparse false: merge with re-masking, so the exported weights are exactly as sparse as the masks but ΔW at pruned entries is dropped (costs accuracy); default: the exact adapted function"})
+    export_format: str = field(default="hf", metadata={"help": "export stage: 'hf' (the merged HF folder) or 'compressed': also export/compressed, that folder in the compressed-tensors format (pruned weights as non-zeros + bitmask; sparse-24-bitmask for prune.pattern 2:4, sparse-bitmask otherwise)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (non-reentrant) to trade compute for activation memory"})
     gen_samples: int = field(default=32, metadata={"help": "LM with source||target data: examples generated for BLEU"})
     gen_max_new_tokens: int = field(default=40, metadata={"help": "tokens generated per example for BLEU"})
@@ -201,6 +203,15 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.export_format not in EXPORT_FORMATS:
+            raise ValueError(f"unknown export_format {self.export_format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+        if self.export_format == "compressed":
+            if not self.export_merged:
+                raise ValueError("export_format compressed converts the merged folder: set export_merged true")
+            if not (self.prune.pattern or self.prune.sparsity > 0):
+                raise ValueError("export_format compressed stores pruned weights as their non-zeros, and this run prunes none: set prune.sparsity or prune.pattern, or use export_format hf")
+            if not (self.prune.keep_sparse or self.export_remask):
+                raise ValueError("export_format compressed needs sparse merged weights, but prune.keep_sparse false merges a dense ΔW: keep prune.keep_sparse true or set export_remask true")
         if self.resume and self.overwrite:
             raise ValueError("choose --resume or --overwrite, not both")
 

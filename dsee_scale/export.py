@@ -1,9 +1,12 @@
-"""Files users keep: adapter-only safetensors (with Ω and the DSEE config) and merged HF folders."""
+"""Files users keep: adapter-only safetensors (with Ω and the DSEE config), merged HF folders, and
+their compressed-tensors copy (pruned weights stored as non-zeros + bitmask)."""
 from __future__ import annotations
 
 import copy
 import json
 import os
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -12,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dsee_scale import dist
-from dsee_scale.config import DSEEConfig
+from dsee_scale.config import DSEEConfig, PruneConfig
 from dsee_scale.inject import apply_dsee, dsee_layers, dsee_state_dict, load_dsee_state_dict, support_from_layers
 
 ADAPTER_FILE = "dsee_adapter.safetensors"
@@ -151,6 +154,81 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: 
         config.save_pretrained(str(folder))
     dist.barrier()
     return folder
+
+
+def compressed_format(model: nn.Module, prune: PruneConfig) -> str:
+    """The compressed-tensors format for this run's pruning: sparse-24-bitmask for 2:4 (the layout
+    2:4 kernels read), sparse-bitmask (any sparsity) otherwise.
+
+    sparse-24-bitmask groups 4 consecutive entries of each stored row: nn.Linear's input dimension,
+    the one 2:4 pruning groups along. GPT-2's Conv1D stores (in, out), so its groups run down the
+    columns, and a transposed copy would not load into an HF Conv1D: such weights are refused here,
+    before training, rather than exported wrong.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    from dsee_scale.prune import prune_targets
+
+    if prune.pattern != "2:4":
+        return "sparse-bitmask"
+    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    conv = [t.name for t in prune_targets(model, prune.include, prune.exclude) if isinstance(owners[id(t.param)], Conv1D)]
+    if conv:
+        raise ValueError(f"export_format compressed with prune.pattern 2:4 writes sparse-24-bitmask, whose groups run along each stored row, but {conv[0]} "
+                         f"(and {len(conv) - 1} more) is a Conv1D weight stored (in, out), 2:4 down its columns: use export_format hf (the merged folder "
+                         "is 2:4 along the input dimension; semistructured.to_semi_structured runs it) or unstructured pruning (sparse-bitmask)")
+    return "sparse-24-bitmask"
+
+
+def export_compressed(merged: str | Path, out: str | Path, fmt: str, weights: Iterable[str]) -> Path:
+    """A merged HF folder (export_hf) rewritten in the compressed-tensors format `fmt`
+    (sparse-bitmask or sparse-24-bitmask), for loaders that read it: config.json gains the
+    `quantization_config` that ModelCompressor.update_config writes.
+
+    Why: a dense file stores every pruned zero; this one stores each weight in `weights` as its
+    non-zeros plus one bit per entry. `weights` are the names the run's masks carry, so exactly
+    what was pruned is compressed (embeddings, norms and heads stay dense), not whatever happens
+    to hold zeros. The library's own compressors write the tensors (compressed-tensors 0.13.0: the
+    newest with sparse compressors that accepts transformers 5), one safetensors shard at a time,
+    so only one shard is ever in memory (dense and compressed). Not collective: run it on one rank.
+    """
+    from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    from dsee_scale.semistructured import is_nm_sparse
+
+    merged, out = Path(merged), Path(out)
+    index_file = merged / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
+    shards = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
+    targets = {name.removesuffix(".weight") for name in weights}
+    config = SparsityCompressionConfig.load_from_registry(fmt, targets=sorted(targets))
+    compressor = BaseCompressor.load_from_registry(fmt, config=config)
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map, found, zeros, numel = {}, set(), 0, 0
+    for shard in shards:
+        with safe_open(str(merged / shard), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for name in (n for n in tensors if n.removesuffix(".weight") in targets):
+            if fmt == "sparse-24-bitmask" and not is_nm_sparse(tensors[name], 2, 4, dim=1):
+                raise ValueError(f"{name} is not 2:4 sparse along its rows: sparse-24-bitmask keeps 2 of every 4 entries of a row and would drop non-zeros")
+            found.add(name.removesuffix(".weight"))
+            zeros, numel = zeros + int((tensors[name] == 0).sum()), numel + tensors[name].numel()
+        compressed = compressor.compress(tensors, compression_targets=targets)
+        del tensors
+        atomic_save_file(compressed, out / shard, {"format": "pt"})
+        weight_map.update(dict.fromkeys(compressed, shard))
+    if targets - found:
+        raise ValueError(f"{merged} holds no weight {sorted(targets - found)[0]}.weight to compress")
+    if index:
+        total = sum((out / s).stat().st_size for s in shards)
+        (out / index_file.name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for file in merged.iterdir():  # config, generation config, tokenizer files
+        if file.is_file() and file.name not in {*shards, index_file.name}:
+            shutil.copy2(file, out / file.name)
+    config.global_sparsity = zeros / max(1, numel)  # of the compressed weights
+    ModelCompressor(sparsity_config=config).update_config(str(out))
+    return out
 
 
 def load_support(model: nn.Module, config: DSEEConfig, path: str | Path) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from dsee_scale.config import TrainConfig
 from dsee_scale.data import GlobalBatches, check_columns, collate, label_map, load_split, load_tokenizer, tokenize
 from dsee_scale.engine import create_engine, init_distributed, torch_optimizer
 from dsee_scale.evaluate import corpus_bleu, evaluate_engine
-from dsee_scale.export import atomic_save_file, export_hf, load_support, save_adapter
+from dsee_scale.export import atomic_save_file, compressed_format, export_compressed, export_hf, load_support, save_adapter
 from dsee_scale.flops import inference_flops
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.models import build_model, builtin_config
@@ -51,6 +51,7 @@ class Recipe:
         self.masks: dict[str, ShardMask] = {}
         self.plan: dict | None = None  # kept heads / FFN neurons per layer, after structured pruning
         self.keep_sparse = False  # adapters confined to the unpruned weights (layer.keep_mask)
+        self.compressed_format: str | None = None  # export_format compressed: sparse-bitmask or sparse-24-bitmask
         self.summary: dict = {}
         self.done: dict = {"stage": None, "step": 0, "finished": []}
         self.losses: dict[str, list[float]] = {}
@@ -78,6 +79,8 @@ class Recipe:
         self._load_data()
         saved = checkpoint.load_latest(self.ckpt_dir) if cfg.resume else None
         self._build_model()
+        if cfg.export_format == "compressed":
+            self.compressed_format = compressed_format(self.model, cfg.prune)  # a refusal comes now, not after training
         if saved and not checkpoint.same_backbone(saved[0]["backbone_digest"], self.backbone_digest):
             raise checkpoint.CheckpointError(f"the backbone built from --model {cfg.model} differs from the one {self.ckpt_dir} was saved from: resume needs the same model files")
         if saved and saved[0]["plan"]:
@@ -312,7 +315,21 @@ class Recipe:
             export_hf(self.model, out / "merged", merge=False)
             if dist.is_main():
                 self.tokenizer.save_pretrained(str(out / "merged"))
+            if self.cfg.export_format == "compressed":
+                self._export_compressed(out)
         self.summary["export"] = str(out)
+
+    def _export_compressed(self, out: Path) -> None:
+        """export/merged in compressed-tensors' format: rank 0 reads it back and writes export/compressed."""
+        if not self.masks:
+            log.warning("export_format compressed: this run pruned nothing (no prune stage), so there is no export/compressed")
+            return
+        tic = time.time()
+        if dist.is_main():
+            export_compressed(out / "merged", out / "compressed", self.compressed_format, self.masks)
+            self.summary["compressed_format"] = self.compressed_format
+        dist.barrier()
+        self.timings["compressed_export_s"] = time.time() - tic
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
