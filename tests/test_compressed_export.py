@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from launch_utils import free_port, one_process
+from launch_utils import one_process
 from safetensors import safe_open
 
 QUICK = ["--steps", 2, "--retune_steps", 1, "--stages", "tune,prune,retune,export", "--micro_batch_size", 4, "--save_every", 0,
@@ -15,13 +15,6 @@ CASES = {  # id: (model, pruning flags, format)
     "llama-2:4": ("builtin:tiny-llama", ["--prune.pattern", "2:4"], "sparse-24-bitmask"),
     "gpt2-unstructured": ("builtin:tiny-gpt2", ["--prune.sparsity", 0.5], "sparse-bitmask"),  # Conv1D (in, out) weights
 }
-
-
-def run_train(args: list):
-    """launch/train.py in one process, on a free port: another single-process run (a suite
-    running alongside) may hold the 29500 that DeepSpeed picks when the environment names none."""
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    return one_process(args, env=env)
 
 
 def tensors(folder) -> dict[str, torch.Tensor]:
@@ -56,7 +49,7 @@ def test_compressed_export_reloads_exactly_and_is_smaller(tmp_path, case):
 
     model, pruning, fmt = CASES[case]
     run = tmp_path / "run"
-    proc = run_train(["--model", model, *QUICK, *pruning, "--output_dir", run])
+    proc = one_process(["--model", model, *QUICK, *pruning, "--output_dir", run])
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged, compressed = run / "export" / "merged", run / "export" / "compressed"
 
@@ -115,7 +108,7 @@ def test_a_weight_that_is_not_2_4_along_its_rows_is_refused(tmp_path):
 
 def test_2_4_on_conv1d_weights_is_refused_before_training(tmp_path):
     """sparse-24-bitmask groups along stored rows; GPT-2's Conv1D stores (in, out)."""
-    proc = run_train(["--model", "builtin:tiny-gpt2", *QUICK, "--prune.pattern", "2:4", "--output_dir", tmp_path / "run"])
+    proc = one_process(["--model", "builtin:tiny-gpt2", *QUICK, "--prune.pattern", "2:4", "--output_dir", tmp_path / "run"])
     assert proc.returncode == 2
     assert "is a Conv1D weight stored (in, out)" in proc.stderr and "use export_format hf" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -224,7 +224,7 @@ def test_a_registered_score_and_selector_are_chosen_by_name():
 def test_two_rank_zero3_masks_equal_single_process(kind, task, tmp_path):
     base = tmp_path / "base"
     tiny_model(kind, task).save_pretrained(base)
-    run_launcher("deepspeed", "tests/dist/prune_tiny.py", ["--base", base, "--task", task, "--out", tmp_path])
+    run_launcher("ranks", "tests/dist/prune_tiny.py", ["--base", base, "--task", task, "--out", tmp_path])
     results = torch.load(tmp_path / "masks.pt", weights_only=True)
     from dsee_scale.models import build_model
 
@@ -245,8 +245,8 @@ def test_two_rank_zero3_masks_equal_single_process(kind, task, tmp_path):
 def test_pruned_entries_stay_zero_through_retuning_and_reload(tmp_path):
     base = tmp_path / "base"
     tiny_model("gpt2").save_pretrained(base)
-    run_launcher("deepspeed", "tests/dist/prune_tiny.py", ["--base", base, "--out", tmp_path / "a", "--retune", 20])
-    run_launcher("deepspeed", "tests/dist/prune_tiny.py", ["--base", base, "--out", tmp_path / "b", "--resume", tmp_path / "a" / "ckpt"])
+    run_launcher("ranks", "tests/dist/prune_tiny.py", ["--base", base, "--out", tmp_path / "a", "--retune", 20])
+    run_launcher("ranks", "tests/dist/prune_tiny.py", ["--base", base, "--out", tmp_path / "b", "--resume", tmp_path / "a" / "ckpt"])
     for run in ("a", "b"):
         for rank in range(2):
             report = json.loads((tmp_path / run / f"retune_rank{rank}.json").read_text())

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from conftest import ROOT, SHARED_DATA, minilm_dir
-from launch_utils import launcher_command, one_process, run_launcher
+from launch_utils import launch, launcher_command, one_process, run_launcher
 
 sys.path.insert(0, str(ROOT / "launch"))
 from train import main  # noqa: E402
@@ -160,14 +160,13 @@ def test_killing_one_rank_ends_the_job_within_60_seconds(tmp_path):
 def test_kill_during_save_then_resume_repeats_the_uninterrupted_run(tmp_path):
     steps = ["--steps", 6, "--retune_steps", 4, "--save_every", 2]
     reference = tmp_path / "reference"
-    run_launcher("deepspeed", "launch/train.py", QUICK + steps + ["--output_dir", reference])
+    run_launcher("ranks", "launch/train.py", QUICK + steps + ["--output_dir", reference])
     crashed = tmp_path / "crashed"
-    cmd = launcher_command("deepspeed", "launch/train.py") + [str(a) for a in QUICK + steps + ["--output_dir", crashed]]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "DSEE_FAULT_INJECT": "kill_during_save:tune-4"})
+    proc = launch("ranks", "launch/train.py", QUICK + steps + ["--output_dir", crashed], env={"DSEE_FAULT_INJECT": "kill_during_save:tune-4"})
     assert proc.returncode != 0
     assert (crashed / "checkpoints" / "latest").read_text() == "tune-2"
     assert not (crashed / "checkpoints" / "tune-4").exists()
-    run_launcher("deepspeed", "launch/train.py", QUICK + steps + ["--output_dir", crashed, "--resume"])
+    run_launcher("ranks", "launch/train.py", QUICK + steps + ["--output_dir", crashed, "--resume"])
     expected = json.loads((reference / "summary.json").read_text())
     resumed = json.loads((crashed / "summary.json").read_text())
     assert resumed["losses"] == expected["losses"]

@@ -26,14 +26,14 @@ def ranks(n: int) -> list:
 
 def killed(out, flags: list, nproc: int, tag: str):
     """A run SIGKILLed while it writes checkpoint `tag`: `latest` names the one before."""
-    proc = launch("deepspeed", "launch/train.py", flags + ranks(nproc) + ["--output_dir", out], nproc=nproc, env={"DSEE_FAULT_INJECT": f"kill_during_save:{tag}"})
+    proc = launch("ranks", "launch/train.py", flags + ranks(nproc) + ["--output_dir", out], nproc=nproc, env={"DSEE_FAULT_INJECT": f"kill_during_save:{tag}"})
     assert proc.returncode != 0 and not (out / "summary.json").exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
     return out
 
 
 def resumed(killed_run, copy, flags: list, nproc: int) -> dict:
     shutil.copytree(killed_run, copy)
-    run_launcher("deepspeed", "launch/train.py", flags + ranks(nproc) + ["--output_dir", copy, "--resume"], nproc=nproc)
+    run_launcher("ranks", "launch/train.py", flags + ranks(nproc) + ["--output_dir", copy, "--resume"], nproc=nproc)
     return json.loads((copy / "summary.json").read_text())
 
 
@@ -55,7 +55,7 @@ def reference_run(tmp_path_factory, name: str, pruning: list):
     """(folder, flags, summary) of the uninterrupted 2-rank run the others are compared with."""
     root = tmp_path_factory.mktemp(name)
     flags = COMMON + pruning
-    run_launcher("deepspeed", "launch/train.py", flags + ranks(2) + ["--output_dir", root / "reference"])
+    run_launcher("ranks", "launch/train.py", flags + ranks(2) + ["--output_dir", root / "reference"])
     return root, flags, json.loads((root / "reference" / "summary.json").read_text())
 
 

@@ -120,7 +120,7 @@ def test_selection_rules():
 def test_two_rank_zero3_removal_keeps_logits_and_retunes(kind, task, tmp_path):
     base = tmp_path / "base"
     tiny_model(kind, task).save_pretrained(base)
-    run_launcher("deepspeed", "tests/dist/structured_tiny.py", ["--base", base, "--task", task, "--out", tmp_path])
+    run_launcher("ranks", "tests/dist/structured_tiny.py", ["--base", base, "--task", task, "--out", tmp_path])
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["max_logit_diff"] < 1e-5
     assert report["heads"] == [2, 2] and report["retune_losses"][-1] < report["retune_losses"][0]
@@ -135,7 +135,7 @@ def test_two_rank_recipe_structured_prune_retune_export(score, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    run_launcher("deepspeed", "launch/train.py", ["--ds_config", "ds_configs/zero3.json", "--model", "builtin:tiny-gpt2", "--steps", 4, "--retune_steps", 3,
+    run_launcher("ranks", "launch/train.py", ["--ds_config", "ds_configs/zero3.json", "--model", "builtin:tiny-gpt2", "--steps", 4, "--retune_steps", 3,
                                                   "--micro_batch_size", 4, "--gen_samples", 2, "--gen_max_new_tokens", 4, "--save_every", 0, "--output_dir", out,
                                                   "--prune.heads", 0.5, "--prune.ffn", 0.3, "--prune.structured_score", score, "--prune.calibration_batches", 2])
     summary = json.loads((out / "summary.json").read_text())

@@ -51,7 +51,7 @@ def runs(request, tmp_path_factory):
         args = ["--base", base, "--task", task, "--out", out, "--steps", 20, "--export"]
         if kind == "gpt2":
             args += ["--save", root / "ckpt20"]
-        run_launcher("deepspeed", SCRIPT, args, host=request.param)
+        run_launcher("ranks", SCRIPT, args, host=request.param)
         report = json.loads((out / "report_rank0.json").read_text())
         result[kind] = dict(base=base, out=out, report=report, reports=[json.loads((out / f"report_rank{r}.json").read_text()) for r in range(2)])
     result["root"], result["host"] = root, request.param
@@ -106,8 +106,8 @@ def test_exported_hf_folder_reloads_without_deepspeed(runs, kind):
 def test_full_checkpoint_resume_continues_the_same_run(runs):
     root, base = runs["root"], runs["gpt2"]["base"]
     common = ["--base", base, "--task", "lm"]
-    run_launcher("deepspeed", SCRIPT, common + ["--out", root / "first10", "--steps", 10, "--save", root / "ckpt10"], host=runs["host"])
-    run_launcher("deepspeed", SCRIPT, common + ["--out", root / "last10", "--steps", 10, "--start", 10, "--resume", root / "ckpt10"], host=runs["host"])
+    run_launcher("ranks", SCRIPT, common + ["--out", root / "first10", "--steps", 10, "--save", root / "ckpt10"], host=runs["host"])
+    run_launcher("ranks", SCRIPT, common + ["--out", root / "last10", "--steps", 10, "--start", 10, "--resume", root / "ckpt10"], host=runs["host"])
     first = json.loads((root / "first10" / "report_rank0.json").read_text())["losses"]
     last = json.loads((root / "last10" / "report_rank0.json").read_text())["losses"]
     assert first + last == runs["gpt2"]["report"]["losses"]
@@ -127,7 +127,7 @@ def test_support_chosen_on_two_ranks_is_identical_everywhere_and_equals_one_proc
 
 
 def test_random_init_gpt2_under_zero3_keeps_hf_initialisation(tmp_path):
-    run_launcher("deepspeed", SCRIPT, ["--base", "config:tiny-gpt2", "--out", tmp_path, "--steps", 1])
+    run_launcher("ranks", SCRIPT, ["--base", "config:tiny-gpt2", "--out", tmp_path, "--steps", 1])
     report = json.loads((tmp_path / "report_rank0.json").read_text())
     assert abs(report["losses"][0] - math.log(report["vocab"])) < 0.1, report["losses"][0]
 
@@ -138,7 +138,7 @@ def folder_bytes(path: Path) -> int:
 
 def test_adapter_only_checkpoint_is_under_one_percent_of_full(tmp_path):
     ckpt = tmp_path / "ckpt"
-    run_launcher("deepspeed", SCRIPT, ["--base", "config:gpt2-small", "--out", tmp_path / "out", "--steps", 1, "--save", ckpt], timeout=600)
+    run_launcher("ranks", SCRIPT, ["--base", "config:gpt2-small", "--out", tmp_path / "out", "--steps", 1, "--save", ckpt], timeout=600)
     full, adapter_only = folder_bytes(ckpt), folder_bytes(Path(str(ckpt) + "_adapter_only"))
     adapter_file = (tmp_path / "out" / "adapter" / "dsee_adapter.safetensors").stat().st_size
     assert full > 400e6  # 124M fp32 frozen shards
