@@ -27,7 +27,7 @@ DATA = ROOT.parent / "shared" / "data" / "sst2"
 from dsee_scale import DSEEConfig, apply_dsee, count_parameters  # noqa: E402
 from dsee_scale.config import PruneConfig, TrainConfig  # noqa: E402
 from dsee_scale.data import GlobalBatches, collate, label_map, load_split, tokenize  # noqa: E402
-from dsee_scale.evaluate import finish, metric_sums  # noqa: E402
+from dsee_scale.evaluate import Tally  # noqa: E402
 from dsee_scale.flops import inference_flops  # noqa: E402
 from dsee_scale.models import build_model  # noqa: E402
 from dsee_scale.prune import magnitude_prune, sparsity_report  # noqa: E402
@@ -81,12 +81,12 @@ def train(model, rows, tokenizer, steps: int, lr: float, batch: int, seed: int) 
 @torch.no_grad()
 def accuracy(model, rows, tokenizer) -> float:
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
+    tally = Tally("cls", "accuracy", torch.device("cpu"))
     for i in range(0, len(rows), 64):
         batch = collate(rows[i : i + 64], tokenizer)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums += metric_sums(logits, batch["labels"], "cls", torch.ones(len(logits), dtype=torch.bool))
-    return finish(sums, "cls")["accuracy"]
+        tally.add(logits, batch["labels"], torch.ones(len(logits), dtype=torch.bool))
+    return tally.result()["accuracy"]
 
 
 def run(method: str, seed: int, args, tokenizer, train_rows, test_rows) -> dict:

@@ -125,7 +125,7 @@ class PruneConfig:
 STAGES = ("tune", "prune", "retune", "export", "evaluate")
 # transformers.get_scheduler names that need no arguments beyond warm-up and length.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
-TASKS = ("lm", "cls")
+TASKS = ("lm", "cls", "reg")
 EXPORT_FORMATS = ("hf", "compressed")
 
 
@@ -133,10 +133,11 @@ EXPORT_FORMATS = ("hf", "compressed")
 class TrainConfig:
     """One run of launch/train.py. Recipe files (YAML/JSON) fill it; CLI flags win."""
 
-    __pydantic_config__ = {"extra": "forbid"}  # unknown recipe keys are errors, not ignored
+    # Unknown recipe keys are errors, not ignored; `text_column: 3` (a headerless file's column) is the text "3".
+    __pydantic_config__ = {"extra": "forbid", "coerce_numbers_to_str": True}
 
     model: str = field(default="builtin:tiny-llama", metadata={"help": "local folder, hub name (online), or builtin:<tiny-llama|tiny-gpt2|tiny-bert|bert-base|gpt2|gpt2-medium|gpt2-xl|...> (random init)"})
-    task: str = field(default="lm", metadata={"help": "'lm' (causal LM) or 'cls' (sequence classification)"})
+    task: str = field(default="lm", metadata={"help": "'lm' (causal LM), 'cls' (sequence classification) or 'reg' (regression: one output, MSE loss, e.g. STS-B)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or hub name; default: the model's; builtin models train a SentencePiece tokenizer"})
     train_file: str | None = field(default=None, metadata={"help": "training data: .tsv/.csv/.json/.jsonl/.txt, or E2E 'source||target' lines (.txt with ||)"})
     eval_file: str | None = field(default=None, metadata={"help": "evaluation data (same formats)"})
@@ -145,7 +146,9 @@ class TrainConfig:
     eval_split: str = field(default="validation", metadata={"help": "hub dataset split to evaluate on"})
     text_column: str = field(default="text", metadata={"help": "column with the input text (classification, JSON LM data)"})
     text_pair_column: str | None = field(default=None, metadata={"help": "second text column for pair tasks"})
-    label_column: str = field(default="label", metadata={"help": "classification label column (strings or integers)"})
+    label_column: str = field(default="label", metadata={"help": "label column: class names or integers (cls), numbers (reg)"})
+    header: bool = field(default=True, metadata={"help": "TSV/CSV files start with a row of column names; false: every row is data and columns are named by position, '0', '1', ... (GLUE's CoLA: --text_column 3 --label_column 1)"})
+    metric: str | None = field(default=None, metadata={"help": "evaluation metrics of cls/reg runs: accuracy, mcc (Matthews correlation and accuracy; CoLA), acc_f1 (accuracy and F1 of class 1; MRPC), pearson_spearman (with the MSE eval_loss; STS-B); default: accuracy for cls, pearson_spearman for reg"})
     max_length: int = field(default=128, metadata={"help": "tokens per example (longer ones are truncated)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N examples"})
@@ -185,7 +188,8 @@ class TrainConfig:
         if isinstance(self.prune, dict):
             self.prune = PruneConfig(**self.prune)
         if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}: choose 'lm' or 'cls'")
+            raise ValueError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
+        self._resolve_metric()
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stages {unknown}: choose from {', '.join(STAGES)}")
@@ -214,6 +218,20 @@ class TrainConfig:
                 raise ValueError("export_format compressed needs sparse merged weights, but prune.keep_sparse false merges a dense ΔW: keep prune.keep_sparse true or set export_remask true")
         if self.resume and self.overwrite:
             raise ValueError("choose --resume or --overwrite, not both")
+
+    def _resolve_metric(self) -> None:
+        """The task's default metric, or a chosen one that belongs to the task."""
+        from dsee_scale.metrics import DEFAULT_METRIC, METRICS
+
+        if self.metric is None:
+            self.metric = DEFAULT_METRIC.get(self.task)
+        elif self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}: choose one of {', '.join(METRICS)}")
+        elif self.task == "lm":
+            raise ValueError(f"metric {self.metric} is for --task cls or reg; task lm reports eval_loss and perplexity (and BLEU)")
+        elif METRICS[self.metric].task != self.task:
+            fits = [name for name, m in METRICS.items() if m.task == self.task]
+            raise ValueError(f"metric {self.metric} is for --task {METRICS[self.metric].task}, not {self.task}: choose one of {', '.join(fits)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

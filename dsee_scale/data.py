@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,35 @@ if TYPE_CHECKING:
 PAIR_SEPARATOR = "||"
 
 
-def _load_local(path: str):
-    """A local file as an HF Dataset: .tsv/.csv (header row), .json/.jsonl, .txt (one example per line)."""
+TABLE_SUFFIXES = (".tsv", ".csv")
+PEEK_ROWS = 20  # examples read by peek_columns: enough to see what a label column holds
+
+
+def _dialect(suffix: str) -> dict:
+    """How a table is split, for csv.reader and pandas alike: TSV with no quote processing, as
+    GLUE's own loaders read it (MRPC and STS-B sentences hold unbalanced quotes); CSV quoted."""
+    return {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ",", "quoting": csv.QUOTE_MINIMAL}
+
+
+def _table_rows(lines, suffix: str, header: bool) -> tuple[list[str], list[list[str]]]:
+    """(column names, data rows) of a table's lines: the first row names the columns, or, without
+    a header, the columns are named by position, '0', '1', ..."""
+    rows = list(csv.reader(lines, **_dialect(suffix)))
+    if not rows:
+        return [], []
+    return (rows[0], rows[1:]) if header else ([str(i) for i in range(len(rows[0]))], rows)
+
+
+def _head(file: Path, n: int) -> list[str]:
+    """The first n non-blank lines; utf-8-sig drops the byte-order mark some files start with
+    (GLUE's MRPC), which would otherwise stick to the first column's name."""
+    with file.open(encoding="utf-8-sig", newline="") as handle:
+        return [line for _, line in zip(range(n), (line for line in handle if line.strip()))]
+
+
+def _load_local(path: str, header: bool = True):
+    """A local file as an HF Dataset: .tsv/.csv (a header row, or header=False: columns named
+    '0', '1', ...), .json/.jsonl, .txt (one example per line)."""
     import datasets
 
     file = Path(path)
@@ -36,9 +64,11 @@ def _load_local(path: str):
     except OSError as err:
         raise ValueError(f"data file {path} cannot be read: {err}") from None
     suffix = file.suffix.lower()
-    if suffix in (".tsv", ".csv"):
-        delimiter = "\t" if suffix == ".tsv" else ","
-        return datasets.load_dataset("csv", data_files=str(file), delimiter=delimiter, quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL, split="train")
+    if suffix in TABLE_SUFFIXES:
+        names = None if header else _table_rows(_head(file, 1), suffix, header=False)[0]
+        # keep_default_na=False: a sentence that reads "NA" or "null", or an empty field, stays text.
+        return datasets.load_dataset("csv", data_files=str(file), encoding="utf-8-sig", keep_default_na=False, header="infer" if header else None,
+                                     column_names=names, split="train", **_dialect(suffix))
     if suffix in (".json", ".jsonl"):
         return datasets.load_dataset("json", data_files=str(file), split="train")
     if suffix == ".txt":
@@ -54,7 +84,7 @@ def load_split(cfg, split: str):
     """The train or eval split named by a TrainConfig: a local file, or a hub dataset (online)."""
     path = cfg.train_file if split == "train" else cfg.eval_file
     if path:
-        ds = _load_local(path)
+        ds = _load_local(path, cfg.header)
     elif cfg.dataset:
         import datasets
 
@@ -69,36 +99,90 @@ def load_split(cfg, split: str):
     return ds
 
 
-def check_columns(columns: list[str], cfg, where: str) -> None:
-    """Name the missing column and the ones present, before any tokenization."""
+def check_columns(columns: list[str], cfg, where: str, first_row: dict | None = None) -> None:
+    """Name the missing column and the ones present, before any tokenization. `first_row`: a
+    TSV/CSV file's first example, to show what each unnamed column (--header false) holds."""
     needed = []
-    if cfg.task == "cls":
+    if cfg.task != "lm":
         needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     elif "source" not in columns:
         needed = [cfg.text_column]
     missing = [c for c in needed if c not in columns]
-    if missing:
-        raise ValueError(f"{where}: column(s) {missing} not found; columns are {columns} (set --text_column / --label_column)")
+    if not missing:
+        return
+    shown, hint = f"{columns}", ""
+    if first_row is not None and cfg.header:
+        shown = f"{[_clip(c) for c in columns]}"
+        hint = f"; for a file without a header row add --header false: columns are then named 0 to {len(columns) - 1}"
+    elif first_row is not None:
+        shown = ", ".join(f"{c} ({_clip(first_row.get(c, ''))!r})" for c in columns)
+    raise ValueError(f"{where}: column(s) {missing} not found; columns are {shown} (set --text_column / --label_column{hint})")
 
 
-def peek_columns(path: str) -> tuple[list[str], bool]:
-    """(column names, has at least one example) of a local file, reading only its first lines."""
+def _clip(text: str, width: int = 30) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _number(value) -> float | None:
+    """A label as a finite number (int, float, or text such as '3.8'), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _real(value) -> bool:
+    """A number with a fractional part in its type or text (3.8, 5.0, '5.000'): a regression target, not a class."""
+    if isinstance(value, float):
+        return _number(value) is not None
+    return isinstance(value, str) and _number(value) is not None and not value.strip().lstrip("+-").isdigit()
+
+
+def check_labels(values, cfg, where: str) -> None:
+    """The label column fits the task: classes for 'cls' (names or integers, not real numbers),
+    finite numbers for 'reg'. The message names the value and the other task."""
+    if cfg.task == "cls":
+        real = next((v for v in values if _real(v)), None)
+        if real is not None:
+            raise ValueError(f"{where}: label column {cfg.label_column!r} holds real numbers (e.g. {real!r}), not classes: "
+                             "for a regression target such as STS-B's score use --task reg")
+    elif cfg.task == "reg":
+        bad = next((v for v in values if _number(v) is None), None)
+        if bad is not None:
+            raise ValueError(f"{where}: label column {cfg.label_column!r} holds {bad!r}, not a finite number: "
+                             "--task reg needs numeric targets; for classes use --task cls")
+
+
+def peek_columns(path: str, header: bool = True) -> tuple[list[str], list[dict] | None]:
+    """(column names, the first examples) of a local file, reading only its first lines; a JSON
+    document (not JSON lines) gives ([], None): it is checked once loaded."""
     file = Path(path)
     suffix = file.suffix.lower()
-    with file.open(encoding="utf-8") as handle:
-        lines = [line for _, line in zip(range(2), (line for line in handle if line.strip()))]
-    if suffix in (".tsv", ".csv"):
-        header = next(csv.reader(lines[:1], delimiter="\t" if suffix == ".tsv" else ",")) if lines else []
-        return header, len(lines) > 1
-    if suffix == ".jsonl" or (suffix == ".json" and lines and lines[0].lstrip().startswith("{")):
+    if not header and suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"data file {path}: --header false applies to .tsv/.csv files, not {suffix}")
+    lines = _head(file, PEEK_ROWS + 1)
+    if suffix in TABLE_SUFFIXES:
+        names, rows = _table_rows(lines, suffix, header)
+        return names, [dict(zip(names, row)) for row in rows[:PEEK_ROWS]]
+    if suffix in (".json", ".jsonl"):
+        if not lines:
+            return [], []
+        if suffix == ".json" and not lines[0].lstrip().startswith("{"):
+            return [], None
         import json
 
         try:
-            return (list(json.loads(lines[0])) if lines else []), bool(lines)
+            examples = [json.loads(line) for line in lines]
         except json.JSONDecodeError:
-            return [], bool(lines)  # a JSON document, not lines: checked after loading
+            return [], None  # a JSON document, not lines: checked after loading
+        return list(examples[0]), examples
     if suffix == ".txt":
-        return (["source", "target"] if lines and PAIR_SEPARATOR in lines[0] else ["text"]), bool(lines)
+        if lines and PAIR_SEPARATOR in lines[0]:
+            return ["source", "target"], [dict(zip(("source", "target"), line.split(PAIR_SEPARATOR, 1))) for line in lines]
+        return ["text"], [{"text": line} for line in lines]
     raise ValueError(f"data file {path}: unsupported format {suffix!r}; use .tsv, .csv, .json, .jsonl or .txt")
 
 
@@ -114,17 +198,20 @@ def label_map(train_ds, cfg) -> dict[str, int]:
 
 
 def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, labels: dict[str, int] | None = None) -> Dataset:
-    """One batched pass → columns input_ids and labels: a class id, or per-token targets with -100
-    on an LM pair's source (loss on the target only); pairs keep source and target for BLEU.
+    """One batched pass → columns input_ids and labels: a class id (cls), a float (reg), or
+    per-token targets with -100 on an LM pair's source (loss on the target only); LM pairs keep
+    source and target for BLEU; cls/reg pairs (text_pair_column) are encoded as the tokenizer's pair.
     datasets caches the result beside a file-backed split, so a rank mapping after rank 0 (see
     dist.main_process_first) reads it instead of tokenizing again."""
     # Plain locals, not cfg: the cache key hashes what `encode` closes over.
-    text, pair, label, max_length, cls = cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.max_length, cfg.task == "cls"
-    pairs = not cls and "source" in ds.column_names
+    text, pair, label, max_length, task = cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.max_length, cfg.task
+    pairs = task == "lm" and "source" in ds.column_names
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        if cls:
+        if task != "lm":
             ids = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=max_length)["input_ids"]
+            if task == "reg":
+                return {"input_ids": ids, "labels": [float(v) for v in batch[label]]}
             values = [str(v) for v in batch[label]]
             unknown = [v for v in values if v not in labels]
             if unknown:

@@ -14,24 +14,50 @@ import math
 import torch
 
 
-def metric_sums(logits: torch.Tensor, labels: torch.Tensor, task: str, real: torch.Tensor) -> torch.Tensor:
-    """(correct, count) for classification or (summed token loss, tokens) for LM; rows with
-    real == False (padding rows) are not counted."""
+def metric_sums(logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """LM: (summed token loss, tokens); rows with real == False (padding rows) are not counted."""
     real = real.to(logits.device)
-    if task == "cls":
-        correct = (logits.argmax(-1) == labels) & real
-        return torch.stack([correct.sum(), real.sum()]).double()
     shifted, targets = logits[:, :-1].float(), labels[:, 1:]
     losses = torch.nn.functional.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=-100, reduction="none")
     counted = (targets != -100) & real[:, None]
     return torch.stack([(losses * counted).sum().double(), counted.sum().double()])
 
 
-def finish(sums: torch.Tensor, task: str) -> dict:
-    if task == "cls":
-        return {"accuracy": sums[0].item() / max(1.0, sums[1].item())}
+def finish(sums: torch.Tensor) -> dict:
     loss = sums[0].item() / max(1.0, sums[1].item())
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+class Tally:
+    """What a task's metric needs from each evaluation batch: LM token-loss sums (all-reduced),
+    or, for cls/reg, every real row's prediction and label, gathered in rank order (each rank
+    holds a contiguous share of the rows, so every row is counted once, in order) for
+    metrics.compute. `result` is collective; without a process group it is this process's."""
+
+    def __init__(self, task: str, metric: str | None, device: torch.device) -> None:
+        self.task, self.metric = task, metric
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.preds: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> None:
+        if self.task == "lm":
+            self.sums += metric_sums(logits, labels, real)
+            return
+        real = real.to(logits.device)
+        preds = logits.argmax(-1) if self.task == "cls" else logits[:, 0].float()
+        self.preds.append(preds[real].cpu())
+        self.labels.append(labels[real].cpu())
+
+    def result(self) -> dict:
+        from dsee_scale import dist
+        from dsee_scale.metrics import compute
+
+        if self.task == "lm":
+            return finish(dist.all_reduce(self.sums))
+        mine = (torch.cat(self.preds).tolist(), torch.cat(self.labels).tolist()) if self.preds else ([], [])
+        shares = dist.all_gather_object(mine)
+        return compute(self.metric, [p for share in shares for p in share[0]], [y for share in shares for y in share[1]])
 
 
 def _my_share(n: int) -> tuple[range, int]:
@@ -53,17 +79,16 @@ def _my_batches(rows, micro: int, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate_engine(engine, rows, tokenizer, task: str, micro: int) -> dict:
-    """The task metric of a (DeepSpeed) engine on tokenized rows, split over the ranks. Collective."""
-    from dsee_scale import dist
+def evaluate_engine(engine, rows, tokenizer, task: str, micro: int, metric: str | None = None) -> dict:
+    """The task's metrics of a (DeepSpeed) engine on tokenized rows, split over the ranks. Collective."""
     from dsee_scale.data import collate
 
     engine.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    tally = Tally(task, metric, engine.device)
     for batch_rows, real in _my_batches(rows, micro, engine.device):
         batch = {k: v.to(engine.device) for k, v in collate(batch_rows, tokenizer).items()}
-        sums += metric_sums(engine(**batch).logits, batch["labels"], task, real)
-    return finish(dist.all_reduce(sums), task)
+        tally.add(engine(**batch).logits, batch["labels"], real)
+    return tally.result()
 
 
 def corpus_bleu(model, tokenizer, rows, samples: int, max_new_tokens: int, synced_gpus: bool) -> float:
@@ -108,7 +133,7 @@ def evaluate_folder(model_dir: str, eval_file: str, task: str, batch_size: int =
     from transformers import AutoTokenizer
 
     from dsee_scale.config import TrainConfig
-    from dsee_scale.data import collate, load_split, tokenize
+    from dsee_scale.data import check_labels, collate, load_split, tokenize
     from dsee_scale.models import TASK_MODELS
 
     cfg = TrainConfig(task=task, eval_file=eval_file, train_file=eval_file, **data_options)
@@ -117,14 +142,17 @@ def evaluate_folder(model_dir: str, eval_file: str, task: str, batch_size: int =
     labels = getattr(model.config, "dsee_label_map", None)
     if task == "cls" and not labels:
         raise ValueError(f"{model_dir}: the config has no dsee_label_map (was it exported by dsee_scale?)")
-    rows = tokenize(load_split(cfg, "eval"), tokenizer, cfg, labels)
+    data = load_split(cfg, "eval")
+    if task != "lm":
+        check_labels(data[cfg.label_column], cfg, eval_file)
+    rows = tokenize(data, tokenizer, cfg, labels)
     device = next(model.parameters()).device
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    tally = Tally(task, cfg.metric, device)
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], tokenizer).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums += metric_sums(logits, batch["labels"], task, torch.ones(len(batch["input_ids"]), dtype=torch.bool, device=device))
-    result = finish(sums, task)
+        tally.add(logits, batch["labels"], torch.ones(len(batch["input_ids"]), dtype=torch.bool, device=device))
+    result = tally.result()
     if latency_batch:
         batch = collate(rows[:latency_batch], tokenizer)
         result["latency"] = structured_latency(model_dir, task, {k: batch[k] for k in ("input_ids", "attention_mask")})
@@ -154,16 +182,22 @@ def structured_latency(model_dir: str, task: str, batch: dict[str, torch.Tensor]
 
 
 def main() -> None:
+    from dsee_scale.config import TASKS
+
     p = argparse.ArgumentParser(description="Evaluate an exported model folder without DeepSpeed.")
     p.add_argument("--model", required=True)
     p.add_argument("--eval_file", required=True)
-    p.add_argument("--task", default="lm", choices=["lm", "cls"])
+    p.add_argument("--task", default="lm", choices=TASKS)
     p.add_argument("--text_column", default="text")
+    p.add_argument("--text_pair_column", default=None)
     p.add_argument("--label_column", default="label")
+    p.add_argument("--header", default="true", choices=["true", "false"], help="false: a TSV/CSV file without a header row (columns named 0, 1, ...)")
+    p.add_argument("--metric", default=None, help="cls/reg metrics (as launch/train.py --metric); default: the task's")
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--latency", type=int, default=0, metavar="N", help="structured exports: FLOPs and CPU latency (dense vs exported vs compacted) on the first N evaluation rows")
     args = p.parse_args()
-    result = evaluate_folder(args.model, args.eval_file, args.task, latency_batch=args.latency, text_column=args.text_column, label_column=args.label_column, max_length=args.max_length)
+    result = evaluate_folder(args.model, args.eval_file, args.task, latency_batch=args.latency, text_column=args.text_column, text_pair_column=args.text_pair_column,
+                             label_column=args.label_column, header=args.header == "true", metric=args.metric, max_length=args.max_length)
     print(json.dumps(result))
 
 

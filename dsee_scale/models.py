@@ -17,7 +17,7 @@ from transformers import (
 
 from dsee_scale.arch import GPT2_SIZES
 
-TASK_MODELS = {"lm": AutoModelForCausalLM, "cls": AutoModelForSequenceClassification}
+TASK_MODELS = {"lm": AutoModelForCausalLM, "cls": AutoModelForSequenceClassification, "reg": AutoModelForSequenceClassification}
 
 
 def tiny_config(kind: str, vocab_size: int = 128, **overrides) -> PretrainedConfig:
@@ -64,7 +64,8 @@ def build_model(
 
     Under a ZeRO-3 `ds_config`, weights are partitioned as they are created and Hugging Face's
     own initialisation still runs (HfDeepSpeedConfig, kept alive on the model: a bare zero.Init
-    would skip it). `config_overrides` set config fields (e.g. num_labels for classification).
+    would skip it). `config_overrides` set config fields (e.g. num_labels for classification,
+    num_labels=1 and problem_type="regression" for 'reg').
     """
     if task not in TASK_MODELS:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASK_MODELS)}")
@@ -79,7 +80,7 @@ def build_model(
     for key, value in config_overrides.items():  # set, not passed as kwargs: from_pretrained drops unknown keys
         setattr(config, key, value)
     model = auto.from_config(config, dtype=dtype) if path is None else auto.from_pretrained(path, config=config, dtype=dtype)
-    if task == "cls" and model.config.pad_token_id is None:
+    if task != "lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
     model._dsee_hf_ds_config = hf_ds_config  # keeps the weakref'd global config alive with the model
     return model

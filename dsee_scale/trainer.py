@@ -22,12 +22,13 @@ from tqdm import tqdm
 
 from dsee_scale import checkpoint, dist, run_folder, zero
 from dsee_scale.config import TrainConfig
-from dsee_scale.data import GlobalBatches, check_columns, collate, label_map, load_split, load_tokenizer, tokenize
+from dsee_scale.data import GlobalBatches, check_columns, check_labels, collate, label_map, load_split, load_tokenizer, tokenize
 from dsee_scale.engine import create_engine, init_distributed, torch_optimizer
 from dsee_scale.evaluate import corpus_bleu, evaluate_engine
 from dsee_scale.export import atomic_save_file, compressed_format, export_compressed, export_hf, load_support, save_adapter
 from dsee_scale.flops import inference_flops
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
+from dsee_scale.metrics import check_metric
 from dsee_scale.models import build_model, builtin_config
 from dsee_scale.prune import ShardMask, magnitude_prune, nm_prune, reapply_masks, sparsity_report, unpack_mask, whole_masks
 from dsee_scale.structured import remove, structured_prune
@@ -102,11 +103,15 @@ class Recipe:
         cfg = self.cfg
         with dist.main_process_first():
             train_ds = load_split(cfg, "train")
-            check_columns(train_ds.column_names, cfg, "training data")
             eval_ds = load_split(cfg, "eval")
-            if eval_ds is not None:
-                check_columns(eval_ds.column_names, cfg, "evaluation data")
+            for ds, where in ((train_ds, "training data"), (eval_ds, "evaluation data")):
+                if ds is not None:
+                    check_columns(ds.column_names, cfg, where)
+                    if cfg.task != "lm":
+                        check_labels(ds[cfg.label_column], cfg, where)
             self.labels = label_map(train_ds, cfg) if cfg.task == "cls" else None
+            if self.labels is not None:
+                check_metric(cfg.metric, self.labels)
             self.train_rows = tokenize(train_ds, self.tokenizer, cfg, self.labels)
             self.eval_rows = tokenize(eval_ds, self.tokenizer, cfg, self.labels) if eval_ds is not None else None
 
@@ -117,6 +122,8 @@ class Recipe:
         overrides = {}
         if cfg.task == "cls":
             overrides = {"num_labels": len(self.labels), "id2label": {i: v for v, i in self.labels.items()}, "label2id": dict(self.labels), "dsee_label_map": dict(self.labels)}
+        elif cfg.task == "reg":
+            overrides = {"num_labels": 1, "problem_type": "regression"}  # one output; HF's loss is then the MSE
         source = builtin_config(cfg.model, vocab_size=len(self.tokenizer)) if cfg.model.startswith("builtin:") else cfg.model
         dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
         torch.manual_seed(cfg.seed)  # random-init (builtin) models: the same backbone on every rank and every resume
@@ -170,7 +177,7 @@ class Recipe:
         """LM: every micro-step's loss is its share of one mean over the global batch's target
         tokens (transformers' `num_items_in_batch`), so the gradient does not depend on how the
         batch is split over ranks and micro-steps (DeepSpeed then averages over both).
-        Classification rows weigh the same in every split already."""
+        Classification and regression rows weigh the same in every split already."""
         if self.cfg.task != "lm":
             return {}
         labels = self.train_rows[batches.global_indices(step)]["labels"]
@@ -283,11 +290,11 @@ class Recipe:
 
     # ---- evaluation and export ---------------------------------------------------------------
     def measure(self, tag: str, bleu: bool = True) -> dict:
-        """The task metric on the evaluation rows (a slice of the training rows without them),
-        and BLEU for source||target data."""
+        """The task's metrics (cfg.metric for cls/reg) on the evaluation rows (a slice of the
+        training rows without them), and BLEU for source||target data."""
         cfg = self.cfg
         rows = self.eval_rows or self.train_rows.select(range(min(len(self.train_rows), 4 * self.micro * self.world)))
-        result = evaluate_engine(self.engine, rows, self.tokenizer, cfg.task, self.micro)
+        result = evaluate_engine(self.engine, rows, self.tokenizer, cfg.task, self.micro, cfg.metric)
         if cfg.task == "lm" and bleu and self.eval_rows is not None and "source" in self.eval_rows.column_names:
             result["bleu"] = corpus_bleu(self.engine.module, self.tokenizer, self.eval_rows, cfg.gen_samples, cfg.gen_max_new_tokens, synced_gpus=self.partitioned)
         if self.metrics:

@@ -190,22 +190,25 @@ def check_data(cfg: TrainConfig) -> None:
             raise ConfigError(f"{flag} {path} is not a file")
         if not os.access(file, os.R_OK):
             raise ConfigError(f"{flag} {path} is not readable (check its permissions)")
-        from dsee_scale.data import check_columns, peek_columns
+        from dsee_scale.data import TABLE_SUFFIXES, check_columns, check_labels, peek_columns
 
         try:
-            columns, has_rows = peek_columns(path)
-            if not has_rows:
+            columns, examples = peek_columns(path, cfg.header)
+            if examples == []:
                 raise ConfigError(f"{flag} {path} holds no examples (empty dataset)")
+            tabular = file.suffix.lower() in TABLE_SUFFIXES
             if columns:
-                check_columns(columns, cfg, f"{flag} {path}")
+                check_columns(columns, cfg, f"{flag} {path}", first_row=examples[0] if tabular else None)
+            if examples and cfg.task != "lm":
+                check_labels([e.get(cfg.label_column) for e in examples], cfg, f"{flag} {path}")
         except UnicodeDecodeError:
             raise ConfigError(f"{flag} {path} cannot be read as UTF-8 text (is it a binary file?)") from None
         except ValueError as err:
             raise ConfigError(str(err)) from None
     if cfg.support_file and not Path(cfg.support_file).is_file():
         raise ConfigError(f"--support_file {cfg.support_file} does not exist (a run's support.safetensors or an adapter file)")
-    if cfg.task == "cls" and not (cfg.train_file or cfg.dataset):
-        raise ConfigError("task 'cls' needs data: pass --train_file (TSV/CSV/JSON with text and label columns) or --dataset")
+    if cfg.task != "lm" and not (cfg.train_file or cfg.dataset):
+        raise ConfigError(f"task '{cfg.task}' needs data: pass --train_file (TSV/CSV/JSON with text and label columns) or --dataset")
     if cfg.eval_file is None and cfg.train_file and "evaluate" in cfg.stages:
         raise ConfigError("the evaluate stage needs --eval_file (or drop 'evaluate' from --stages)")
 
@@ -223,8 +226,8 @@ def check_model_fits(cfg: TrainConfig) -> None:
     if not builtin and not Path(resolve_model_path(cfg.model)).exists():
         return  # a hub name: checked once downloaded
     config = builtin_config(cfg.model) if builtin else AutoConfig.from_pretrained(resolve_model_path(cfg.model))
-    if cfg.task == "cls":
-        config.num_labels = 2
+    if cfg.task != "lm":
+        config.num_labels = 2 if cfg.task == "cls" else 1
     from transformers.models.auto.auto_factory import _get_model_class
 
     model_class = _get_model_class(config, TASK_MODELS[cfg.task]._model_mapping)
