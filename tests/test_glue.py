@@ -179,7 +179,7 @@ def test_two_ranks_run_each_glue_format_end_to_end(task, tmp_path):
     flags = ["--config", RECIPES / f"glue-{task}.yaml", *TINY, "--steps", 2, "--retune_steps", 1, "--warmup_steps", 0, "--max_train_samples", 16,
              "--max_eval_samples", 15, "--max_length", 32, "--micro_batch_size", 4, "--stages", "tune,prune,retune,export,evaluate",
              "--output_dir", out, *(STRUCTURED if task == "stsb" else [])]
-    run_launcher("deepspeed", "launch/train.py", flags)
+    run_launcher("ranks", "launch/train.py", flags)
     summary = json.loads((out / "summary.json").read_text())
     cfg = recipe_config(task, *flags[2:])
     for when in ("before", "after"):
