@@ -21,7 +21,7 @@ demo: setup
 	$(LAUNCH) launch/train.py --ds_config ds_configs/zero3.json
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	bash benchmarks/run_all.sh

@@ -74,7 +74,7 @@ def main() -> None:
                 for tokens in args.tokens:
                     x = torch.randn(tokens, shape[1], generator=generator)
                     xt = x.t().contiguous()
-                    torch.testing.assert_close(torch.sparse.mm(csr, xt).t(), F.linear(x, dense), rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(torch.sparse.mm(csr, xt).t(), F.linear(x, dense), rtol=1e-4, atol=1e-3)  # sums of up to 4096 fp32 products
                     for threads in sorted({1, cores}):
                         torch.set_num_threads(threads)
                         dense_ms = latency_ms(lambda: F.linear(x, dense), args.budget_s)

@@ -11,6 +11,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# The longest files first: `make test` runs files on 2 xdist workers (--dist loadfile), which
+# take them in collection order, so a long file collected last would end the run alone.
+LONGEST_FIRST = ("test_gpu_check.py", "test_launchers.py", "test_resume.py", "test_reliability.py", "test_zero3.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
