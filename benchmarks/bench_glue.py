@@ -1,14 +1,14 @@
 """GLUE-style accuracy from the shipped pipeline: every number is a `launch/train.py` run.
 
     python benchmarks/bench_glue.py --tasks sst2 --methods dsee,dsee_prune50,dsee_prune50_dense_merge,dsee_2of4 --seeds 0,1,2
-    python benchmarks/bench_glue.py --tasks cola,mrpc,rte,stsb,sst2           # every DSEE method, 3 seeds
+    python benchmarks/bench_glue.py --tasks cola,mrpc,rte,stsb,sst2 --methods full,peft_lora,dsee,dsee_prune50,dsee_structured
 
 Each (task, method, seed) runs `launch/recipes/glue-<task>.yaml` (`minilm-sst2.yaml`, the
 accuracy benchmark's shorter setting, for `sst2-short`) under DeepSpeed's launcher on --nproc
 ranks, with the method's flags on top and nothing tuned per task. One JSON line per run, with the
 task's metrics after export (the merged model), appended to benchmarks/results/glue.jsonl.
-Methods that are not DSEE (full fine-tuning, PEFT LoRA on the same engine) need `launch/train.py`
-to build them; until it does, they are not offered here.
+The baselines (full fine-tuning, PEFT LoRA) are `launch/train.py --method full|peft_lora` on the
+same engine, data, stages and schedule; full fine-tuning alone gets its own learning rate.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ ALL_STAGES = "tune,prune,retune,export,evaluate"
 # Every method runs the same two training stages (tune, then re-tune), so pruned rows and the
 # unpruned one have equal compute.
 METHODS = {
+    "full": ["--method", "full", "--lr", "5e-5", "--prune.sparsity", "0"],  # every weight: the usual BERT fine-tuning LR
+    "peft_lora": ["--method", "peft_lora", "--prune.sparsity", "0"],  # LoRA r=16 on the same targets (query, value)
     "dsee": ["--prune.sparsity", "0"],
     "dsee_prune50": ["--prune.sparsity", "0.5"],  # the masked re-tune: ΔW ⊙ M, the export stays 50% sparse
     "dsee_prune50_dense_merge": ["--prune.sparsity", "0.5", "--prune.keep_sparse", "false"],  # the paper's: ΔW dense, exact merge

@@ -126,6 +126,7 @@ STAGES = ("tune", "prune", "retune", "export", "evaluate")
 # transformers.get_scheduler names that need no arguments beyond warm-up and length.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
 TASKS = ("lm", "cls", "reg")
+METHODS = ("dsee", "peft_lora", "full")  # the last two: baselines.py, on the same Recipe
 EXPORT_FORMATS = ("hf", "compressed")
 
 
@@ -138,6 +139,7 @@ class TrainConfig:
 
     model: str = field(default="builtin:tiny-llama", metadata={"help": "local folder, hub name (online), or builtin:<tiny-llama|tiny-gpt2|tiny-bert|bert-base|gpt2|gpt2-medium|gpt2-xl|...> (random init)"})
     task: str = field(default="lm", metadata={"help": "'lm' (causal LM), 'cls' (sequence classification) or 'reg' (regression: one output, MSE loss, e.g. STS-B)"})
+    method: str = field(default="dsee", metadata={"help": "what trains: 'dsee'; or the baselines on the same engine and stages: 'peft_lora' (PEFT's LoRA with dsee.rank, alpha, dropout on dsee's targets, whole modules) or 'full' (every weight); the baselines do not prune"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or hub name; default: the model's; builtin models train a SentencePiece tokenizer"})
     train_file: str | None = field(default=None, metadata={"help": "training data: .tsv/.csv/.json/.jsonl/.txt, or E2E 'source||target' lines (.txt with ||)"})
     eval_file: str | None = field(default=None, metadata={"help": "evaluation data (same formats)"})
@@ -190,6 +192,12 @@ class TrainConfig:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
         self._resolve_metric()
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        p = self.prune
+        if self.method != "dsee" and "prune" in self.stages and (p.sparsity or p.pattern or p.heads or p.ffn):
+            raise ValueError(f"method {self.method} does not prune (pruning with a re-tune of the adapters is DSEE's): set --prune.sparsity 0 "
+                             "(and no prune.pattern, heads or ffn), or leave prune out of --stages")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stages {unknown}: choose from {', '.join(STAGES)}")

@@ -131,7 +131,7 @@ def apply_dsee(
     return model
 
 
-def _is_trainable_module(name: str, patterns: list[str]) -> bool:
+def is_trainable_module(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) or name.startswith(p + ".") or f".{p}." in name for p in patterns)
 
 
@@ -141,7 +141,7 @@ def mark_only_dsee_as_trainable(model: nn.Module, trainable_modules: list[str] |
     adapters = {id(p) for p in adapter_parameters(model)}
     for name, param in model.named_parameters():
         module_name = name.rsplit(".", 1)[0] if "." in name else ""
-        param.requires_grad = id(param) in adapters or _is_trainable_module(module_name, patterns)
+        param.requires_grad = id(param) in adapters or is_trainable_module(module_name, patterns)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -179,14 +179,13 @@ class DSEELayer(nn.Module):
             yield start, stop, a[i * self.rank : (i + 1) * self.rank], b[row : row + stop - start]
             row += stop - start
 
-    def _masked_delta(self) -> torch.Tensor:
-        """ΔW ⊙ M (out × in), differentiable: the re-tune forward under keep_mask. It costs one
-        dense (out × in) matrix per call, the price of a merge that stays sparse."""
-        delta = self.lora_A.new_zeros(self.out_features, self.in_features)
-        for start, stop, a_i, b_i in self._slice_factors(self.lora_A, self.lora_B):
+    def _masked_delta(self, a: torch.Tensor, b: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """ΔW ⊙ M (out × in) from the factors given, differentiable in them."""
+        delta = a.new_zeros(self.out_features, self.in_features)
+        for start, stop, a_i, b_i in self._slice_factors(a, b):
             delta[start:stop] = (b_i @ a_i) * self.scaling
         rows, cols = self._support_coordinates()
-        delta = delta.index_put((rows, cols), self.sparse_values, accumulate=True)
+        delta = delta.index_put((rows, cols), values, accumulate=True)
         return delta * (self.delta_mask.t() if self.transposed else self.delta_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +194,7 @@ class DSEELayer(nn.Module):
             return y
         h = self.dropout(x)
         if self.delta_mask is not None:
-            return y + nn.functional.linear(h, self._masked_delta()).to(y.dtype)
+            return y + MaskedDeltaLinear.apply(h, self, *self.adapter_parameters()).to(y.dtype)
         delta = self._low_rank(h)
         if self.sparse_index.numel():
             delta = delta + self._sparse(h)
@@ -295,3 +294,26 @@ class DSEELayer(nn.Module):
         if self.merged:
             self._add_delta(-1.0)
             self.merged = MergeState.UNMERGED
+
+
+class MaskedDeltaLinear(torch.autograd.Function):
+    """x·(ΔW ⊙ M)ᵀ, the re-tune forward under keep_mask, in bounded memory: the dense ΔW ⊙ M
+    (one out × in matrix) is formed for one layer at a time, in forward and again in backward,
+    instead of autograd keeping one per adapted layer from forward until backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: DSEELayer, a: torch.Tensor, b: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, a, b, values)
+        return nn.functional.linear(x, layer._masked_delta(a, b, values))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, *factors = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(factors, ctx.needs_input_grad[2:])]
+        with torch.enable_grad():
+            delta = ctx.layer._masked_delta(*leaves)
+        grad_x = grad @ delta.detach() if ctx.needs_input_grad[0] else None
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(delta, wanted, grad.flatten(0, -2).t() @ x.flatten(0, -2)) if wanted else ())
+        return grad_x, None, *(next(grads) if t.requires_grad else None for t in leaves)

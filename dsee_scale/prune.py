@@ -34,14 +34,15 @@ class PruneTarget:
     layer: DSEELayer | None  # the adapter on this weight, for 'merged' / 'delta' scores
 
 
-def prune_targets(model: nn.Module, include: list[str], exclude: list[str]) -> list[PruneTarget]:
-    """Weights to prune, in model order (the same on every rank). Names are those of the plain
-    model: an adapted layer's weight 'x.base.weight' is reported as 'x.weight'."""
+def prune_targets(model: nn.Module, include: list[str], exclude: list[str], frozen_only: bool = True) -> list[PruneTarget]:
+    """Weights to prune, in model order (the same on every rank): frozen ones only, unless a
+    report of a fully fine-tuned model asks. Names are those of the plain model: an adapted
+    layer's weight 'x.base.weight' is reported as 'x.weight'."""
     layers = {id(m.base.weight): m for m in model.modules() if isinstance(m, DSEELayer)}
     found = []
     for name, param in model.named_parameters():
         plain = name.replace(".base.", ".")
-        if len(zero.full_shape(param)) != 2 or param.requires_grad:
+        if len(zero.full_shape(param)) != 2 or (param.requires_grad and frozen_only):
             continue
         if any(re.fullmatch(p, plain) for p in include) and not any(re.fullmatch(p, plain) for p in exclude):
             found.append(PruneTarget(plain, param, layers.get(id(param))))
@@ -311,7 +312,7 @@ def sparsity_report(model: nn.Module, include: list[str] | None = None, exclude:
     from dsee_scale.config import PruneConfig
 
     defaults = PruneConfig()
-    targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude)
+    targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude, frozen_only=False)
     shards = [zero.local_shard(t.param) for t in targets]
     zeros = torch.stack([(shard == 0).sum() for shard in shards])
     numels = torch.tensor([shard.numel() for shard in shards], device=zeros.device)

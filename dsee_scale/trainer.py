@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from dsee_scale import checkpoint, dist, run_folder, zero
+from dsee_scale.baselines import apply_peft_lora, merge_peft_lora, train_everything
 from dsee_scale.config import TrainConfig
 from dsee_scale.data import GlobalBatches, check_columns, check_labels, collate, label_map, load_split, load_tokenizer, tokenize
 from dsee_scale.engine import create_engine, init_distributed, torch_optimizer
@@ -116,8 +117,8 @@ class Recipe:
             self.eval_rows = tokenize(eval_ds, self.tokenizer, cfg, self.labels) if eval_ds is not None else None
 
     def _build_model(self) -> None:
-        """The frozen backbone (partitioned as it is built under ZeRO-3) with DSEE on it; Ω is
-        chosen once and kept in the run folder."""
+        """The frozen backbone (partitioned as it is built under ZeRO-3) with DSEE on it (or a
+        baseline's trainable part: cfg.method)."""
         cfg = self.cfg
         overrides = {}
         if cfg.task == "cls":
@@ -135,6 +136,18 @@ class Recipe:
         if len(self.tokenizer) > self.model.config.vocab_size:
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is {self.model.config.vocab_size}: use the model's own tokenizer (--tokenizer)")
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if cfg.method == "dsee":
+            self._apply_dsee()
+        elif cfg.method == "peft_lora":
+            apply_peft_lora(self.model, cfg.dsee)
+        else:
+            train_everything(self.model)
+        self.partitioned = zero.zero3_active(self.model)
+        self.backbone_digest = checkpoint.backbone_digest(self.model)
+
+    def _apply_dsee(self) -> None:
+        """Ω is chosen once and kept in the run folder (a resumed run reads it back)."""
+        cfg = self.cfg
         support_file = self.run_dir / "support.safetensors"
         support = load_file(str(support_file)) if support_file.exists() else None
         if support is None and cfg.support_file:
@@ -144,8 +157,6 @@ class Recipe:
         self.timings["support_s"] = time.time() - tic
         if self.writer and support is None:
             atomic_save_file(support_of(self.model), support_file, {"dsee_config": json.dumps(cfg.dsee.to_dict())})
-        self.partitioned = zero.zero3_active(self.model)
-        self.backbone_digest = checkpoint.backbone_digest(self.model)
 
     # ---- training ----------------------------------------------------------------------------
     def tune(self) -> None:
@@ -308,17 +319,20 @@ class Recipe:
     def export(self) -> None:
         """Adapter-only file, then the adapters merged in place (exactly, or re-masked with
         --export_remask) and the model written as a plain HF folder. A later `evaluate` measures
-        exactly that model."""
+        exactly that model. Baselines: the merged folder (PEFT LoRA merged; full: the model)."""
         out = self.run_dir / "export"
-        tic = time.time()
-        save_adapter(self.model, out / "adapter", self.cfg.dsee)
-        self.timings["adapter_save_s"] = time.time() - tic
-        if dist.is_main():  # exports are written on rank 0's node
-            self.summary["adapter_bytes"] = (out / "adapter" / "dsee_adapter.safetensors").stat().st_size
-            self.tokenizer.save_pretrained(str(out / "adapter"))
-        if self.cfg.export_merged:
+        if self.cfg.method == "dsee":
+            tic = time.time()
+            save_adapter(self.model, out / "adapter", self.cfg.dsee)
+            self.timings["adapter_save_s"] = time.time() - tic
+            if dist.is_main():  # exports are written on rank 0's node
+                self.summary["adapter_bytes"] = (out / "adapter" / "dsee_adapter.safetensors").stat().st_size
+                self.tokenizer.save_pretrained(str(out / "adapter"))
+        if self.cfg.export_merged or self.cfg.method != "dsee":  # a baseline's export is its merged model
             for layer in dsee_layers(self.model).values():
                 layer.merge(remask=self.cfg.export_remask and bool(self.masks))
+            if self.cfg.method == "peft_lora":
+                merge_peft_lora(self.model)
             export_hf(self.model, out / "merged", merge=False)
             if dist.is_main():
                 self.tokenizer.save_pretrained(str(out / "merged"))

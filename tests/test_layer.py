@@ -17,7 +17,7 @@ def dense_reference(layer: DSEELayer, x: torch.Tensor) -> torch.Tensor:
         a = layer.lora_A[i * layer.rank : (i + 1) * layer.rank]
         delta[start:stop] = layer.lora_B[row : row + stop - start] @ a * layer.scaling
         row += stop - start
-    s_dense = torch.zeros(w.numel())
+    s_dense = torch.zeros(w.numel(), dtype=w.dtype)
     s_dense[layer.sparse_index] = layer.sparse_values
     return x @ (w + delta + s_dense.view_as(w)).t() + layer.base.bias
 
@@ -126,3 +126,33 @@ def test_keep_rows_drops_a_slice_left_empty_with_its_block_of_a():
 def test_adapter_parameters_are_exactly_the_trainable_ones():
     layer = make_layer("fused_qv")
     assert {id(p) for p in layer.adapter_parameters()} == {id(p) for p in layer.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "fused_qv"])
+def test_masked_retune_gradients_match_autograd_of_the_dense_masked_formula(kind):
+    """keep_mask's forward keeps no dense ΔW ⊙ M for backward (MaskedDeltaLinear forms it again):
+    its output and gradients are those of x·(W + ΔW ⊙ M)ᵀ + b differentiated by autograd, and
+    gradcheck (float64) agrees."""
+    from dsee_scale.layer import MaskedDeltaLinear
+
+    layer = make_layer(kind).double()
+    w = layer.base.weight.detach()
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) > 0.5  # storage layout
+    layer.keep_mask(mask)
+    params = layer.adapter_parameters()
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    got = [x.grad, *(p.grad for p in params)]
+    for t in (x, *params):
+        t.grad = None
+    m = mask.t() if layer.transposed else mask
+    w_out_in = w.t() if layer.transposed else w
+    eye = torch.eye(24, dtype=torch.float64)
+    delta = (dense_reference(layer, eye) - layer.base.bias).t() - w_out_in  # ΔW = (α/r)·B·A + S, out × in
+    reference = x @ (w_out_in + delta * m).t() + layer.base.bias
+    reference.pow(2).sum().backward()
+    for g, want in zip(got, [x.grad, *(p.grad for p in params)]):
+        torch.testing.assert_close(g, want)
+    pruned_support = ~m.flatten()[layer.sparse_index]
+    assert pruned_support.any() and torch.all(got[3][pruned_support] == 0)  # S gets no gradient where W was pruned
+    assert torch.autograd.gradcheck(lambda *t: MaskedDeltaLinear.apply(t[0], layer, *t[1:]), (x.detach()[:1, :2].requires_grad_(), *params))
