@@ -120,7 +120,7 @@ def load_trainable_state(model: nn.Module, engine, tensors: dict[str, torch.Tens
                 state.setdefault(key, torch.zeros_like(held, dtype=torch.float32))
             state["step"] = _step_like(optimizer, state.get("step"), step)
     for name, p in trainable:
-        device = zero.local_shard(p).device
+        device = zero.shard_device(p)
         if zero.is_partitioned(p):  # ZeRO-3: this rank's partitions (the full setters mis-slice a padded last partition)
             safe_set_local_fp32_param(p, zero.partition_of(p, tensors[f"{name}::value"]).to(device))
             for key in MOMENTS if step else ():
@@ -169,11 +169,11 @@ def backbone_digest(model: nn.Module) -> list[float]:
     for _, p in model.named_parameters():
         if p.requires_grad:
             continue
-        flat = zero.local_shard(p).detach().reshape(-1)
-        total = torch.zeros(2, dtype=torch.float64, device=flat.device)
-        for chunk in flat.split(1 << 20):  # float64 a chunk at a time, not a copy of the shard
-            chunk = chunk.double()
-            total += torch.stack([chunk.sum(), chunk.dot(chunk)])
+        total = torch.zeros(2, dtype=torch.float64, device=zero.shard_device(p))
+        with zero.shard_in_memory(p):
+            for chunk in zero.local_shard(p).detach().split(1 << 20):  # float64 a chunk at a time, not a copy of the shard
+                chunk = chunk.double()
+                total += torch.stack([chunk.sum(), chunk.dot(chunk)])
         sums.append(total)
     return dist.all_reduce(torch.stack(sums)).flatten().tolist() if sums else []
 

@@ -15,7 +15,7 @@ from transformers import (
     PretrainedConfig,
 )
 
-from dsee_scale.arch import GPT2_SIZES
+from dsee_scale.arch import GPT2_SIZES, LLAMA_SIZES
 
 TASK_MODELS = {"lm": AutoModelForCausalLM, "cls": AutoModelForSequenceClassification, "reg": AutoModelForSequenceClassification}
 
@@ -96,6 +96,11 @@ def builtin_config(name: str, vocab_size: int | None = None) -> PretrainedConfig
     if key in GPT2_SIZES:
         d, layers, heads = GPT2_SIZES[key]
         return GPT2Config(vocab_size=50257, n_embd=d, n_layer=layers, n_head=heads)
+    if key in LLAMA_SIZES:
+        d, layers, heads, ffn = LLAMA_SIZES[key]
+        vocab = 32000 if key == "llama-7b" else vocab_size or 512
+        return LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                           num_key_value_heads=heads, max_position_embeddings=2048, bos_token_id=2, eos_token_id=3, pad_token_id=0)
     if key == "bert-base":
         return BertConfig(vocab_size=vocab_size or 30522)
     if key == "tiny-bert":
@@ -103,4 +108,4 @@ def builtin_config(name: str, vocab_size: int | None = None) -> PretrainedConfig
     raise ValueError(f"unknown builtin model {name!r}: choose builtin:{', builtin:'.join(BUILTIN_MODELS)}")
 
 
-BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert", "bert-base", *GPT2_SIZES)
+BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert", "bert-base", *GPT2_SIZES, *LLAMA_SIZES)

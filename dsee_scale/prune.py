@@ -83,14 +83,16 @@ def _delta_score(w: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
 def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
     """(offset in the local shard, float32 scores) over this rank's shard, a chunk at a time.
 
-    ΔW is computed only for the rows that the chunk touches, never as a full matrix.
+    ΔW is computed only for the rows that the chunk touches, never as a full matrix; a shard on
+    NVMe is in memory while it is scored. Consume it whole.
     """
     fn, uses_delta = PRUNE_SCORES[score]
-    shard = zero.local_shard(target.param)
     start, _ = zero.shard_range(target.param)
     shape = zero.full_shape(target.param)
     layer = target.layer if uses_delta else None
-    with zero.gathered(layer.adapter_parameters() if layer else []):  # collective: every rank enters it once per target, even with an empty shard
+    # collective: every rank enters the gather once per target, even with an empty shard
+    with zero.gathered(layer.adapter_parameters() if layer else []), zero.shard_in_memory(target.param):
+        shard = zero.local_shard(target.param)
         for offset in range(0, shard.numel(), chunk):
             w = shard[offset : offset + chunk].detach().float()
             delta = None
@@ -104,7 +106,7 @@ def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterato
 
 def _device(targets: list[PruneTarget]) -> torch.device:
     """Where the shards (and so their scores) live."""
-    return zero.local_shard(targets[0].param).device
+    return zero.shard_device(targets[0].param)
 
 
 def _bits(scores: torch.Tensor) -> torch.Tensor:
@@ -207,7 +209,7 @@ def apply_mask(param: torch.Tensor, mask: ShardMask) -> None:
 
 
 def _select(targets, score: str, sparsity: float) -> dict[str, ShardMask]:
-    total = int(dist.all_reduce(torch.tensor(sum(zero.local_shard(t.param).numel() for t in targets), device=_device(targets))).item())
+    total = int(dist.all_reduce(torch.tensor(sum(stop - start for start, stop in map(zero.shard_range, (t.param for t in targets))), device=_device(targets))).item())
     k = int(round(sparsity * total))  # as torch.nn.utils.prune
     if k == 0:
         return _apply(targets, score, None, [0] * len(targets))
@@ -313,9 +315,12 @@ def sparsity_report(model: nn.Module, include: list[str] | None = None, exclude:
 
     defaults = PruneConfig()
     targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude, frozen_only=False)
-    shards = [zero.local_shard(t.param) for t in targets]
-    zeros = torch.stack([(shard == 0).sum() for shard in shards])
-    numels = torch.tensor([shard.numel() for shard in shards], device=zeros.device)
+    zeros = []
+    for t in targets:
+        with zero.shard_in_memory(t.param):
+            zeros.append((zero.local_shard(t.param) == 0).sum())
+    zeros = torch.stack(zeros)
+    numels = torch.tensor([stop - start for start, stop in map(zero.shard_range, (t.param for t in targets))], device=zeros.device)
     counts = dist.all_reduce(torch.stack([zeros, numels], dim=1)).cpu()  # one copy to the host
     per_layer = {t.name: counts[i, 0].item() / max(1, counts[i, 1].item()) for i, t in enumerate(targets)}
     zeros, total = counts.sum(0).tolist()

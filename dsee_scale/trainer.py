@@ -87,7 +87,7 @@ class Recipe:
             raise checkpoint.CheckpointError(f"the backbone built from --model {cfg.model} differs from the one {self.ckpt_dir} was saved from: resume needs the same model files")
         if saved and saved[0]["plan"]:
             self.plan = saved[0]["plan"]
-            remove(self.model, *_plan_tensors(self.plan, zero.local_shard(next(self.model.parameters())).device), self.ds_config)
+            remove(self.model, *_plan_tensors(self.plan, zero.shard_device(next(self.model.parameters()))), self.ds_config)
         self.engine = create_engine(self.model, self.ds_config, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.accum = self.engine.gradient_accumulation_steps()
@@ -143,6 +143,8 @@ class Recipe:
         else:
             train_everything(self.model)
         self.partitioned = zero.zero3_active(self.model)
+        if zero.on_nvme_count(self.model):
+            self.summary["nvme_params"] = zero.on_nvme_count(self.model)  # weights whose shards live on NVMe (ZeRO-Infinity)
         self.backbone_digest = checkpoint.backbone_digest(self.model)
 
     def _apply_dsee(self) -> None:

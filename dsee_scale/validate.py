@@ -5,6 +5,7 @@ same checks on the same inputs, so all of them fail together, before any collect
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -66,7 +67,59 @@ def load_ds_config(path: str) -> dict:
             f"quantizes only weights frozen when they are first partitioned, and the backbone is frozen after it is built, "
             f"so nothing would be quantized; remove it (or set it to false)"
         )
+    check_nvme_offload(config, path)
     return config
+
+
+def nvme_offload(config: dict) -> dict | None:
+    """The offload_param block when it sends the backbone to NVMe (ZeRO-Infinity), else None."""
+    block = config.get("zero_optimization", {}).get("offload_param") or {}
+    return block if block.get("device") == "nvme" else None
+
+
+def check_nvme_offload(config: dict, path: str) -> None:
+    """offload_param to NVMe needs a writable nvme_path and DeepSpeed's async_io op (libaio)."""
+    block = nvme_offload(config)
+    if block is None:
+        return
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        raise ConfigError(f"DeepSpeed config {path}: offload_param to nvme needs zero_optimization.stage 3")
+    if config["zero_optimization"].get("stage3_prefetch_bucket_size", 50_000_000):
+        raise ConfigError(f"DeepSpeed config {path}: set zero_optimization.stage3_prefetch_bucket_size to 0 with offload_param to nvme: "
+                          f"DeepSpeed 0.19.8's NVMe prefetch hands one weight two swap buffers from the second step on and stops "
+                          f"('param N already assigned swap buffer id'); ds_configs/zero3_nvme.json has it")
+    folder = block.get("nvme_path")
+    if not folder:
+        raise ConfigError(f"DeepSpeed config {path}: offload_param.device nvme needs offload_param.nvme_path, a folder on a fast local disk")
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = Path(folder) / f".dsee_write_probe_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"DeepSpeed config {path}: offload_param.nvme_path {folder} is not a writable folder ({err.strerror}): choose a folder on a local disk you can write") from None
+    import ctypes.util
+
+    # What DeepSpeed's AsyncIOBuilder compiles against (its own probe needs a real stderr).
+    if ctypes.util.find_library("aio") is None or not any(Path(d, "libaio.h").exists() for d in ("/usr/include", "/usr/local/include")):
+        raise ConfigError(f"DeepSpeed config {path}: offload_param to nvme needs DeepSpeed's async_io op, which needs libaio: "
+                          f"apt-get install libaio-dev (make setup does), then run again")
+
+
+def check_nvme_buffers(config: dict, model, world: int) -> None:
+    """DeepSpeed swaps each shard of at least 1 MB through a buffer of offload_param.buffer_size
+    elements: a smaller buffer fails mid-build with an assertion, so name the size needed now
+    ("auto": exactly the largest shard)."""
+    block = nvme_offload(config)
+    if block is None:
+        return
+    largest = max(-(-p.numel() // world) for p in model.parameters())
+    if block.get("buffer_size") == "auto":  # just large enough: each of buffer_count buffers is this much memory
+        block["buffer_size"] = largest
+    size = int(float(block.get("buffer_size", 1e8)))
+    if size < largest:
+        raise ConfigError(f"offload_param.buffer_size {size:,} is smaller than this model's largest weight shard at {world} rank(s), "
+                          f"{largest:,} elements: set buffer_size to at least {largest} (each of buffer_count buffers takes that many elements of memory)")
 
 
 def resolve_batch_sizes(config: dict, cfg: TrainConfig, world: int, source: str) -> None:
@@ -213,9 +266,10 @@ def check_data(cfg: TrainConfig) -> None:
         raise ConfigError("the evaluate stage needs --eval_file (or drop 'evaluate' from --stages)")
 
 
-def check_model_fits(cfg: TrainConfig) -> None:
-    """Targets, rank and nnz against the model's shapes, and the tokenizer against its vocabulary,
-    on a model built on the meta device (no weights are loaded or allocated)."""
+def check_model_fits(cfg: TrainConfig, ds_config: dict | None = None, world: int = 1) -> None:
+    """Targets, rank and nnz against the model's shapes, the tokenizer against its vocabulary
+    and NVMe swap buffers against its shards, on a model built on the meta device (no weights
+    are loaded or allocated)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
@@ -224,6 +278,9 @@ def check_model_fits(cfg: TrainConfig) -> None:
 
     builtin = cfg.model.startswith("builtin:")
     if not builtin and not Path(resolve_model_path(cfg.model)).exists():
+        if ds_config and (nvme_offload(ds_config) or {}).get("buffer_size") == "auto":
+            raise ConfigError(f"offload_param.buffer_size auto is sized from the model's shapes, and {cfg.model} is not a local folder: "
+                              f"set buffer_size to the largest weight's elements divided by the number of ranks")
         return  # a hub name: checked once downloaded
     config = builtin_config(cfg.model) if builtin else AutoConfig.from_pretrained(resolve_model_path(cfg.model))
     if cfg.task != "lm":
@@ -237,6 +294,7 @@ def check_model_fits(cfg: TrainConfig) -> None:
         check_targets(model, cfg.dsee)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_nvme_buffers(ds_config or {}, model, world)
     source = cfg.tokenizer or (None if builtin else resolve_model_path(cfg.model))
     if source is not None and Path(source).exists():
         vocab = len(AutoTokenizer.from_pretrained(source))
@@ -254,7 +312,10 @@ def validate_before_launch(cfg: TrainConfig) -> dict:
             if config.get(key, {}).get("enabled"):
                 config[key]["enabled"] = False  # fp16 is refused and bf16 is ~10x slower on CPUs
     check_output_dir(cfg, config, world)
+    if nvme_offload(config):  # one swap folder per run: two runs on one disk must not share swap files
+        block = nvme_offload(config)
+        block["nvme_path"] = str(Path(block["nvme_path"]) / f"dsee-{hashlib.sha1(str(Path(cfg.output_dir).resolve()).encode()).hexdigest()[:12]}")
     check_model(cfg)
     check_data(cfg)
-    check_model_fits(cfg)
+    check_model_fits(cfg, config, world)
     return config

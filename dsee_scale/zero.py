@@ -31,6 +31,8 @@ def full_numel(param: torch.Tensor) -> int:
 
 
 def full_dtype(param: torch.Tensor) -> torch.dtype:
+    if _on_nvme(param):  # its ds_tensor is a 1-element fp16 placeholder until swapped in
+        return param.nvme_swapper.dtype
     return param.ds_tensor.dtype if is_partitioned(param) else param.dtype
 
 
@@ -66,25 +68,66 @@ def partition_of(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
 
 
 def local_shard(param: torch.Tensor) -> torch.Tensor:
-    """This rank's elements of the flattened parameter (padding excluded), as a view."""
+    """This rank's elements of the flattened parameter (padding excluded), as a view; read it
+    inside `shard_in_memory` (a ZeRO-Infinity shard may be on NVMe)."""
     if not is_partitioned(param):
         return param.data.view(-1)
     start, stop = shard_range(param)
     return param.ds_tensor.data.view(-1).narrow(0, 0, stop - start)
 
 
+def shard_device(param: torch.Tensor) -> torch.device:
+    """Where this rank's shard lives when in memory (an NVMe shard is swapped into host memory)."""
+    return param.ds_tensor.device if is_partitioned(param) else param.device
+
+
+def _on_nvme(param: torch.Tensor) -> bool:
+    """A ZeRO-Infinity partition that lives on NVMe and is not in memory now."""
+    if not is_partitioned(param):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+    return param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE
+
+
+def on_nvme_count(module: nn.Module) -> int:
+    """Parameters whose shards ZeRO-Infinity keeps on NVMe (offload_param device nvme)."""
+    return sum(1 for p in module.parameters() if is_partitioned(p) and getattr(p.ds_tensor, "final_location", None) == "nvme")
+
+
+@contextlib.contextmanager
+def shard_in_memory(param: torch.Tensor, modify: bool = False) -> Iterator[None]:
+    """This rank's shard readable (and, with modify, writable) through `local_shard` in the
+    block. A shard on NVMe (offload_param device nvme) is read into one of DeepSpeed's swap
+    buffers, written back after the block if modified, and its buffer released: one shard in
+    memory at a time. Others are in memory already."""
+    if not _on_nvme(param):
+        yield
+        return
+    swapper = param.nvme_swapper
+    swapper.swap_in([param], async_op=False)
+    try:
+        yield
+        if modify:
+            swapper.swap_out_and_release([param])  # blocking write of the edited buffer
+    finally:
+        swapper.remove_partition_and_release_buffers([param])
+
+
 @torch.no_grad()
 def edit_local_shard(param: torch.Tensor, fn) -> None:
-    """Apply fn(shard_view, start) in place to this rank's shard; keep a whole copy in step.
+    """Apply fn(shard_view, start) in place to this rank's shard (on NVMe too); keep a whole
+    copy in step.
 
     Editing ds_tensor of a parameter that is currently whole (persistent or fetched) does not
     change its full copy, so the same edit is made to that copy's slice too.
     """
     start, stop = shard_range(param)
-    fn(local_shard(param), start)
-    if is_partitioned(param) and is_whole(param):
-        param.data.view(-1)[start:stop].copy_(local_shard(param))
-        _sync_whole_copy(param)
+    with shard_in_memory(param, modify=True):
+        fn(local_shard(param), start)
+        if is_partitioned(param) and is_whole(param):
+            param.data.view(-1)[start:stop].copy_(local_shard(param))
+            _sync_whole_copy(param)
 
 
 def _sync_whole_copy(param: torch.Tensor) -> None:
@@ -122,6 +165,10 @@ def _config_for_dtype(ds_config: dict | None, dtype: torch.dtype) -> dict:
     With dtype=None the config's flags decide, identically on every host.
     """
     config = copy.deepcopy(ds_config) if ds_config else {}
+    # New parameters (adapters, structured pruning's re-partitioned layers) stay in memory:
+    # under ZeRO-Infinity each zero.Init would otherwise build its own NVMe swapper, with its
+    # own buffer_count × buffer_size of swap buffers, for every adapted layer.
+    config.get("zero_optimization", {}).pop("offload_param", None)
     if not any(k in config for k in ("train_batch_size", "train_micro_batch_size_per_gpu")):
         config["train_micro_batch_size_per_gpu"] = 1  # DeepSpeed's config parser insists; Init never uses it
     for key, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):

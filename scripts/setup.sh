@@ -8,7 +8,7 @@ VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 
 apt_missing=()
-for pkg in libopenmpi-dev openmpi-bin numactl; do
+for pkg in libopenmpi-dev openmpi-bin numactl libaio-dev; do  # libaio: ZeRO-Infinity's NVMe offload (DeepSpeed's async_io op)
     dpkg -s "$pkg" >/dev/null 2>&1 || apt_missing+=("$pkg")
 done
 if ((${#apt_missing[@]})); then
@@ -34,6 +34,13 @@ if ! "$PY" -c "import deepspeed" 2>/dev/null; then
         DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 \
             pip_install --no-build-isolation deepspeed
     fi
+fi
+
+# DeepSpeed's async_io op (ZeRO-Infinity, ds_configs/zero3_nvme.json) is compiled on first use, a
+# few minutes: compile it once now, into torch's extension cache, rather than inside a run.
+if ! command -v nvidia-smi >/dev/null 2>&1 && ! ls "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"/py*_cpu/async_io/async_io.so >/dev/null 2>&1; then
+    echo "[setup] DeepSpeed async_io op (NVMe offload), once"
+    "$PY" -c "from deepspeed.ops.op_builder.cpu import AsyncIOBuilder; AsyncIOBuilder().load(verbose=False)" >/dev/null
 fi
 
 echo "[setup] dsee_scale and its dependencies"
