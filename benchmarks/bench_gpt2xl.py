@@ -22,10 +22,11 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir())
 
 
-def run(output_dir: Path, extra: list[str]) -> dict:
+def run(output_dir: Path, extra: list[str], recipe: str = "launch/recipes/gpt2-xl-cpu-smoke.yaml", what: str = "gpt2xl_smoke") -> dict:
+    """One 2-rank run of `recipe` under DeepSpeed's launcher; its figures from summary.json."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": str(ROOT)}
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", "29790", "launch/train.py", "--config", "launch/recipes/gpt2-xl-cpu-smoke.yaml", "--output_dir", str(output_dir), *extra]
+    cmd = [deepspeed, "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", "29790", "launch/train.py", "--config", recipe, "--output_dir", str(output_dir), *extra]
     tic = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -33,7 +34,7 @@ def run(output_dir: Path, extra: list[str]) -> dict:
     summary = json.loads((output_dir / "summary.json").read_text())
     t = summary["timings"]
     return {
-        "what": "gpt2xl_smoke", "params": summary["total_params"], "trainable_params": summary["trainable_params"], "world_size": summary["world_size"],
+        "what": what, "params": summary["total_params"], "trainable_params": summary["trainable_params"], "world_size": summary["world_size"],
         "peak_rss_mb_per_rank": summary["peak_rss_mb_per_rank"], "total_rss_gib": round(sum(summary["peak_rss_mb_per_rank"]) / 1024, 2),
         "build_s": round(t["build_s"], 1), "support_s": round(t["support_s"], 1), "step_s": round(t["tune_s_per_step"], 1),
         "prune_s": round(t["prune_s"], 1), "retune_step_s": round(t["retune_s_per_step"], 1), "adapter_ckpt_bytes": summary["adapter_bytes"],
