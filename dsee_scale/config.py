@@ -181,6 +181,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (non-reentrant) to trade compute for activation memory"})
     gen_samples: int = field(default=32, metadata={"help": "LM with source||target data: examples generated for BLEU"})
     gen_max_new_tokens: int = field(default=40, metadata={"help": "tokens generated per example for BLEU"})
+    gen_whole_model: bool = field(default=True, metadata={"help": "under ZeRO-3, gather the whole model on every rank for BLEU's generation when it fits in memory (checked first), so ranks generate independently; false: every token's forward fetches each layer, ranks in step (synced_gpus)"})
     dsee: DSEEConfig = field(default_factory=DSEEConfig)
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(sparsity=0.5))
 

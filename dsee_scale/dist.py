@@ -30,6 +30,16 @@ def local_rank() -> int:
     return 0
 
 
+def local_world_size() -> int:
+    """Ranks on this node, as the launcher reports it (one if it does not)."""
+    import os
+
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
 def is_main() -> bool:
     return rank() == 0
 

@@ -91,9 +91,10 @@ def evaluate_engine(engine, rows, tokenizer, task: str, micro: int, metric: str 
     return tally.result()
 
 
-def corpus_bleu(model, tokenizer, rows, samples: int, max_new_tokens: int, synced_gpus: bool) -> float:
+def corpus_bleu(model, tokenizer, rows, samples: int, max_new_tokens: int, synced_gpus: bool) -> tuple[float, int]:
     """Greedy generation from each unique source (the first `samples`), split over the ranks;
-    corpus BLEU against all of each source's references. Collective."""
+    corpus BLEU against all of each source's references, and the tokens this rank generated.
+    Collective."""
     import sacrebleu
 
     from dsee_scale import dist
@@ -104,17 +105,18 @@ def corpus_bleu(model, tokenizer, rows, samples: int, max_new_tokens: int, synce
     sources = sorted(refs)[:samples]
     share, per_rank = _my_share(len(sources))
     mine = [sources[i] for i in share]
-    hyps = [generate(model, tokenizer, s, max_new_tokens, synced_gpus) for s in mine]
-    for _ in range(per_rank - len(mine)):  # keep the collective forwards in step across ranks
+    outputs = [generate(model, tokenizer, s, max_new_tokens, synced_gpus) for s in mine]
+    for _ in range(per_rank - len(mine) if synced_gpus else 0):  # keep the collective forwards in step across ranks
         generate(model, tokenizer, sources[0], max_new_tokens, synced_gpus)
-    pairs = [p for part in dist.all_gather_object(list(zip(mine, hyps))) for p in part]
+    pairs = [p for part in dist.all_gather_object([(s, text) for s, (text, _) in zip(mine, outputs)]) for p in part]
     depth = max(len(refs[s]) for s, _ in pairs)
     streams = [[refs[s][min(i, len(refs[s]) - 1)] for s, _ in pairs] for i in range(depth)]
-    return sacrebleu.corpus_bleu([h for _, h in pairs], streams).score
+    return sacrebleu.corpus_bleu([h for _, h in pairs], streams).score, sum(n for _, n in outputs)
 
 
-def generate(model, tokenizer, source: str, max_new_tokens: int, synced_gpus: bool) -> str:
-    """Greedy continuation of `source ||`; synced_gpus keeps ZeRO-3 ranks in step."""
+def generate(model, tokenizer, source: str, max_new_tokens: int, synced_gpus: bool) -> tuple[str, int]:
+    """Greedy continuation of `source ||` and its length in tokens; synced_gpus keeps ZeRO-3
+    ranks in step."""
     from dsee_scale.data import PAIR_SEPARATOR
 
     device = next(model.parameters()).device
@@ -123,7 +125,7 @@ def generate(model, tokenizer, source: str, max_new_tokens: int, synced_gpus: bo
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
     )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), out.shape[1] - ids.shape[1]
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ checkpoint holds everything else a run has learnt (adapters, optimizer moments, 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -309,11 +310,25 @@ class Recipe:
         rows = self.eval_rows or self.train_rows.select(range(min(len(self.train_rows), 4 * self.micro * self.world)))
         result = evaluate_engine(self.engine, rows, self.tokenizer, cfg.task, self.micro, cfg.metric)
         if cfg.task == "lm" and bleu and self.eval_rows is not None and "source" in self.eval_rows.column_names:
-            result["bleu"] = corpus_bleu(self.engine.module, self.tokenizer, self.eval_rows, cfg.gen_samples, cfg.gen_max_new_tokens, synced_gpus=self.partitioned)
+            result["bleu"] = self._bleu()
         if self.metrics:
             self.metrics.write({"stage": "evaluate", "tag": tag, **result})
         log.info("evaluation %s: %s", tag, result)
         return result
+
+    def _bleu(self) -> float:
+        """BLEU of greedy generations. Under ZeRO-3 the model is gathered whole on every rank for
+        it when it fits (ranks then generate independently); otherwise each token's forward
+        fetches every layer, all ranks in step (synced_gpus)."""
+        cfg = self.cfg
+        whole = self.partitioned and cfg.gen_whole_model and zero.whole_model_fits(self.model)
+        tic = time.time()
+        with zero.whole_model(self.engine) if whole else contextlib.nullcontext():
+            bleu, tokens = corpus_bleu(self.engine.module, self.tokenizer, self.eval_rows, cfg.gen_samples, cfg.gen_max_new_tokens, synced_gpus=self.partitioned and not whole)
+        seconds = time.time() - tic
+        self.summary["generation"] = "synced" if self.partitioned and not whole else "whole"
+        self.timings.update(generation_s=seconds, generation_tokens_per_s=float(dist.all_reduce(torch.tensor([tokens], dtype=torch.float64))) / seconds)
+        return bleu
 
     def evaluate(self) -> None:
         self.summary["after"] = self.measure(tag="final")

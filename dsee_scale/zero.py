@@ -157,6 +157,43 @@ def gathered(params: Sequence[torch.Tensor], modify: bool = False) -> Iterator[N
         yield
 
 
+def whole_model_fits(module: nn.Module) -> bool:
+    """Every rank can hold a whole copy of `module` (decided on all ranks together): on a GPU
+    within 80% of its free memory, on a CPU host within 80% of what is free for its local ranks."""
+    from deepspeed.accelerator import get_accelerator
+
+    from dsee_scale import dist
+
+    accelerator = get_accelerator()
+    need = sum(full_numel(p) * full_dtype(p).itemsize for p in module.parameters())
+    sharing = dist.local_world_size() if accelerator.device_name() == "cpu" else 1  # a CPU host's memory serves all its ranks
+    fits = need * sharing <= 0.8 * accelerator.available_memory()
+    return bool(dist.all_reduce(torch.tensor([int(fits)], device=next(module.parameters()).device), op="min").item())
+
+
+@contextlib.contextmanager
+def whole_model(engine) -> Iterator[None]:
+    """The engine's model gathered whole on every rank, ZeRO-3's fetch hooks removed: forwards
+    without collectives, so each rank generates at its own pace (no synced_gpus, no per-token
+    layer fetches); partitioned and hooked again after. What TRL and DeepSpeed-Chat do for RLHF
+    generation; the hooks are DeepSpeed's private parameter_offload API. Check whole_model_fits first."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is None:  # not ZeRO-3: the model is whole already
+        yield
+        return
+    module = offload.module
+    with gathered(list(module.parameters())):
+        for param in module.parameters():
+            param.ds_active_sub_modules.clear()
+        offload._remove_module_hooks()
+        offload.forward_hooks.clear()
+        offload.backward_hooks.clear()
+        try:
+            yield
+        finally:
+            offload.setup_zero_stage3_hooks()
+
+
 def _config_for_dtype(ds_config: dict | None, dtype: torch.dtype) -> dict:
     """ds_config with its bf16/fp16 flags saying `dtype`.
 
