@@ -1,9 +1,13 @@
 """One method on one 2-rank ZeRO-3 engine: per-rank peak RSS, s/step, bytes moved per step.
 
 Started by bench_memory.py under the deepspeed launcher; rank 0 appends one JSON line to --out.
+`--method floor` is the compute floor of data parallelism instead: this rank's DSEE work in a
+plain process (no DeepSpeed, no communication), started twice at once by bench_memory.py, one
+core each; each process appends its own line.
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -20,7 +24,7 @@ from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
 from dsee_scale.models import builtin_config, build_model, tiny_config  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument("--method", choices=["full", "peft_lora", "dsee"], required=True)
+p.add_argument("--method", choices=["full", "peft_lora", "dsee", "floor"], required=True)
 p.add_argument("--model", default="gpt2-medium", help="builtin GPT-2 size, or 'tiny'")
 p.add_argument("--seq", type=int, default=128)
 p.add_argument("--batch", type=int, default=2, help="micro-batch per rank")
@@ -32,9 +36,13 @@ p.add_argument("--no_comms_log", action="store_true", help="time without DeepSpe
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
 
-init_distributed()
-rank, world = dist.get_rank(), dist.get_world_size()
-ds_config = {
+floor = args.method == "floor"
+if floor:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+else:
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+ds_config = None if floor else {
     "train_micro_batch_size_per_gpu": args.batch,
     "gradient_accumulation_steps": 1,
     "train_batch_size": args.batch * world,
@@ -46,7 +54,7 @@ ds_config = {
 config = tiny_config("gpt2", vocab_size=1000, n_embd=128, n_positions=args.seq) if args.model == "tiny" else builtin_config(f"builtin:{args.model}")
 config.n_positions = max(config.n_positions, args.seq)
 model = build_model(config, "lm", ds_config=ds_config, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-if args.method == "dsee":
+if args.method in ("dsee", "floor"):
     apply_dsee(model, DSEEConfig(rank=args.rank, alpha=2.0 * args.rank, nnz=64, targets=["c_attn:q,v"], support="magnitude"), ds_config=ds_config)
 elif args.method == "peft_lora":
     from peft import LoraConfig, get_peft_model
@@ -56,7 +64,10 @@ elif args.method == "peft_lora":
     # autocast_adapter_dtype=False: the adapters train in the model's dtype, as DSEE's do.
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0), autocast_adapter_dtype=False)
 trainable, total = count_parameters(model)
-engine = create_engine(model, ds_config, lr=1e-4)
+if floor:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+else:
+    engine = create_engine(model, ds_config, lr=1e-4)
 generator = torch.Generator().manual_seed(rank)
 times = []
 from deepspeed.accelerator import get_accelerator  # noqa: E402
@@ -67,12 +78,17 @@ accelerator = get_accelerator()
 for step in range(args.warmup + args.steps):
     if step == args.warmup:
         ds_comm.comms_logger.comms_dict.clear()
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator).to(engine.device)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator)
     accelerator.synchronize()
     tic = time.perf_counter()
-    loss = engine(input_ids=ids, labels=ids).loss
-    engine.backward(loss)
-    engine.step()
+    if floor:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        ids = ids.to(engine.device)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
     accelerator.synchronize()  # GPU work is asynchronous: the step ends when the device is done
     if step >= args.warmup:
         times.append(time.perf_counter() - tic)
@@ -84,6 +100,11 @@ def bytes_per_step(name_part: str) -> float:
 
 
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if floor:  # no process group: this process's own line
+    with open(args.out, "a") as f:
+        f.write(json.dumps({"method": "floor", "rank": rank, "peak_mb": round(peak_mb, 1), "s_per_step": statistics.median(times), "params": total,
+                            "trainable_params": trainable, "seq": args.seq, "micro_batch": args.batch, "model": args.model}) + "\n")
+    sys.exit(0)
 gathered = [None] * world
 on_device = accelerator.device_name() != "cpu"
 peak_device_mb = accelerator.max_memory_allocated() / 2**20 if on_device else None

@@ -31,12 +31,15 @@ def table(rows: list[list], header: list[str]) -> str:
 
 
 def memory_section() -> str:
-    rows = lines("memory.jsonl")[-3:]
+    rows = lines("memory.jsonl")
     if not rows:
         return "_not run yet_"
-    body = [[r["method"], f"{r['trainable_params']:,}", " / ".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"]), f"{r['s_per_step']:.2f}", r["all_gather_mb_per_step"], r["reduce_scatter_mb_per_step"], r.get("dsee_peak_ratio", "—"), r.get("dsee_speed_ratio", "—")] for r in rows]
+    newest = rows[-1].get("run_id")  # one run's lines (older lines carry no run_id: the last three)
+    rows = [r for r in rows if newest and r.get("run_id") == newest] or rows[-3:]
+    body = [[r["method"], f"{r['trainable_params']:,}", " / ".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"]), f"{r['s_per_step']:.2f}", r.get("all_gather_mb_per_step", "—"),
+             r.get("reduce_scatter_mb_per_step", "—"), r.get("s_per_step_vs_floor", "—"), r.get("peak_vs_peft_lora", "—")] for r in rows]
     _plot_memory(rows)
-    return table(body, ["method", "trainable", "peak RSS MB (rank 0 / 1)", "s/step (median)", "all-gather MB/step", "reduce-scatter MB/step", "DSEE peak ÷ this", "DSEE s/step ÷ this"]) + "\n\n![memory per rank](memory.png)"
+    return table(body, ["method", "trainable", "peak RSS MB (rank 0 / 1)", "s/step (median)", "all-gather MB/step", "reduce-scatter MB/step", "s/step ÷ floor", "peak ÷ PEFT LoRA"]) + "\n\n![memory per rank](memory.png)"
 
 
 def support_section() -> str:
