@@ -52,6 +52,7 @@ class Recipe:
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.masks: dict[str, ShardMask] = {}
+        self.packed_masks: dict[str, torch.Tensor] = {}  # the same masks whole, bit-packed: gathered once, saved with every checkpoint
         self.plan: dict | None = None  # kept heads / FFN neurons per layer, after structured pruning
         self.keep_sparse = False  # adapters confined to the unpruned weights (layer.keep_mask)
         self.compressed_format: str | None = None  # export_format compressed: sparse-bitmask or sparse-24-bitmask
@@ -286,8 +287,9 @@ class Recipe:
             self.timings["prune_s"] = time.time() - tic
             log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", self.timings["prune_s"])
             self.keep_sparse = p.keep_sparse
+            self.packed_masks = whole_masks(self.masks)
             if self.keep_sparse:
-                self._confine_deltas(whole_masks(self.masks))
+                self._confine_deltas(self.packed_masks)
         self.summary["sparsity"] = sparsity_report(self.model, p.include, p.exclude)["total"]
 
     def _confine_deltas(self, packed: dict[str, torch.Tensor]) -> None:
@@ -380,9 +382,8 @@ class Recipe:
             "world_size": self.world, "run": self.identity, "keep_sparse": self.keep_sparse,
         }
         tensors = checkpoint.trainable_state(self.model, self.engine)
-        masks = whole_masks(self.masks)
         tag = f"{self.done['stage']}-{self.done['step']}"
-        checkpoint.save(self.ckpt_dir, tag, state, tensors, masks, self.writer, keep=self.cfg.keep_checkpoints)
+        checkpoint.save(self.ckpt_dir, tag, state, tensors, self.packed_masks, self.writer, keep=self.cfg.keep_checkpoints)
         self.timings["checkpoint_s"] = time.time() - tic
 
     def _restore(self, state: dict, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
@@ -391,7 +392,7 @@ class Recipe:
         if state["lr_scheduler"] is not None and self.engine.lr_scheduler is not None:
             self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if masks:
-            self.masks = checkpoint.shard_masks(self.model, masks)
+            self.masks, self.packed_masks = checkpoint.shard_masks(self.model, masks), masks
             reapply_masks(self.model, self.masks)
             self.keep_sparse = state["keep_sparse"]
             if self.keep_sparse:
