@@ -50,7 +50,7 @@ def step_seed(seed: int, stage: str, step: int, rank: int) -> int:
     return zlib.crc32(f"{seed}/{stage}/{step}/{rank}".encode())
 
 
-IDENTITY_FIELDS = ("model", "task", "tokenizer", "train_file", "dataset", "dataset_config", "text_column", "text_pair_column", "label_column", "max_length", "max_train_samples", "seed")
+IDENTITY_FIELDS = ("model", "method", "task", "tokenizer", "train_file", "dataset", "dataset_config", "text_column", "text_pair_column", "label_column", "max_length", "max_train_samples", "seed")
 
 
 def run_identity(cfg, ds_config: dict) -> dict:

@@ -212,7 +212,7 @@ def load_dsee_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         shape = tuple(zero.full_shape(target))
         if tuple(tensor.shape) != shape:
             raise ValueError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, the model expects {shape}")
-    with torch.no_grad(), zero.gathered([params[n] for n in state if n in params], modify=True):
-        for name, tensor in state.items():
-            target = params.get(name, buffers.get(name))
+    for name, tensor in state.items():  # one tensor gathered at a time (all of them: a fully fine-tuned model)
+        target = params.get(name, buffers.get(name))
+        with torch.no_grad(), zero.gathered([target] if name in params else [], modify=True):
             target.data.copy_(tensor.to(target.dtype))

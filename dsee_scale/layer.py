@@ -315,5 +315,5 @@ class MaskedDeltaLinear(torch.autograd.Function):
             delta = ctx.layer._masked_delta(*leaves)
         grad_x = grad @ delta.detach() if ctx.needs_input_grad[0] else None
         wanted = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(delta, wanted, grad.flatten(0, -2).t() @ x.flatten(0, -2)) if wanted else ())
+        grads = iter(torch.autograd.grad(delta, wanted, grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])) if wanted else ())
         return grad_x, None, *(next(grads) if t.requires_grad else None for t in leaves)

@@ -10,8 +10,10 @@ partition, fp32 master copy and Adam moments for what is trained), so the full f
 layer). A frozen backbone needs only its 2-byte partition; adapters are kept whole on every GPU.
 Activations use the per-layer estimate of Korthikanti et al. (2022), s·b·h·(34 + 5·a·s/h) bytes,
 or 2·s·b·h per layer plus one layer's worth with activation checkpointing. The NVMe row keeps
-each GPU's weight partition on disk: in memory are DeepSpeed's swap buffers (buffer_count of the
-largest partition) and the gathered layer; each step reads the partition twice (forward, backward).
+each GPU's weight partition on disk: the GPU holds the gathered layer, host memory DeepSpeed's
+swap buffers (buffer_count of the largest weight's partition); each step reads the partition
+twice (forward, backward), three times with activation checkpointing. Weights count 2 bytes
+(bf16 on GPUs); on CPU hosts, which run fp32, weights, disk and reads are twice these.
 """
 from __future__ import annotations
 
@@ -53,6 +55,10 @@ class Shape:
     def largest_layer(self) -> int:
         return max(self.vocab * self.hidden, self.block)
 
+    @property
+    def largest_param(self) -> int:
+        return self.hidden * max(self.vocab, 4 * self.hidden if self.ffn is None else self.ffn)
+
 
 def shape_of(name: str) -> Shape:
     if name in LLAMA_SIZES:
@@ -83,9 +89,8 @@ def plan(shape: Shape, method: str, gpus: int, gpus_per_node: int, seq: int, mic
          nvme: bool = False) -> dict:
     p, t = shape.params, trainable_params(shape, method, rank, nnz)
     partition = 2 * p / gpus
-    in_memory = SWAP_BUFFERS * 2 * shape.largest_layer / gpus if nvme else partition
     states = {
-        "weights": in_memory + 4 * shape.largest_layer,
+        "weights": (0 if nvme else partition) + 4 * shape.largest_layer,
         "adapters_whole": 2 * t if method != "full" else 0,
         "gradients": 4 * t / gpus,  # fp32 gradient partition
         "optimizer": 12 * t / gpus,  # fp32 master copy + Adam m and v
@@ -101,7 +106,8 @@ def plan(shape: Shape, method: str, gpus: int, gpus_per_node: int, seq: int, mic
         "total_gib": round((sum(states.values()) + activations) / GIB, 3),
         "allgather_gib_per_step": round(gather / GIB, 3), "inter_node_allgather_gib_per_step": round(inter_node / GIB, 3),
         "reduce_scatter_gib_per_step": round(2 * t * (gpus - 1) / gpus / GIB, 4),
-        "disk_gib": round(partition / GIB, 3) if nvme else 0.0, "nvme_read_gib_per_step": round(2 * partition / GIB, 3) if nvme else 0.0,
+        "host_swap_gib": round(SWAP_BUFFERS * 2 * shape.largest_param / gpus / GIB, 3) if nvme else 0.0,
+        "disk_gib": round(partition / GIB, 3) if nvme else 0.0, "nvme_read_gib_per_step": round((3 if checkpointing else 2) * partition / GIB, 3) if nvme else 0.0,
     }
 
 
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"{args.model}: {shape.params:,} parameters, {args.nodes} node(s) × {args.gpus_per_node} GPUs, seq {args.seq}, micro-batch {args.micro_batch} (GiB per GPU)")
     cols = ["method", "checkpointing", "trainable_pct", "weights_gib", "optimizer_gib", "gradients_gib", "activations_gib", "total_gib", "allgather_gib_per_step",
-            "inter_node_allgather_gib_per_step", "reduce_scatter_gib_per_step", "disk_gib", "nvme_read_gib_per_step"]
+            "inter_node_allgather_gib_per_step", "reduce_scatter_gib_per_step", "host_swap_gib", "disk_gib", "nvme_read_gib_per_step"]
     print(" | ".join(cols))
     for row in rows:
         print(" | ".join(str(row[c]) for c in cols))

@@ -309,12 +309,13 @@ def reapply_masks(model: nn.Module, masks: dict[str, ShardMask]) -> None:
         apply_mask(params[name], mask)
 
 
-def sparsity_report(model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None) -> dict:
-    """Zeros per selected weight and in total, counted over shards and all-reduced."""
+def sparsity_report(model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None, frozen_only: bool = True) -> dict:
+    """Zeros per selected weight and in total, counted over shards and all-reduced; the frozen
+    weights only, unless every weight trains (full fine-tuning)."""
     from dsee_scale.config import PruneConfig
 
     defaults = PruneConfig()
-    targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude, frozen_only=False)
+    targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude, frozen_only)
     zeros = []
     for t in targets:
         with zero.shard_in_memory(t.param):

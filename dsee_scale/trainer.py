@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from dsee_scale.metrics import check_metric
 from dsee_scale.models import build_model, builtin_config
 from dsee_scale.prune import ShardMask, magnitude_prune, nm_prune, reapply_masks, sparsity_report, unpack_mask, whole_masks
 from dsee_scale.structured import remove, structured_prune
-from dsee_scale.validate import validate_before_launch
+from dsee_scale.validate import nvme_offload, validate_before_launch
 
 log = logging.getLogger("dsee_scale")
 CHECKPOINTED = ("tune", "prune", "retune")
@@ -145,8 +146,9 @@ class Recipe:
         else:
             train_everything(self.model)
         self.partitioned = zero.zero3_active(self.model)
-        if zero.on_nvme_count(self.model):
-            self.summary["nvme_params"] = zero.on_nvme_count(self.model)  # weights whose shards live on NVMe (ZeRO-Infinity)
+        on_nvme = zero.on_nvme_count(self.model)
+        if on_nvme:
+            self.summary["nvme_params"] = on_nvme  # weights whose shards live on NVMe (ZeRO-Infinity)
         self.backbone_digest = checkpoint.backbone_digest(self.model)
 
     def _apply_dsee(self) -> None:
@@ -290,7 +292,7 @@ class Recipe:
             self.packed_masks = whole_masks(self.masks)
             if self.keep_sparse:
                 self._confine_deltas(self.packed_masks)
-        self.summary["sparsity"] = sparsity_report(self.model, p.include, p.exclude)["total"]
+        self.summary["sparsity"] = sparsity_report(self.model, p.include, p.exclude, frozen_only=self.cfg.method != "full")["total"]
 
     def _confine_deltas(self, packed: dict[str, torch.Tensor]) -> None:
         """From now on every adapter trains and merges ΔW ⊙ M (layer.keep_mask)."""
@@ -420,7 +422,7 @@ class Recipe:
 
     def _final_summary(self, wall_s: float) -> None:
         cfg = self.cfg
-        report = sparsity_report(self.model, cfg.prune.include, cfg.prune.exclude)
+        report = sparsity_report(self.model, cfg.prune.include, cfg.prune.exclude, frozen_only=cfg.method != "full")
         self.summary["final_sparsity"] = report["total"]  # below the backbone's only where a dense ΔW was merged (keep_sparse false)
         flops = inference_flops(self.model, ctx=cfg.max_length, sparse_zeros=report["zeros"])
         dense_before = self.summary.get("structured", {}).get("flops_before", flops["dense_model"])
@@ -438,6 +440,9 @@ class Recipe:
         if dist.initialized():
             dist.barrier()
             torch.distributed.destroy_process_group()
+        swap = nvme_offload(self.ds_config)
+        if swap and dist.local_rank() == 0:  # this run's NVMe swap files (a killed run's stay for its resume)
+            shutil.rmtree(swap["nvme_path"], ignore_errors=True)
 
 
 def _plan_tensors(plan: dict, device: torch.device) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:

@@ -282,7 +282,10 @@ def check_model_fits(cfg: TrainConfig, ds_config: dict | None = None, world: int
             raise ConfigError(f"offload_param.buffer_size auto is sized from the model's shapes, and {cfg.model} is not a local folder: "
                               f"set buffer_size to the largest weight's elements divided by the number of ranks")
         return  # a hub name: checked once downloaded
-    config = builtin_config(cfg.model) if builtin else AutoConfig.from_pretrained(resolve_model_path(cfg.model))
+    source = cfg.tokenizer or (None if builtin else resolve_model_path(cfg.model))
+    vocab = len(AutoTokenizer.from_pretrained(source)) if source is not None and Path(source).exists() else None
+    # built as the trainer builds it: a builtin model takes its tokenizer's vocabulary
+    config = builtin_config(cfg.model, vocab_size=vocab) if builtin else AutoConfig.from_pretrained(resolve_model_path(cfg.model))
     if cfg.task != "lm":
         config.num_labels = 2 if cfg.task == "cls" else 1
     from transformers.models.auto.auto_factory import _get_model_class
@@ -295,11 +298,8 @@ def check_model_fits(cfg: TrainConfig, ds_config: dict | None = None, world: int
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_nvme_buffers(ds_config or {}, model, world)
-    source = cfg.tokenizer or (None if builtin else resolve_model_path(cfg.model))
-    if source is not None and Path(source).exists():
-        vocab = len(AutoTokenizer.from_pretrained(source))
-        if vocab > config.vocab_size:
-            raise ConfigError(f"tokenizer {source} has {vocab} tokens but the model's vocabulary is {config.vocab_size}: use the model's own tokenizer (--tokenizer)")
+    if vocab is not None and vocab > config.vocab_size:
+        raise ConfigError(f"tokenizer {source} has {vocab} tokens but the model's vocabulary is {config.vocab_size}: use the model's own tokenizer (--tokenizer)")
 
 
 def validate_before_launch(cfg: TrainConfig) -> dict:
@@ -312,6 +312,10 @@ def validate_before_launch(cfg: TrainConfig) -> dict:
             if config.get(key, {}).get("enabled"):
                 config[key]["enabled"] = False  # fp16 is refused and bf16 is ~10x slower on CPUs
     check_output_dir(cfg, config, world)
+    if nvme_offload(config) and "prune" in cfg.stages and (cfg.prune.heads or cfg.prune.ffn):
+        raise ConfigError(f"structured pruning (prune.heads / prune.ffn) with the backbone on NVMe ({cfg.ds_config}) is not supported: removing "
+                          f"heads gathers a layer's q, k, v, o and MLP weights together, more than DeepSpeed's swap buffers hold; "
+                          f"prune unstructured (prune.sparsity, prune.pattern) or keep the backbone in memory (ds_configs/zero3.json)")
     if nvme_offload(config):  # one swap folder per run: two runs on one disk must not share swap files
         block = nvme_offload(config)
         block["nvme_path"] = str(Path(block["nvme_path"]) / f"dsee-{hashlib.sha1(str(Path(cfg.output_dir).resolve()).encode()).hexdigest()[:12]}")

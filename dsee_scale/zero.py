@@ -102,6 +102,9 @@ def shard_in_memory(param: torch.Tensor, modify: bool = False) -> Iterator[None]
     buffers, written back after the block if modified, and its buffer released: one shard in
     memory at a time. Others are in memory already."""
     if not _on_nvme(param):
+        if modify and is_partitioned(param) and getattr(param.ds_tensor, "final_location", None) == "nvme":
+            raise RuntimeError(f"{param.ds_summary()}: its NVMe shard is in a swap buffer already (the parameter is gathered); "
+                               "an edit now would be dropped when DeepSpeed releases the buffer: edit it outside the gather")
         yield
         return
     swapper = param.nvme_swapper
@@ -164,6 +167,8 @@ def whole_model_fits(module: nn.Module) -> bool:
 
     from dsee_scale import dist
 
+    if on_nvme_count(module):  # its whole copy would need a swap buffer per NVMe weight at once
+        return False
     accelerator = get_accelerator()
     need = sum(full_numel(p) * full_dtype(p).itemsize for p in module.parameters())
     sharing = dist.local_world_size() if accelerator.device_name() == "cpu" else 1  # a CPU host's memory serves all its ranks
@@ -182,6 +187,7 @@ def whole_model(engine) -> Iterator[None]:
         yield
         return
     module = offload.module
+    engine.empty_partition_cache()  # nothing prefetched or half-released from the last forward
     with gathered(list(module.parameters())):
         for param in module.parameters():
             param.ds_active_sub_modules.clear()
@@ -202,10 +208,11 @@ def _config_for_dtype(ds_config: dict | None, dtype: torch.dtype) -> dict:
     With dtype=None the config's flags decide, identically on every host.
     """
     config = copy.deepcopy(ds_config) if ds_config else {}
-    # New parameters (adapters, structured pruning's re-partitioned layers) stay in memory:
-    # under ZeRO-Infinity each zero.Init would otherwise build its own NVMe swapper, with its
-    # own buffer_count × buffer_size of swap buffers, for every adapted layer.
-    config.get("zero_optimization", {}).pop("offload_param", None)
+    # New parameters (the adapters) stay in memory under ZeRO-Infinity: each zero.Init would
+    # otherwise build its own NVMe swapper, with buffer_count × buffer_size of swap buffers, for
+    # every adapted layer. (A CPU offload_param is kept.)
+    if config.get("zero_optimization", {}).get("offload_param", {}).get("device") == "nvme":
+        del config["zero_optimization"]["offload_param"]
     if not any(k in config for k in ("train_batch_size", "train_micro_batch_size_per_gpu")):
         config["train_micro_batch_size_per_gpu"] = 1  # DeepSpeed's config parser insists; Init never uses it
     for key, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):

@@ -42,8 +42,9 @@ def test_command_prints_a_table_and_a_recommendation(capsys):
 
 def test_llama_7b_count_and_the_nvme_row(capsys):
     """LLaMA-7B's shape has 6.7B parameters (the HF model's count); with its frozen weights on
-    NVMe a GPU holds swap buffers instead of its partition, which moves to disk and is read twice
-    a step."""
+    NVMe a GPU holds only the gathered layer, the host the swap buffers (5 × the embedding's
+    partition), and the partition moves to disk, read twice a step (three times with activation
+    checkpointing)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -53,9 +54,12 @@ def test_llama_7b_count_and_the_nvme_row(capsys):
         model = LlamaForCausalLM(builtin_config("builtin:llama-7b"))
     shape = shape_of("llama-7b")
     assert shape.params == sum(p.numel() for p in model.parameters()) == 6_738_415_616
-    memory, nvme = plan(shape, "dsee", 2, 2, 64, 1, True), plan(shape, "dsee", 2, 2, 64, 1, True, nvme=True)
-    assert nvme["method"] == "dsee+nvme" and nvme["weights_gib"] < 0.3 * memory["weights_gib"]
+    memory, nvme = plan(shape, "dsee", 2, 2, 64, 1, False), plan(shape, "dsee", 2, 2, 64, 1, False, nvme=True)
+    assert nvme["method"] == "dsee+nvme" and nvme["weights_gib"] == pytest.approx(4 * shape.largest_layer / 2**30, abs=1e-3)
+    assert nvme["weights_gib"] < 0.2 * memory["weights_gib"]
+    assert nvme["host_swap_gib"] == pytest.approx(5 * 2 * 32000 * 4096 / 2 / 2**30, abs=1e-3)
     assert nvme["disk_gib"] == pytest.approx(2 * shape.params / 2 / 2**30, abs=1e-3) and nvme["nvme_read_gib_per_step"] == pytest.approx(2 * nvme["disk_gib"], abs=2e-3)
+    assert plan(shape, "dsee", 2, 2, 64, 1, True, nvme=True)["nvme_read_gib_per_step"] == pytest.approx(3 * nvme["disk_gib"], abs=3e-3)
     assert memory["disk_gib"] == 0.0 and nvme["trainable"] == memory["trainable"]
     main(["--model", "llama-7b", "--nodes", "1", "--gpus-per-node", "1", "--seq", "64", "--micro-batch", "1", "--gpu-gib", "12"])
     assert "recommendation: DSEE, frozen weights on NVMe, without activation checkpointing" in capsys.readouterr().out
