@@ -1,5 +1,6 @@
 """Every file in ds_configs/ drives a real engine: 3 DSEE steps each on 2 CPU ranks."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,5 +32,10 @@ for path in sorted(Path("ds_configs").glob("*.json")):
         losses.append(loss.item())
     results[path.name] = {"losses": losses, "stage": config["zero_optimization"]["stage"], "bf16": config.get("bf16", {}).get("enabled", False)}
     engine.destroy()
+    swap = config["zero_optimization"].get("offload_param", {})
+    if swap.get("device") == "nvme":  # this run's swap folder (validate names one per run)
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(swap["nvme_path"], ignore_errors=True)
 if rank == 0:
     (out / "results.json").write_text(json.dumps(results))
