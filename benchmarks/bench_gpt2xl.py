@@ -2,7 +2,7 @@
 ranks, Ω chosen, 2 steps at seq 64, 50% global prune, 1 re-tune step, adapter-only export;
 with the size and save time of its last checkpoint (adapters, moments, masks, plan).
 
-    python benchmarks/bench_gpt2xl.py       # ~7 min here; prints one JSON line
+    python benchmarks/bench_gpt2xl.py       # ~8.5 min here; prints one JSON line
 
 Appends the line to benchmarks/results/gpt2xl.jsonl (or --out).
 """
