@@ -331,7 +331,7 @@ class Recipe:
             bleu, tokens = corpus_bleu(self.engine.module, self.tokenizer, self.eval_rows, cfg.gen_samples, cfg.gen_max_new_tokens, synced_gpus=self.partitioned and not whole)
         seconds = time.time() - tic
         self.summary["generation"] = "synced" if self.partitioned and not whole else "whole"
-        self.timings.update(generation_s=seconds, generation_tokens_per_s=float(dist.all_reduce(torch.tensor([tokens], dtype=torch.float64))) / seconds)
+        self.timings.update(generation_s=seconds, generation_tokens_per_s=float(dist.all_reduce(torch.tensor([tokens], dtype=torch.float64, device=self.engine.device))) / seconds)
         return bleu
 
     def evaluate(self) -> None:

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # The longest files first: `make test` runs files on 2 xdist workers (--dist loadfile), which
 # take them in collection order, so a long file collected last would end the run alone.
-LONGEST_FIRST = ("test_gpu_check.py", "test_launchers.py", "test_resume.py", "test_reliability.py", "test_zero3.py")
+LONGEST_FIRST = ("test_gpu_check.py", "test_launchers.py", "test_resume.py", "test_reliability.py", "test_zero3.py", "test_infinity.py", "test_generation.py", "test_baselines.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:

@@ -5,7 +5,7 @@ import json
 import pytest
 from launch_utils import run_launcher
 
-FLAGS = ["--ds_config", "ds_configs/zero3.json", "--steps", 4, "--eval_every", 2, "--stages", "tune,evaluate", "--save_every", 0, "--gen_samples", 5,
+FLAGS = ["--ds_config", "ds_configs/zero3.json", "--steps", 3, "--eval_every", 2, "--stages", "tune,evaluate", "--save_every", 0, "--gen_samples", 5,
          "--gen_max_new_tokens", 6, "--micro_batch_size", 4]
 
 
