@@ -109,6 +109,11 @@ def _device(targets: list[PruneTarget]) -> torch.device:
     return zero.shard_device(targets[0].param)
 
 
+def _shard_numels(targets: list[PruneTarget]) -> list[int]:
+    """Elements of each target's local shard (padding excluded), without reading the shard."""
+    return [stop - start for start, stop in (zero.shard_range(t.param) for t in targets)]
+
+
 def _bits(scores: torch.Tensor) -> torch.Tensor:
     return scores.contiguous().view(torch.int32).long()
 
@@ -209,7 +214,7 @@ def apply_mask(param: torch.Tensor, mask: ShardMask) -> None:
 
 
 def _select(targets, score: str, sparsity: float) -> dict[str, ShardMask]:
-    total = int(dist.all_reduce(torch.tensor(sum(stop - start for start, stop in map(zero.shard_range, (t.param for t in targets))), device=_device(targets))).item())
+    total = int(dist.all_reduce(torch.tensor(sum(_shard_numels(targets)), device=_device(targets))).item())
     k = int(round(sparsity * total))  # as torch.nn.utils.prune
     if k == 0:
         return _apply(targets, score, None, [0] * len(targets))
@@ -321,7 +326,7 @@ def sparsity_report(model: nn.Module, include: list[str] | None = None, exclude:
         with zero.shard_in_memory(t.param):
             zeros.append((zero.local_shard(t.param) == 0).sum())
     zeros = torch.stack(zeros)
-    numels = torch.tensor([stop - start for start, stop in map(zero.shard_range, (t.param for t in targets))], device=zeros.device)
+    numels = torch.tensor(_shard_numels(targets), device=zeros.device)
     counts = dist.all_reduce(torch.stack([zeros, numels], dim=1)).cpu()  # one copy to the host
     per_layer = {t.name: counts[i, 0].item() / max(1, counts[i, 1].item()) for i, t in enumerate(targets)}
     zeros, total = counts.sum(0).tolist()

@@ -316,8 +316,7 @@ def validate_before_launch(cfg: TrainConfig) -> dict:
         raise ConfigError(f"structured pruning (prune.heads / prune.ffn) with the backbone on NVMe ({cfg.ds_config}) is not supported: removing "
                           f"heads gathers a layer's q, k, v, o and MLP weights together, more than DeepSpeed's swap buffers hold; "
                           f"prune unstructured (prune.sparsity, prune.pattern) or keep the backbone in memory (ds_configs/zero3.json)")
-    if nvme_offload(config):  # one swap folder per run: two runs on one disk must not share swap files
-        block = nvme_offload(config)
+    if block := nvme_offload(config):  # one swap folder per run: two runs on one disk must not share swap files
         block["nvme_path"] = str(Path(block["nvme_path"]) / f"dsee-{hashlib.sha1(str(Path(cfg.output_dir).resolve()).encode()).hexdigest()[:12]}")
     check_model(cfg)
     check_data(cfg)

@@ -90,9 +90,14 @@ def _on_nvme(param: torch.Tensor) -> bool:
     return param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE
 
 
+def _kept_on_nvme(param: torch.Tensor) -> bool:
+    """A partition whose home is NVMe (offload_param device nvme), in memory now or not."""
+    return is_partitioned(param) and getattr(param.ds_tensor, "final_location", None) == "nvme"
+
+
 def on_nvme_count(module: nn.Module) -> int:
     """Parameters whose shards ZeRO-Infinity keeps on NVMe (offload_param device nvme)."""
-    return sum(1 for p in module.parameters() if is_partitioned(p) and getattr(p.ds_tensor, "final_location", None) == "nvme")
+    return sum(1 for p in module.parameters() if _kept_on_nvme(p))
 
 
 @contextlib.contextmanager
@@ -102,7 +107,7 @@ def shard_in_memory(param: torch.Tensor, modify: bool = False) -> Iterator[None]
     buffers, written back after the block if modified, and its buffer released: one shard in
     memory at a time. Others are in memory already."""
     if not _on_nvme(param):
-        if modify and is_partitioned(param) and getattr(param.ds_tensor, "final_location", None) == "nvme":
+        if modify and _kept_on_nvme(param):
             raise RuntimeError(f"{param.ds_summary()}: its NVMe shard is in a swap buffer already (the parameter is gathered); "
                                "an edit now would be dropped when DeepSpeed releases the buffer: edit it outside the gather")
         yield
