@@ -10,6 +10,7 @@ method (and the floor) is printed and appended to benchmarks/results/memory.json
 all with one run_id, each with s/step ÷ the floor's and peak RSS ÷ PEFT LoRA's.
 """
 import argparse
+import ctypes.util
 import json
 import os
 import subprocess
@@ -20,13 +21,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("full", "peft_lora", "dsee")
+# glibc's default mmap threshold grows with freed blocks and keeps gathered layers resident; a
+# fixed threshold returns them to the OS, at the price of a page fault per page of every fetch.
+# jemalloc reuses freed extents and returns idle ones after a second (dirty_decay_ms).
+ALLOCATORS = {
+    "glibc": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+    "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"},
+}
 
 
-def floor(size: list[str], env: dict) -> dict:
+def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
     """Both ranks' DSEE work at once in plain processes, each pinned to its own core with one
     thread (as --bind_cores_to_rank pins the ranks): what data parallelism costs without ZeRO-3."""
     scratch = Path(tempfile.mkdtemp()) / "floor.jsonl"
-    procs = [subprocess.Popen(["taskset", "-c", str(rank), sys.executable, "benchmarks/memory_worker.py", "--method", "floor", "--out", str(scratch), *size],
+    procs = [subprocess.Popen(["taskset", "-c", str(rank), sys.executable, "benchmarks/memory_worker.py", "--method", "floor", "--out", str(scratch), *size,
+                              *(["--profile", str(Path(profile, "profile_floor.json"))] if profile else [])],
                               cwd=ROOT, env={**env, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}) for rank in range(2)]
     if any(proc.wait() != 0 for proc in procs):
         sys.exit("the floor processes failed")
@@ -40,24 +49,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.jsonl"))
+    p.add_argument("--allocator", choices=sorted(ALLOCATORS), default="glibc", help="glibc with a fixed mmap threshold, or jemalloc preloaded (apt-get install libjemalloc2)")
+    p.add_argument("--profile", metavar="DIR", help="also profile each method's timed steps (rank 0): DIR/profile_<method>.json, self time by kind of op (the profiler slows the steps)")
     args = p.parse_args()
+    if args.allocator == "jemalloc" and ctypes.util.find_library("jemalloc") is None:
+        sys.exit("--allocator jemalloc: libjemalloc is not installed: apt-get install libjemalloc2")
     size = ["--model", "tiny", "--seq", "32", "--steps", "2", "--warmup", "1", "--rank", "4"] if args.quick else ["--model", "gpt2-medium", "--seq", "128", "--batch", "2", "--steps", "10", "--warmup", "2"]
     scratch = Path(tempfile.mkdtemp()) / "memory.jsonl"
-    # glibc's default mmap threshold grows with freed blocks and keeps gathered layers resident;
-    # a fixed threshold returns them to the OS (same setting for every method).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **ALLOCATORS[args.allocator], "PYTHONPATH": str(ROOT)}  # the same allocator for every method and the floor
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     for method in METHODS:
         cmd = [deepspeed, "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", str(29700 + METHODS.index(method)), "benchmarks/memory_worker.py", "--method", method, "--out", str(scratch), *size]
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            cmd += ["--profile", str(Path(args.profile, f"profile_{method}.json"))]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{method} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
     lines = [json.loads(line) for line in scratch.read_text().splitlines()]
-    lines.append(floor(size, env))
+    lines.append(floor(size, env, args.profile))
     by_method = {line["method"]: line for line in lines}
     dsee, run_id = by_method["dsee"], time.strftime("%Y%m%dT%H%M%S")
     for line in lines:
-        line.update(run_id=run_id, quick=args.quick, s_per_step_vs_floor=round(line["s_per_step"] / by_method["floor"]["s_per_step"], 3),
+        line.update(run_id=run_id, quick=args.quick, allocator=args.allocator, s_per_step_vs_floor=round(line["s_per_step"] / by_method["floor"]["s_per_step"], 3),
                     peak_vs_peft_lora=round(max(line["peak_rss_mb_per_rank"]) / max(by_method["peft_lora"]["peak_rss_mb_per_rank"]), 3))
         if line["method"] not in ("dsee", "floor"):
             line["dsee_peak_ratio"] = round(max(dsee["peak_rss_mb_per_rank"]) / max(line["peak_rss_mb_per_rank"]), 3)

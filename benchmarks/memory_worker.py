@@ -23,6 +23,30 @@ from dsee_scale import DSEEConfig, apply_dsee, count_parameters  # noqa: E402
 from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
 from dsee_scale.models import builtin_config, build_model, tiny_config  # noqa: E402
 
+# Self CPU time of torch ops, by kind: what is left of the step is Python (hooks, DeepSpeed's
+# bookkeeping) and waiting outside an op.
+PROFILE_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention"),
+    "communication": ("gloo", "c10d", "nccl", "all_gather", "allgather", "reduce_scatter", "all_reduce", "allreduce", "broadcast", "record_param_comms", "wait"),
+    "memory": ("aten::copy_", "aten::cat", "aten::empty", "aten::zero_", "aten::fill_", "aten::narrow_copy", "aten::clone", "aten::_to_copy", "aten::resize_", "aten::set_", "aten::index", "aten::scatter"),
+}
+
+
+def write_profile(profiler, steps: int, s_per_step: float, path: str) -> None:
+    events = profiler.key_averages()
+    by_kind = dict.fromkeys([*PROFILE_KINDS, "other ops"], 0.0)
+    for event in events:
+        kind = next((k for k, names in PROFILE_KINDS.items() if any(n in event.key for n in names)), "other ops")
+        by_kind[kind] += event.self_cpu_time_total / 1e6 / steps
+    in_ops = sum(by_kind.values())
+    by_kind["outside ops (Python, hooks, waits)"] = max(0.0, s_per_step - in_ops)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+    Path(path).write_text(json.dumps({
+        "s_per_step": round(s_per_step, 4), "s_per_step_by_kind": {k: round(v, 4) for k, v in by_kind.items()},
+        "top_ops": [{"op": e.key, "calls_per_step": e.count / steps, "self_s_per_step": round(e.self_cpu_time_total / 1e6 / steps, 4)} for e in top],
+    }, indent=1))
+
+
 p = argparse.ArgumentParser()
 p.add_argument("--method", choices=["full", "peft_lora", "dsee", "floor"], required=True)
 p.add_argument("--model", default="gpt2-medium", help="builtin GPT-2 size, or 'tiny'")
@@ -33,6 +57,8 @@ p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--rank", type=int, default=16)
 p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs)")
 p.add_argument("--no_comms_log", action="store_true", help="time without DeepSpeed's comms logger (it synchronises the device after every collective); traffic is then not reported")
+p.add_argument("--ds_config", help="the engine's DeepSpeed config file (batch, precision and logging set here); default: ZeRO-3 with DeepSpeed's usual settings")
+p.add_argument("--profile", help="write where rank 0's timed steps spend their time (torch.profiler, self CPU time by kind of op) to this JSON file")
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
 
@@ -42,15 +68,14 @@ if floor:
 else:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-ds_config = None if floor else {
-    "train_micro_batch_size_per_gpu": args.batch,
-    "gradient_accumulation_steps": 1,
-    "train_batch_size": args.batch * world,
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100000, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7, "stage3_prefetch_bucket_size": 5e7},
-    "comms_logger": {"enabled": not args.no_comms_log, "verbose": False, "prof_all": True, "debug": False},
-    "steps_per_print": 10**9,
-    "bf16": {"enabled": args.bf16},
-}
+ds_config = None
+if not floor:
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 100000, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7, "stage3_prefetch_bucket_size": 5e7}
+    ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else {"zero_optimization": zero}
+    ds_config.update({
+        "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1, "train_batch_size": args.batch * world, "steps_per_print": 10**9,
+        "comms_logger": {"enabled": not args.no_comms_log, "verbose": False, "prof_all": True, "debug": False}, "bf16": {"enabled": args.bf16},
+    })
 config = tiny_config("gpt2", vocab_size=1000, n_embd=128, n_positions=args.seq) if args.model == "tiny" else builtin_config(f"builtin:{args.model}")
 config.n_positions = max(config.n_positions, args.seq)
 model = build_model(config, "lm", ds_config=ds_config, dtype=torch.bfloat16 if args.bf16 else torch.float32)
@@ -75,9 +100,12 @@ from deepspeed.comm import comm as ds_comm  # noqa: E402
 
 accelerator = get_accelerator()
 
+profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile and rank == 0 else None
 for step in range(args.warmup + args.steps):
     if step == args.warmup:
         ds_comm.comms_logger.comms_dict.clear()
+        if profiler:
+            profiler.start()
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator)
     accelerator.synchronize()
     tic = time.perf_counter()
@@ -92,6 +120,9 @@ for step in range(args.warmup + args.steps):
     accelerator.synchronize()  # GPU work is asynchronous: the step ends when the device is done
     if step >= args.warmup:
         times.append(time.perf_counter() - tic)
+if profiler:
+    profiler.stop()
+    write_profile(profiler, args.steps, sum(times) / len(times), args.profile)
 
 
 def bytes_per_step(name_part: str) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import glob
 import logging
 import os
@@ -35,6 +36,13 @@ def init_distributed(timeout_min: float = 30.0) -> None:
     else:
         dist.barrier()  # every rank has mapped every peer's buffer (DeepSpeed's shm_initialize)
         unlink_shm_buffers()
+        if zero.fetch_through_shared_memory() and dist.is_main():
+            log.info("ZeRO-3 fetches weights through shared memory")
+        # make setup builds DeepSpeed's async_io op in (JIT-compiling it inside a run takes
+        # minutes), but DeepSpeed 0.19.8's CPU op builder links it without -laio: load libaio
+        # globally before DeepSpeed loads the op (ZeRO-Infinity's NVMe offload).
+        if libaio := ctypes.util.find_library("aio"):
+            ctypes.CDLL(libaio, mode=ctypes.RTLD_GLOBAL)
 
 
 def unlink_shm_buffers() -> None:

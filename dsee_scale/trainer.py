@@ -434,12 +434,14 @@ class Recipe:
         self.summary["timings"] = self.timings
         self.summary["peak_rss_mb_per_rank"] = [round(x, 1) for x in dist.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
 
-    def close(self) -> None:
+    def close(self, end_process_group: bool = True) -> None:
+        """end_process_group False: another Recipe follows in this process (scripts/gpu_check.py)."""
         if self.metrics:
             self.metrics.close()
         if dist.initialized():
             dist.barrier()
-            torch.distributed.destroy_process_group()
+            if end_process_group:
+                torch.distributed.destroy_process_group()
         swap = nvme_offload(self.ds_config)
         if swap and dist.local_rank() == 0:  # this run's NVMe swap files (a killed run's stay for its resume)
             shutil.rmtree(swap["nvme_path"], ignore_errors=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -283,3 +284,65 @@ def partition_new_parameters(module: nn.Module, ds_config: dict | None) -> None:
 
     dtype = next(full_dtype(p) for p in module.parameters())
     deepspeed.zero.Init(module=module, config_dict_or_path=_config_for_dtype(ds_config, dtype), dtype=None)
+
+
+class _FetchThroughSharedMemory:
+    """deepspeed.comm as ZeRO-3's parameter code sees it, except that its all-gathers of CPU
+    tensors over the whole world (every weight fetch) are sums in DeepSpeed's shared-memory
+    kernel: each rank puts its shard in an output filled with -0.0, the identity of IEEE
+    addition, so the sum is the gathered weight bit for bit (but for the sign of a zero among a
+    buffer's last < 8 elements, which the kernel's scalar tail sums from +0.0). Anything else
+    goes to deepspeed.comm unchanged."""
+
+    def __init__(self, comm, world: int, rank: int, kernel_level: int) -> None:
+        self._comm, self._world, self._rank, self._kernel_level = comm, world, rank, kernel_level
+
+    def __getattr__(self, name: str):
+        return getattr(self._comm, name)
+
+    def allgather_fn(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group=None, async_op: bool = False, **kwargs):
+        n = input_tensor.numel()
+        in_kernel = (output_tensor.device.type == "cpu" and output_tensor.is_contiguous() and output_tensor.numel() == n * self._world
+                     and input_tensor.dtype == output_tensor.dtype and (group is None or self._comm.get_world_size(group=group) == self._world)
+                     and (output_tensor.dtype == torch.float32 or (output_tensor.dtype == torch.bfloat16 and self._kernel_level >= 2)))
+        if not in_kernel:
+            return self._comm.allgather_fn(output_tensor, input_tensor, group=group, async_op=async_op, **kwargs)
+        flat = output_tensor.view(-1)
+        flat[: self._rank * n].fill_(-0.0)  # x + -0.0 is x, bit for bit, -0.0 too
+        flat[(self._rank + 1) * n:].fill_(-0.0)
+        flat[self._rank * n: (self._rank + 1) * n].copy_(input_tensor.reshape(-1))
+        torch.ops.deepspeed.inference_all_reduce_(flat)
+        return _Done() if async_op else None
+
+
+class _Done:
+    """The handle of a collective that has already completed."""
+
+    def wait(self, **kwargs) -> None:
+        return None
+
+
+def fetch_through_shared_memory() -> bool:
+    """On CPU ranks that share one machine, ZeRO-3 fetches weights through shared memory.
+
+    gloo's all-gather goes through TCP, one copy per hop, with the kernel's work on the ranks'
+    own cores; DeepSpeed's shared-memory all-reduce (built for its CPU inference) sums 48 MB
+    in 18 ms on 2 ranks here where gloo's all-gather takes 95 ms. DeepSpeed 0.19.8 reaches the
+    kernel only from inference, so ZeRO-3's module-level `dist` is wrapped (a DeepSpeed without
+    these names keeps gloo). DeepSpeed's comms logger does not see these fetches. Returns
+    whether the shared-memory path is on.
+    """
+    import deepspeed.comm as comm
+    from deepspeed.runtime.zero import partition_parameters
+
+    if isinstance(partition_parameters.dist, _FetchThroughSharedMemory):
+        return True
+    backend = getattr(comm.comm, "cdb", None)
+    level = getattr(backend, "shm_vector_kernel_level", 0)
+    world = comm.get_world_size()
+    local = world > 1 and int(os.environ.get("LOCAL_SIZE", 0)) == world  # DeepSpeed's kernel maps its peers only then
+    if not (local and level >= 1 and getattr(backend, "shm_comm_op", None) is not None and hasattr(torch.ops.deepspeed, "inference_all_reduce_")
+            and partition_parameters.dist is comm and hasattr(comm, "allgather_fn")):
+        return False
+    partition_parameters.dist = _FetchThroughSharedMemory(comm, world, comm.get_rank(), level)
+    return True

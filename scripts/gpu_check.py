@@ -35,7 +35,8 @@ LOGIT_ROWS = 4
 
 
 def worker(argv: list[str]) -> None:
-    """Under the launcher: the shipped Recipe, then the engine's logits on the first eval rows."""
+    """Under the launcher: the shipped Recipe for each run (argument lists separated by --then,
+    one launch for all), then the engine's logits on the first eval rows."""
     import torch
 
     from dsee_scale import dist
@@ -43,16 +44,25 @@ def worker(argv: list[str]) -> None:
     from dsee_scale.data import collate
     from dsee_scale.trainer import Recipe
 
-    recipe = Recipe(train_config_from_argv(argv))
-    recipe.setup()
-    recipe.run()
-    batch = {k: v.to(recipe.engine.device) for k, v in collate(recipe.eval_rows[:LOGIT_ROWS], recipe.tokenizer).items()}
-    recipe.engine.eval()
-    with torch.no_grad():
-        logits = recipe.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    if dist.is_main():
-        torch.save({"logits": logits.float().cpu(), "input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu()}, recipe.run_dir / "engine_logits.pt")
-    recipe.close()
+    runs: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "--then":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    for i, run_argv in enumerate(runs):
+        recipe = Recipe(train_config_from_argv(run_argv))
+        recipe.setup()
+        recipe.run()
+        batch = {k: v.to(recipe.engine.device) for k, v in collate(recipe.eval_rows[:LOGIT_ROWS], recipe.tokenizer).items()}
+        recipe.engine.eval()
+        with torch.no_grad():
+            logits = recipe.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if dist.is_main():
+            torch.save({"logits": logits.float().cpu(), "input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu()}, recipe.run_dir / "engine_logits.pt")
+        recipe.engine.destroy()  # its ZeRO-3 hooks and (on a GPU) memory go before the next run's
+        recipe.close(end_process_group=i == len(runs) - 1)
+        del recipe, batch, logits
 
 
 def reload_check(run_dir: Path, task: str, device: str) -> dict:
@@ -163,22 +173,21 @@ def main() -> None:
               "--stages", "tune,prune,retune,export", "--overwrite", "--micro_batch_size", 4]
 
     only = args.only.split(",")
+    checks = []  # (check, model, task, run folder, the run's own flags): one launch runs them all
     if "gpt2" in only:
-        run_dir = out / "gpt2_unstructured"
-        run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", gpt2, "--prune.sparsity", 0.5, "--output_dir", run_dir, *common])
-        results.append({"check": "gpt2_prune50_export_reload", "model": gpt2, "ds_config": ds_config, **reload_check(run_dir, "lm", device)})
-
+        checks.append(("gpt2_prune50_export_reload", gpt2, "lm", out / "gpt2_unstructured", ["--prune.sparsity", 0.5]))
     if "bert" in only:
         train, eval_ = write_classification_data(out / "data")
-        run_dir = out / "bert_structured"
-        run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", bert, "--task", "cls", "--train_file", train, "--eval_file", eval_, "--text_column", "sentence",
-                              "--prune.sparsity", 0, "--prune.heads", 0.25, "--prune.ffn", 0.25, "--output_dir", run_dir, *common])
-        results.append({"check": "bert_structured_export_reload", "model": bert, "ds_config": ds_config, **reload_check(run_dir, "cls", device)})
-
+        checks.append(("bert_structured_export_reload", bert, "cls", out / "bert_structured",
+                       ["--task", "cls", "--train_file", train, "--eval_file", eval_, "--text_column", "sentence", "--prune.sparsity", 0, "--prune.heads", 0.25, "--prune.ffn", 0.25]))
     if "sparse24" in only:
-        run_dir = out / "gpt2_2of4"
-        run(launcher(mode) + ["scripts/gpu_check.py", "--worker", "--model", gpt2, "--prune.pattern", "2:4", "--output_dir", run_dir, *common])
-        results.append({"check": "gpt2_2of4_export_reload", "model": gpt2, "ds_config": ds_config, **reload_check(run_dir, "lm", device), **sparse24_check(run_dir, device)})
+        checks.append(("gpt2_2of4_export_reload", gpt2, "lm", out / "gpt2_2of4", ["--prune.pattern", "2:4"]))
+    if checks:
+        runs = [["--model", model, *flags, "--output_dir", run_dir, *common] for _, model, _, run_dir, flags in checks]
+        run(launcher(mode) + ["scripts/gpu_check.py", "--worker", *runs[0], *[a for r in runs[1:] for a in ["--then", *r]]])
+    for check, model, task, run_dir, _ in checks:
+        extra = sparse24_check(run_dir, device) if check == "gpt2_2of4_export_reload" else {}
+        results.append({"check": check, "model": model, "ds_config": ds_config, **reload_check(run_dir, task, device), **extra})
 
     if "speed" in only:
         speed_file = out / "speed.jsonl"

@@ -3,6 +3,7 @@ temporary folder here), the whole recipe on 2 ranks: the same losses, masks and 
 in-memory run, and an exact resume. The model is the built-in small LLaMA, whose weight shards
 are large enough (>= 1 MB) for DeepSpeed to send them to NVMe."""
 import json
+import shutil
 
 import pytest
 from conftest import ROOT
@@ -72,3 +73,12 @@ def test_nvme_offload_errors_are_named_before_launch(tmp_path, capsys):
     assert "structured pruning (prune.heads / prune.ffn) with the backbone on NVMe" in capsys.readouterr().err
     readme = (ROOT / "README.md").read_text()
     assert all(f"| {row} |" in readme for row in ("NVMe swap buffer too small", "NVMe folder not writable", "structured pruning with the backbone on NVMe"))
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="on a GPU machine make setup leaves DeepSpeed's CUDA ops to its JIT")
+def test_deepspeeds_cpu_ops_are_built_in_not_compiled_during_a_run():
+    """`make setup` compiles DeepSpeed's CPU ops into the package: JIT-compiling async_io on first
+    use takes minutes inside a run, in a cache every other checkout rebuilds."""
+    from deepspeed.git_version_info import installed_ops
+
+    assert all(installed_ops.get(op) for op in ("cpu_adam", "deepspeed_shm_comm", "async_io", "pin_memory")), installed_ops

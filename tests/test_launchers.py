@@ -108,7 +108,7 @@ def test_hf_trainer_with_apply_dsee_under_zero3(tmp_path):
     train.write_text("".join((SHARED_DATA / "sst2" / "train.tsv").read_text().splitlines(keepends=True)[:129]))
     dev.write_text("".join((SHARED_DATA / "sst2" / "test.tsv").read_text().splitlines(keepends=True)[:49]))
     out = tmp_path / "out"
-    run_launcher("deepspeed", "launch/hf_trainer_example.py", ["--model", minilm_dir(), "--train_file", train, "--eval_file", dev, "--output_dir", out, "--max_steps", 4])
+    run_launcher("ranks", "launch/hf_trainer_example.py", ["--model", minilm_dir(), "--train_file", train, "--eval_file", dev, "--output_dir", out, "--max_steps", 4])
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2
     assert result["trainable"] == 6 * 2 * (8 * (384 + 384) + 64) + 384 * 2 + 2
@@ -123,7 +123,7 @@ def test_hf_trainer_with_apply_dsee_under_zero3(tmp_path):
 
 
 def test_every_ds_config_drives_an_engine(tmp_path):
-    run_launcher("deepspeed", "tests/dist/ds_configs.py", [tmp_path])
+    run_launcher("ranks", "tests/dist/ds_configs.py", [tmp_path])
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {p.name for p in (ROOT / "ds_configs").glob("*.json")}
     for name, result in results.items():
@@ -157,13 +157,13 @@ def test_default_recipe_on_both_kinds_of_host_twice_continues_then_replaces(tmp_
     args = DEMO + ["--ds_config", ROOT / "ds_configs" / "zero3.json"]
     script = str(ROOT / "launch" / "train.py")
     folder = tmp_path / "runs" / "default"
-    crashed = launch("deepspeed", script, args, cwd=tmp_path, host="fp16", env={"DSEE_FAULT_INJECT": "kill_during_save:retune-2"})
+    crashed = launch("ranks", script, args, cwd=tmp_path, host="fp16", env={"DSEE_FAULT_INJECT": "kill_during_save:retune-2"})
     assert crashed.returncode != 0 and (folder / "checkpoints" / "latest").read_text() == "prune-0"
-    again = run_launcher("deepspeed", script, args, cwd=tmp_path, host="fp16")
+    again = run_launcher("ranks", script, args, cwd=tmp_path, host="fp16")
     assert "holds an unfinished run of this configuration: continuing it" in again
     continued = check_demo_output(again, folder)
     assert len(continued["losses"]["tune"]) == 4 and len(continued["losses"]["retune"]) == 2
-    third = run_launcher("deepspeed", script, args, cwd=tmp_path, host="no-fp16")
+    third = run_launcher("ranks", script, args, cwd=tmp_path, host="no-fp16")
     assert "replacing the previous run in runs/default" in third
     assert check_demo_output(third, folder)["losses"] == continued["losses"]
     assert third.count("dsee_scale: tune step") == 2

@@ -143,3 +143,14 @@ def test_adapter_only_checkpoint_is_under_one_percent_of_full(tmp_path):
     adapter_file = (tmp_path / "out" / "adapter" / "dsee_adapter.safetensors").stat().st_size
     assert full > 400e6  # 124M fp32 frozen shards
     assert adapter_only < 0.01 * full and adapter_file < 0.01 * full
+
+
+def test_weights_fetched_through_shared_memory_equal_gloos_bit_for_bit(tmp_path):
+    """On CPU ranks of one machine ZeRO-3 fetches through DeepSpeed's shared-memory kernel
+    (zero.fetch_through_shared_memory): every gathered weight, padded shards and -0.0 included,
+    and a DSEE run's losses equal gloo's."""
+    run_launcher("ranks", "tests/dist/shm_fetch.py", [tmp_path])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["installed"] and result["odd_sizes"] > 0 and result["fetches_in_step"] > 0
+    assert result["bitwise_equal"] and result["negative_zero_kept"]
+    assert result["losses"][0] == result["losses"][1]

@@ -49,3 +49,14 @@ def start(out: str) -> tuple[int, int, Path, dict]:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     return dist.get_rank(), dist.get_world_size(), folder, ds_config(dist.get_world_size())
+
+
+def train_steps(engine, steps: int, task: str, rank: int, world: int) -> list[float]:
+    """`steps` steps on this rank's share of the fixed global batches; the losses."""
+    losses = []
+    for step in range(steps):
+        loss = engine(**shard(batch(step, task), rank, world)).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import batch, shard  # noqa: E402
+from common import train_steps  # noqa: E402
 
 from dsee_scale import DSEEConfig, apply_dsee  # noqa: E402
 from dsee_scale.config import TrainConfig  # noqa: E402
@@ -24,12 +24,7 @@ for path in sorted(Path("ds_configs").glob("*.json")):
     model = build_model(tiny_config("gpt2"), "lm", ds_config=config)
     apply_dsee(model, DSEEConfig(rank=4, nnz=8, support="magnitude"), ds_config=config)
     engine = create_engine(model, config, lr=1e-2)
-    losses = []
-    for step in range(3):
-        loss = engine(**shard(batch(step, "lm"), rank, world)).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses = train_steps(engine, 3, "lm", rank, world)
     results[path.name] = {"losses": losses, "stage": config["zero_optimization"]["stage"], "bf16": config.get("bf16", {}).get("enabled", False)}
     engine.destroy()
     swap = config["zero_optimization"].get("offload_param", {})
