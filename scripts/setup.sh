@@ -8,7 +8,7 @@ VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 
 apt_missing=()
-for pkg in libopenmpi-dev openmpi-bin numactl libaio-dev; do  # libaio: ZeRO-Infinity's NVMe offload (DeepSpeed's async_io op)
+for pkg in libopenmpi-dev openmpi-bin numactl libaio-dev libjemalloc2; do  # libaio: ZeRO-Infinity's NVMe offload (DeepSpeed's async_io op); jemalloc: bench_memory.py --allocator jemalloc
     dpkg -s "$pkg" >/dev/null 2>&1 || apt_missing+=("$pkg")
 done
 if ((${#apt_missing[@]})); then
