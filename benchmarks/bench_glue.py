@@ -41,7 +41,8 @@ METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman", "eval_loss")
 def run(task: str, method: str, seed: int, args) -> dict:
     out = Path(args.runs) / f"{task}-{method}-{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--bind_cores_to_rank"]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--bind_cores_to_rank",
+                "--master_port", str(args.master_port)]
     cmd = [*launcher, "launch/train.py", "--config", f"launch/recipes/{RECIPES[task]}", "--stages", ALL_STAGES, "--seed", str(seed),
            "--dsee.seed", str(seed), "--output_dir", str(out), *METHODS[method], *args.extra]
     tic = time.time()
@@ -61,6 +62,7 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--master_port", type=int, default=29500, help="another port lets the suite run beside the benchmark")
     p.add_argument("--runs", default=str(ROOT / "runs" / "glue"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue.jsonl"))
     p.add_argument("extra", nargs="*", help="more launch/train.py flags for every run (after --)")
