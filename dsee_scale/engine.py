@@ -6,6 +6,8 @@ import ctypes.util
 import glob
 import logging
 import os
+import sys
+import types
 from datetime import timedelta
 
 import torch
@@ -78,9 +80,33 @@ def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: fl
             optimizer = DeepSpeedCPUAdam(trainable, lr=lr, weight_decay=weight_decay, betas=betas, adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, betas=betas)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        with _muon_not_imported():
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     zero.keep_whole(engine, adapter_parameters(model))
     return engine
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+@contextlib.contextmanager
+def _muon_not_imported():
+    """deepspeed.initialize imports DeepSpeed's Muon optimizer only to ask whether the client's
+    optimizer is one (ZeRO's support check, stage 3's set-up). The import compiles Muon's kernels:
+    torch.compile pulls in inductor, 2-3 s of CPU per rank, a third of a small run's start. Ours is
+    AdamW or CPU Adam, never Muon: for this call the module is a stand-in whose class nothing is
+    an instance of; later imports get the real one."""
+    if MUON_MODULE in sys.modules:
+        yield
+        return
+    stand_in = types.ModuleType(MUON_MODULE)
+    stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+    sys.modules[MUON_MODULE] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get(MUON_MODULE) is stand_in:
+            del sys.modules[MUON_MODULE]
 
 
 def torch_optimizer(engine) -> torch.optim.Optimizer:

@@ -1,4 +1,6 @@
-"""Every file in ds_configs/ drives a real engine: 3 DSEE steps each on 2 CPU ranks."""
+"""Every file in ds_configs/ drives a real engine: 3 DSEE steps each on 2 CPU ranks. Whether
+creating the engine imported DeepSpeed's Muon optimizer (it should not) is recorded too: until
+ZeRO-2's backward imports it for good (DeepSpeed's average_tensor), so zero2.json, first, checks."""
 import json
 import shutil
 import sys
@@ -11,7 +13,7 @@ from common import train_steps  # noqa: E402
 
 from dsee_scale import DSEEConfig, apply_dsee  # noqa: E402
 from dsee_scale.config import TrainConfig  # noqa: E402
-from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
+from dsee_scale.engine import MUON_MODULE, create_engine, init_distributed  # noqa: E402
 from dsee_scale.models import build_model, tiny_config  # noqa: E402
 from dsee_scale.validate import validate_before_launch  # noqa: E402
 
@@ -23,9 +25,12 @@ for path in sorted(Path("ds_configs").glob("*.json")):
     config = validate_before_launch(TrainConfig(ds_config=str(path), micro_batch_size=2, grad_accum=1, output_dir=str(out / "unused")))
     model = build_model(tiny_config("gpt2"), "lm", ds_config=config)
     apply_dsee(model, DSEEConfig(rank=4, nnz=8, support="magnitude"), ds_config=config)
+    muon_before = MUON_MODULE in sys.modules
     engine = create_engine(model, config, lr=1e-2)
+    imported_muon = not muon_before and MUON_MODULE in sys.modules
     losses = train_steps(engine, 3, "lm", rank, world)
-    results[path.name] = {"losses": losses, "stage": config["zero_optimization"]["stage"], "bf16": config.get("bf16", {}).get("enabled", False)}
+    results[path.name] = {"losses": losses, "stage": config["zero_optimization"]["stage"], "bf16": config.get("bf16", {}).get("enabled", False),
+                         "muon_checked": not muon_before, "imported_muon": imported_muon}
     engine.destroy()
     swap = config["zero_optimization"].get("offload_param", {})
     if swap.get("device") == "nvme":  # this run's swap folder (validate names one per run)
