@@ -1,14 +1,16 @@
 """GLUE-style accuracy from the shipped pipeline: every number is a `launch/train.py` run.
 
-    python benchmarks/bench_glue.py --tasks sst2 --methods dsee,dsee_prune50,dsee_prune50_dense_merge,dsee_2of4 --seeds 0,1,2
-    python benchmarks/bench_glue.py --tasks cola,mrpc,rte,stsb,sst2 --methods full,peft_lora,dsee,dsee_prune50,dsee_structured
+    python benchmarks/bench_glue.py                     # the paper-style table: 5 tasks × 5 methods × 3 seeds
+    python benchmarks/bench_glue.py --tasks sst2-short --methods dsee,dsee_random,dsee_magnitude,dsee_prune20 --seeds 0,1,2
 
-Each (task, method, seed) runs `launch/recipes/glue-<task>.yaml` (`minilm-sst2.yaml`, the
-accuracy benchmark's shorter setting, for `sst2-short`) under DeepSpeed's launcher on --nproc
-ranks, with the method's flags on top and nothing tuned per task. One JSON line per run, with the
-task's metrics after export (the merged model), appended to benchmarks/results/glue.jsonl.
+Each (task, method, seed) runs `launch/recipes/glue-<task>.yaml` (`minilm-sst2.yaml`, 64 tokens,
+for `sst2-short`) under DeepSpeed's launcher on --nproc ranks, with the method's flags on top and
+nothing tuned per task. One JSON line per run, with the task's metrics after export (the merged
+model), appended to benchmarks/results/glue.jsonl; `python benchmarks/report.py` makes the tables.
 The baselines (full fine-tuning, PEFT LoRA) are `launch/train.py --method full|peft_lora` on the
 same engine, data, stages and schedule; full fine-tuning alone gets its own learning rate.
+Structured rows also time the exported model's CPU forward against the dense one
+(`dsee_scale.evaluate.structured_latency`, the first 32 evaluation rows).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 RECIPES = {"sst2-short": "minilm-sst2.yaml", **{t: f"glue-{t}.yaml" for t in ("sst2", "cola", "mrpc", "rte", "stsb")}}
 ALL_STAGES = "tune,prune,retune,export,evaluate"
 # Every method runs the same two training stages (tune, then re-tune), so pruned rows and the
@@ -29,6 +32,9 @@ METHODS = {
     "full": ["--method", "full", "--lr", "5e-5", "--prune.sparsity", "0"],  # every weight: the usual BERT fine-tuning LR
     "peft_lora": ["--method", "peft_lora", "--prune.sparsity", "0"],  # LoRA r=16 on the same targets (query, value)
     "dsee": ["--prune.sparsity", "0"],
+    "dsee_random": ["--prune.sparsity", "0", "--dsee.support", "random"],  # Ω drawn at random (ablation)
+    "dsee_magnitude": ["--prune.sparsity", "0", "--dsee.support", "magnitude"],  # Ω = the largest |W| (ablation)
+    "dsee_prune20": ["--prune.sparsity", "0.2"],
     "dsee_prune50": ["--prune.sparsity", "0.5"],  # the masked re-tune: ΔW ⊙ M, the export stays 50% sparse
     "dsee_prune50_dense_merge": ["--prune.sparsity", "0.5", "--prune.keep_sparse", "false"],  # the paper's: ΔW dense, exact merge
     "dsee_prune50_merged_score": ["--prune.sparsity", "0.5", "--prune.score", "merged"],  # the masked re-tune, M chosen by |W + ΔW|
@@ -50,16 +56,28 @@ def run(task: str, method: str, seed: int, args) -> dict:
         subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
     summary = json.loads((out / "summary.json").read_text())
     after = summary["after"]
+    latency = exported_latency(out) if "--prune.heads" in METHODS[method] else {}
     return {"task": task, "method": method, "seed": seed, **{k: after[k] for k in METRICS if k in after},
             "trainable_pct": summary.get("trainable_pct"), "sparsity": summary.get("sparsity"), "final_sparsity": summary.get("final_sparsity"),
             "flops_saved": summary.get("flops_saved"), "wall_s": round(time.time() - tic, 1), "nproc": args.nproc, "recipe": RECIPES[task],
-            "command": " ".join(cmd[cmd.index("launch/train.py"):])}
+            **latency, "command": " ".join(cmd[cmd.index("launch/train.py"):])}
+
+
+def exported_latency(out: Path) -> dict:
+    """The structured export reloaded without DeepSpeed: FLOPs and CPU forward latency, dense vs
+    as loaded vs compacted, on the first 32 evaluation rows."""
+    from dsee_scale.evaluate import evaluate_folder
+
+    cfg = json.loads((out / "config.json").read_text())
+    data = {k: cfg[k] for k in ("text_column", "text_pair_column", "label_column", "header", "metric", "max_length")}
+    result = evaluate_folder(str(out / "export" / "merged"), str(ROOT / cfg["eval_file"]), cfg["task"], latency_batch=32, **data)
+    return {"latency": result["latency"]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="sst2,cola,mrpc,rte,stsb")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default="full,peft_lora,dsee,dsee_prune50,dsee_structured", help=f"any of {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--master_port", type=int, default=29500, help="another port lets the suite run beside the benchmark")

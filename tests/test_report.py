@@ -1,0 +1,38 @@
+"""benchmarks/report.py rewrites only its own blocks of RESULTS.md and builds the GLUE tables
+from glue.jsonl (newest line per task, method and seed)."""
+import json
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import report  # noqa: E402
+
+
+def test_only_the_named_block_is_rewritten():
+    text = "# R\nhand text before\n<!-- report.py: glue -->\nold table\n<!-- report.py: end glue -->\nhand text after\n"
+    out = report.replace_block(text, "glue", "new table")
+    assert out == "# R\nhand text before\n<!-- report.py: glue -->\nnew table\n<!-- report.py: end glue -->\nhand text after\n"
+    with pytest.raises(SystemExit, match="no <!-- report.py: memory -->"):
+        report.replace_block(text, "memory", "x")
+
+
+def test_glue_tables_take_the_newest_line_per_seed_and_average_complete_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "HERE", tmp_path)  # the plot
+    rows = [{"task": t, "method": "dsee", "seed": s, "accuracy": 0.8, "mcc": 0.5, "pearson": 0.9} for t in report.GLUE_TASKS for s in (0, 1, 2)]
+    rows.append({"task": "rte", "method": "dsee", "seed": 2, "accuracy": 0.5})  # a re-run of seed 2: replaces 0.8
+    rows.append({"task": "sst2", "method": "full", "seed": 0, "accuracy": 0.9})
+    rows += [{"task": "sst2-short", "method": "dsee_2of4", "seed": s, "accuracy": a, "trainable_pct": 0.65, "final_sparsity": 0.5, "flops_saved": 0.48}
+             for s, a in ((1, 0.81), (0, 0.83))]
+    (tmp_path / "glue.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    glue = report.glue_section().splitlines()
+    dsee = next(line for line in glue if line.startswith("| dsee |"))
+    assert "| 70.00 ± 17.32 |" in dsee  # rte: 80, 80, 50
+    assert dsee.endswith(f"| {(80 + 50 + 80 + 70 + 90) / 5:.2f} |")  # sst2 80, cola 50, mrpc 80, rte 70, stsb 90
+    full = next(line for line in glue if line.startswith("| full |"))
+    assert "90.00 (1 seed)" in full and full.endswith("| — |")  # one task only: no average
+    assert (tmp_path / "glue.png").exists()
+    short = report.sst2_short_section()
+    assert "| dsee_2of4 | 83.00 / 81.00 | **82.00 ± 1.41 (2 seeds)** |" in short
