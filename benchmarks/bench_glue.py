@@ -38,6 +38,7 @@ METHODS = {
     "dsee_prune50": ["--prune.sparsity", "0.5"],  # the masked re-tune: ΔW ⊙ M, the export stays 50% sparse
     "dsee_prune50_dense_merge": ["--prune.sparsity", "0.5", "--prune.keep_sparse", "false"],  # the paper's: ΔW dense, exact merge
     "dsee_prune50_merged_score": ["--prune.sparsity", "0.5", "--prune.score", "merged"],  # the masked re-tune, M chosen by |W + ΔW|
+    "dsee_prune50_activation": ["--prune.sparsity", "0.5", "--prune.score", "activation"],  # the masked re-tune, M by Wanda's |W + ΔW|·‖x_j‖
     "dsee_2of4": ["--prune.pattern", "2:4"],
     "dsee_structured": ["--prune.sparsity", "0", "--prune.heads", "0.25", "--prune.ffn", "0.25"],
 }

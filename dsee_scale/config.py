@@ -83,7 +83,7 @@ class PruneConfig:
 
     sparsity: float = field(default=0.0, metadata={"help": "fraction of selected weights set to zero (0 disables unstructured pruning)"})
     scope: str = field(default="global", metadata={"help": "'global': one threshold over all selected weights; 'layer': one per matrix"})
-    score: str = field(default="weight", metadata={"help": "'weight': |W|; 'merged': |W + ΔW|; 'delta': |ΔW| (the released DSEE code)"})
+    score: str = field(default="weight", metadata={"help": "'weight': |W|; 'merged': |W + ΔW|; 'delta': |ΔW| (the released DSEE code); 'activation': |W + ΔW|·‖x_j‖, Wanda's, with x_j's norm over calibration_batches"})
     include: list[str] = field(
         default_factory=lambda: [r".*\.(layers?|h|block)\.\d+\..*weight$"],
         metadata={"help": "regexes on parameter names to prune (2-D weights of the transformer blocks by default)"},
@@ -95,7 +95,7 @@ class PruneConfig:
     ffn: float = field(default=0.0, metadata={"help": "structured: fraction of FFN neurons to remove"})
     structured_score: str = field(default="dsee", metadata={"help": "head/neuron importance: dsee (|ΔW|, the paper's, data-free), weight (|W|) or gradient (gate gradients over calibration batches; the most accurate in benchmarks/RESULTS.md)"})
     structured_scope: str = field(default="global", metadata={"help": "'global' budget across layers, or 'layer': the same count in every layer"})
-    calibration_batches: int = field(default=16, metadata={"help": "micro-batches per rank scored by structured_score 'gradient'"})
+    calibration_batches: int = field(default=16, metadata={"help": "micro-batches per rank for structured_score 'gradient' and score 'activation'"})
 
     def __post_init__(self) -> None:
         for name in ("sparsity", "heads", "ffn"):

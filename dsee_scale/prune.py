@@ -6,13 +6,17 @@ histograms of the scores' float32 bit patterns (which order like the values for 
 ties at the threshold are broken by (parameter order, flat index), so exactly k elements are
 pruned. Masks are applied in place to the shards and kept as bit-packed buffers per shard.
 No rank ever holds more than one chunk of scores.
+
+Scores: |W|, |W + ΔW|, |ΔW|, or |W|·‖x_j‖ ('activation', Wanda's: each weight scaled by the norm
+of its input feature over calibration tokens, from `input_norms`).
 """
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +36,8 @@ class PruneTarget:
     name: str
     param: nn.Parameter
     layer: DSEELayer | None  # the adapter on this weight, for 'merged' / 'delta' scores
+    module: nn.Module  # the weight's own module (Linear, Conv1D): its input is x
+    input_norm: torch.Tensor | None = None  # ‖x_j‖ per input feature, for the 'activation' score
 
 
 def prune_targets(model: nn.Module, include: list[str], exclude: list[str], frozen_only: bool = True) -> list[PruneTarget]:
@@ -39,45 +45,100 @@ def prune_targets(model: nn.Module, include: list[str], exclude: list[str], froz
     report of a fully fine-tuned model asks. Names are those of the plain model: an adapted
     layer's weight 'x.base.weight' is reported as 'x.weight'."""
     layers = {id(m.base.weight): m for m in model.modules() if isinstance(m, DSEELayer)}
+    owners = {id(p): module for module in model.modules() for p in module.parameters(recurse=False)}
     found = []
     for name, param in model.named_parameters():
         plain = name.replace(".base.", ".")
         if len(zero.full_shape(param)) != 2 or (param.requires_grad and frozen_only):
             continue
         if any(re.fullmatch(p, plain) for p in include) and not any(re.fullmatch(p, plain) for p in exclude):
-            found.append(PruneTarget(plain, param, layers.get(id(param))))
+            found.append(PruneTarget(plain, param, layers.get(id(param)), owners[id(param)]))
     if not found:
         raise ValueError(f"no weight matched the prune patterns include={include} exclude={exclude}")
     return found
 
 
-ScoreFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-PRUNE_SCORES: dict[str, tuple[ScoreFn, bool]] = {}
+ScoreFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
 
 
-def register_score(name: str, uses_delta: bool) -> Callable[[ScoreFn], ScoreFn]:
-    """Add a pruning score: fn(W, ΔW or None) → scores >= 0 of the same shape, float32 (lower
-    is pruned first). ΔW is None for weights without an adapter, or when uses_delta is False."""
+class Score(NamedTuple):
+    fn: ScoreFn
+    uses_delta: bool  # ΔW is computed (for the rows a chunk touches) and passed
+    uses_inputs: bool  # ‖x_j‖ of each weight's input feature is passed (targets need input_norm)
+
+
+PRUNE_SCORES: dict[str, Score] = {}
+
+
+def register_score(name: str, uses_delta: bool = False, uses_inputs: bool = False) -> Callable[[ScoreFn], ScoreFn]:
+    """Add a pruning score: fn(W, ΔW or None, ‖x‖ or None) → scores >= 0 of W's shape, float32
+    (lower is pruned first). ΔW is None for weights without an adapter or unless uses_delta; ‖x‖
+    (the input feature's norm at each weight, W's shape) is None unless uses_inputs."""
     def add(fn: ScoreFn) -> ScoreFn:
-        PRUNE_SCORES[name] = (fn, uses_delta)
+        PRUNE_SCORES[name] = Score(fn, uses_delta, uses_inputs)
         return fn
     return add
 
 
-@register_score("weight", uses_delta=False)
-def _weight_score(w: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+@register_score("weight")
+def _weight_score(w: torch.Tensor, delta: torch.Tensor | None, x_norm: torch.Tensor | None) -> torch.Tensor:
     return w.abs()
 
 
 @register_score("merged", uses_delta=True)
-def _merged_score(w: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+def _merged_score(w: torch.Tensor, delta: torch.Tensor | None, x_norm: torch.Tensor | None) -> torch.Tensor:
     return (w if delta is None else w + delta).abs()
 
 
 @register_score("delta", uses_delta=True)
-def _delta_score(w: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+def _delta_score(w: torch.Tensor, delta: torch.Tensor | None, x_norm: torch.Tensor | None) -> torch.Tensor:
     """The released DSEE code's |ΔW|; |W| where a weight has no adapter."""
     return (w if delta is None else delta).abs()
+
+
+@register_score("activation", uses_delta=True, uses_inputs=True)
+def _activation_score(w: torch.Tensor, delta: torch.Tensor | None, x_norm: torch.Tensor | None) -> torch.Tensor:
+    """Wanda's |W|·‖x_j‖ (Sun et al., 2024), on the weight the model will have: W + ΔW."""
+    return _merged_score(w, delta, None) * x_norm
+
+
+Calibration = tuple[Iterable[dict], Callable[[dict], object]]  # (batches, forward), see input_norms
+
+
+@torch.no_grad()
+def input_norms(targets: list[PruneTarget], batches: Iterable[dict], forward: Callable[[dict], object]) -> None:
+    """Set each target's input_norm: ‖x_j‖₂ of its input features over every real token (attention
+    mask) of the calibration batches of all ranks. One forward per batch through `forward` (the
+    engine, so ZeRO-3 fetches weights as in training); per-feature sums of squares are kept in
+    float64 and all-reduced once. Collective."""
+    sums: dict[str, torch.Tensor] = {}
+    real = {"tokens": None}  # the current batch's attention mask, flattened
+
+    def hook(name: str):
+        def accumulate(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            rows = x.reshape(-1, x.shape[-1])
+            if real["tokens"] is not None and real["tokens"].numel() == rows.shape[0]:
+                rows = rows[real["tokens"].to(rows.device)]
+            square = rows.double().pow(2).sum(0)
+            sums[name] = sums[name] + square if name in sums else square
+        return accumulate
+
+    handles = [t.module.register_forward_pre_hook(hook(t.name)) for t in targets]
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            real["tokens"] = None if mask is None else mask.reshape(-1).bool()
+            forward(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [t.name for t in targets if t.name not in sums]
+    if missing:
+        raise ValueError(f"no calibration input reached {missing[:3]}: the 'activation' score needs every pruned weight used in forward")
+    total = dist.all_reduce(torch.cat([sums[t.name] for t in targets]))
+    for t, norm in zip(targets, total.split([sums[t.name].numel() for t in targets])):
+        t.input_norm = norm.sqrt().float()
 
 
 def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
@@ -86,10 +147,11 @@ def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterato
     ΔW is computed only for the rows that the chunk touches, never as a full matrix; a shard on
     NVMe is in memory while it is scored. Consume it whole.
     """
-    fn, uses_delta = PRUNE_SCORES[score]
+    fn, uses_delta, uses_inputs = PRUNE_SCORES[score]
     start, _ = zero.shard_range(target.param)
     shape = zero.full_shape(target.param)
     layer = target.layer if uses_delta else None
+    along = input_dim(target.module)
     # collective: every rank enters the gather once per target, even with an empty shard
     with zero.gathered(layer.adapter_parameters() if layer else []), zero.shard_in_memory(target.param):
         shard = zero.local_shard(target.param)
@@ -101,7 +163,17 @@ def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterato
                 hi = lo + w.numel()
                 first, last = lo // shape[1], (hi - 1) // shape[1] + 1
                 delta = layer.delta_rows(first, last).reshape(-1)[lo - first * shape[1] : hi - first * shape[1]].to(w.device)  # shards may be offloaded to the CPU
-            yield offset, fn(w, delta)
+            x_norm = None
+            if uses_inputs:
+                flat = torch.arange(start + offset, start + offset + w.numel(), device=w.device)
+                x_norm = _input_norm(target).to(w.device)[flat % shape[1] if along == 1 else flat // shape[1]]
+            yield offset, fn(w, delta, x_norm)
+
+
+def _input_norm(target: PruneTarget) -> torch.Tensor:
+    if target.input_norm is None:
+        raise ValueError(f"{target.name}: the 'activation' score needs input norms from calibration batches (prune.input_norms)")
+    return target.input_norm
 
 
 def _device(targets: list[PruneTarget]) -> torch.device:
@@ -257,39 +329,50 @@ def magnitude_prune(
     score: str = "weight",
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, ShardMask]:
-    """Prune exactly round(sparsity × N) elements (global) or per matrix (layer); collective."""
-    from dsee_scale.config import PruneConfig
-
-    defaults = PruneConfig()
-    targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude)
+    """Prune exactly round(sparsity × N) elements (global) or per matrix (layer); collective.
+    `calibration` (batches, forward) feeds the 'activation' score's input norms."""
+    targets = _scored_targets(model, score, include, exclude, calibration)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if scope not in PRUNE_SELECTORS:
         raise ValueError(f"unknown prune scope {scope!r}: choose one of {', '.join(PRUNE_SELECTORS)}")
-    if score not in PRUNE_SCORES:
-        raise ValueError(f"unknown prune score {score!r}: choose one of {', '.join(PRUNE_SCORES)}")
     return PRUNE_SELECTORS[scope](targets, score, sparsity)
 
 
-def nm_prune(model: nn.Module, pattern: str, score: str = "weight", include: list[str] | None = None, exclude: list[str] | None = None) -> dict[str, ShardMask]:
+def _scored_targets(model: nn.Module, score: str, include: list[str] | None, exclude: list[str] | None, calibration: Calibration | None) -> list[PruneTarget]:
+    from dsee_scale.config import PruneConfig
+
+    if score not in PRUNE_SCORES:
+        raise ValueError(f"unknown prune score {score!r}: choose one of {', '.join(PRUNE_SCORES)}")
+    defaults = PruneConfig()
+    targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude)
+    if PRUNE_SCORES[score].uses_inputs:
+        if calibration is None:
+            raise ValueError(f"prune score {score!r} scales weights by their inputs: pass calibration=(batches, forward)")
+        input_norms(targets, *calibration)
+    return targets
+
+
+def nm_prune(model: nn.Module, pattern: str, score: str = "weight", include: list[str] | None = None, exclude: list[str] | None = None,
+             calibration: Calibration | None = None) -> dict[str, ShardMask]:
     """N:M semi-structured pruning ('2:4'): in every M consecutive weights along the input
     dimension the N highest scores stay. One matrix at a time, gathered whole, so groups that
     straddle ZeRO-3 shard boundaries are decided exactly; each rank masks its own shard. Collective."""
-    from dsee_scale.config import PruneConfig
-
     n, m = parse_pattern(pattern)
-    defaults = PruneConfig()
-    fn, uses_delta = PRUNE_SCORES[score]
-    owners = {id(p): module for module in model.modules() for p in module.parameters(recurse=False)}
+    targets = _scored_targets(model, score, include, exclude, calibration)
+    fn, uses_delta, uses_inputs = PRUNE_SCORES[score]
     masks = {}
-    for target in prune_targets(model, include or defaults.include, exclude or defaults.exclude):
+    for target in targets:
         layer = target.layer if uses_delta else None
+        along = input_dim(target.module)
         with torch.no_grad(), zero.gathered([target.param, *(layer.adapter_parameters() if layer else [])]):
             weight = target.param.detach().float()
             delta = layer.delta_rows(0, weight.shape[0]).to(weight.device) if layer else None
+            x_norm = _input_norm(target).unsqueeze(1 - along).to(weight.device).expand_as(weight) if uses_inputs else None
             try:
-                pruned = ~nm_keep(fn(weight, delta), n, m, input_dim(owners[id(target.param)]))
+                pruned = ~nm_keep(fn(weight, delta, x_norm), n, m, along)
             except ValueError as err:
                 raise ValueError(f"{target.name}: {err}") from None
         start, stop = zero.shard_range(target.param)

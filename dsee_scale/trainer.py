@@ -33,7 +33,7 @@ from dsee_scale.flops import inference_flops
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.metrics import check_metric
 from dsee_scale.models import build_model, builtin_config
-from dsee_scale.prune import ShardMask, magnitude_prune, nm_prune, reapply_masks, sparsity_report, unpack_mask, whole_masks
+from dsee_scale.prune import PRUNE_SCORES, ShardMask, magnitude_prune, nm_prune, reapply_masks, sparsity_report, unpack_mask, whole_masks
 from dsee_scale.structured import remove, structured_prune
 from dsee_scale.validate import nvme_offload, validate_before_launch
 
@@ -282,10 +282,11 @@ class Recipe:
             self.timings["structured_s"] = time.time() - tic
         if p.pattern or p.sparsity > 0:
             tic = time.time()
+            calibration = (self._calibration_batches(p.calibration_batches), self._forward) if PRUNE_SCORES[p.score].uses_inputs else None
             if p.pattern:
-                self.masks = nm_prune(self.model, p.pattern, p.score, p.include, p.exclude)
+                self.masks = nm_prune(self.model, p.pattern, p.score, p.include, p.exclude, calibration)
             else:
-                self.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude)
+                self.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration)
             self.timings["prune_s"] = time.time() - tic
             log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", self.timings["prune_s"])
             self.keep_sparse = p.keep_sparse
@@ -301,6 +302,14 @@ class Recipe:
             if bits is not None:
                 shape = zero.full_shape(layer.base.weight)
                 layer.keep_mask(torch.from_numpy(unpack_mask(bits, shape.numel()) == 0).reshape(shape))
+
+    def _forward(self, batch: dict) -> None:
+        """One forward in eval mode (no dropout), for the activation score's input norms."""
+        was_training = self.engine.module.training
+        self.engine.eval()
+        with torch.no_grad():
+            self.engine(**batch)
+        self.engine.train(was_training)
 
     def _calibration_batches(self, n: int) -> list[dict]:
         batches = GlobalBatches(len(self.train_rows), self.micro, 1, self.world, seed=self.cfg.seed + 7)

@@ -21,23 +21,27 @@ def adapted(kind: str, task: str = "lm"):
     return apply_dsee(tiny_model(kind, task), DSEE)
 
 
-def dense_scores(target, score: str) -> torch.Tensor:
-    """|W|, |W + ΔW| or |ΔW| of one target as a dense matrix in its storage layout."""
+def dense_scores(target, score: str, norms: dict | None = None) -> torch.Tensor:
+    """|W|, |W + ΔW|, |ΔW| or |W + ΔW|·‖x_j‖ (norms[name]: one per input feature) of one target
+    as a dense matrix in its storage layout."""
     dense = target.param.data.float()
     if score != "weight" and target.layer is not None:
         delta = target.layer.delta_weight().detach()
         delta = delta.t() if target.layer.transposed else delta
         dense = delta if score == "delta" else dense + delta
+    if score == "activation":
+        norm = norms[target.name]
+        return dense.abs() * (norm[:, None] if isinstance(target.module, Conv1D) else norm[None, :])
     return dense.abs()
 
 
-def reference_masks(model, sparsity: float, scope: str = "global", score: str = "weight") -> dict[str, torch.Tensor]:
+def reference_masks(model, sparsity: float, scope: str = "global", score: str = "weight", norms: dict | None = None) -> dict[str, torch.Tensor]:
     """Masks (True = pruned) from torch.nn.utils.prune on dense scores of the same weights."""
     targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
     holders = []
     for t in targets:
         holder = torch.nn.Module()
-        holder.weight = torch.nn.Parameter(dense_scores(t, score).contiguous().clone())
+        holder.weight = torch.nn.Parameter(dense_scores(t, score, norms).contiguous().clone())
         holders.append(holder)
     if scope == "global":
         torch_prune.global_unstructured([(h, "weight") for h in holders], pruning_method=torch_prune.L1Unstructured, amount=sparsity)
@@ -47,11 +51,11 @@ def reference_masks(model, sparsity: float, scope: str = "global", score: str = 
     return {t.name: (h.weight_mask == 0).flatten() for t, h in zip(targets, holders)}
 
 
-def reference_nm_masks(model, n: int, m: int, score: str) -> dict[str, torch.Tensor]:
+def reference_nm_masks(model, n: int, m: int, score: str, norms: dict | None = None) -> dict[str, torch.Tensor]:
     """N:M masks (True = pruned) by a plain loop over groups along the input dimension."""
     out = {}
     for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
-        scores = dense_scores(t, score)
+        scores = dense_scores(t, score, norms)
         transposed = t.layer.transposed if t.layer is not None else isinstance(model.get_submodule(t.name.rsplit(".", 1)[0]), Conv1D)
         rows = scores.t() if transposed else scores  # (out, in): groups run along each row
         pruned = torch.zeros_like(rows, dtype=torch.bool)
@@ -79,6 +83,58 @@ def test_nm_pruning_keeps_n_of_every_m_along_the_input_dimension(kind, score):
         assert torch.equal(masks[t.name].dense(), expected[t.name]), t.name
         assert is_nm_sparse(t.param.data, 2, 4, input_dim(owners[id(t.param)])), t.name
     assert sparsity_report(model)["total"] == 0.5
+
+
+def calibration_batches(task: str = "lm") -> list[dict]:
+    """Two padded batches: the second rows' tails are padding, which the input norms skip."""
+    g = torch.Generator().manual_seed(11)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(1, 100, (3, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1:, 6:] = 0
+        batch = {"input_ids": ids, "attention_mask": mask}
+        batches.append({**batch, "labels": torch.tensor([0, 1, 0])} if task == "cls" else batch)
+    return batches
+
+
+def recorded_input_norms(model, batches) -> dict[str, torch.Tensor]:
+    """‖x_j‖ over the real tokens, from every input each pruned weight's module saw (test only)."""
+    targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
+    seen = {t.name: [] for t in targets}
+    handles = [t.module.register_forward_hook(lambda mod, args, out, name=t.name: seen[name].append(args[0].detach())) for t in targets]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for h in handles:
+        h.remove()
+    real = [b["attention_mask"].bool() for b in batches]
+    return {name: torch.cat([x[keep] for x, keep in zip(inputs, real)]).double().norm(dim=0).float() for name, inputs in seen.items()}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_activation_score_is_wandas_on_the_merged_weight_over_real_tokens(kind):
+    """|W + ΔW|·‖x_j‖: inputs along Conv1D's rows and Linear's columns, padding left out; the
+    global threshold and the N:M groups as for the other scores."""
+    from dsee_scale.prune import nm_prune
+
+    batches = calibration_batches()
+    model = adapted(kind).eval()
+    norms = recorded_input_norms(model, batches)
+    forward = lambda batch: model(**batch)  # noqa: E731
+    expected = reference_masks(model, 0.5, "global", "activation", norms)
+    expected_nm = reference_nm_masks(model, 2, 4, "activation", norms)
+    masks = magnitude_prune(model, 0.5, score="activation", calibration=(batches, forward))
+    for name, mask in masks.items():
+        assert torch.equal(mask.dense(), expected[name]), name
+    by_weight = reference_masks(adapted(kind), 0.5, "global", "merged")
+    assert any(not torch.equal(expected[n], by_weight[n]) for n in expected)  # the inputs changed the choice
+    model = adapted(kind).eval()
+    masks = nm_prune(model, "2:4", score="activation", calibration=(batches, lambda batch: model(**batch)))
+    for name, mask in masks.items():
+        assert torch.equal(mask.dense(), expected_nm[name]), name
+    with pytest.raises(ValueError, match="pass calibration"):
+        magnitude_prune(adapted(kind), 0.5, score="activation")
 
 
 def test_nm_helpers_refuse_bad_patterns_and_shapes():
@@ -193,8 +249,8 @@ def test_a_registered_score_and_selector_are_chosen_by_name():
     """A new score or selector is one function: the config accepts its name, pruning uses it."""
     from dsee_scale.prune import PRUNE_SCORES, PRUNE_SELECTORS, register_score, register_selector
 
-    @register_score("negated", uses_delta=False)
-    def negated(w, delta):  # large weights first: the opposite of magnitude pruning
+    @register_score("negated")
+    def negated(w, delta, x_norm):  # large weights first: the opposite of magnitude pruning
         return w.abs().max() - w.abs()
 
     @register_selector("first_only")
@@ -231,7 +287,12 @@ def test_two_rank_zero3_masks_equal_single_process(kind, task, tmp_path):
     for key, got in results.items():
         scope, score, sparsity = key.split("-")
         model = apply_dsee(build_model(base, task), DSEE)
-        expected = reference_nm_masks(model, 2, 4, score) if scope == "pattern" else reference_masks(model, float(sparsity), scope, score)
+        norms = got.get("norms")
+        if norms:  # the ranks' all-reduced norms: those of the whole calibration batch in one process
+            single = recorded_input_norms(model.eval(), [{k: v for k, v in b.items() if k != "labels"} for b in got["calibration"]])
+            for name, norm in norms.items():
+                torch.testing.assert_close(norm, single[name], rtol=1e-5, atol=1e-6)
+        expected = reference_nm_masks(model, 2, 4, score, norms) if scope == "pattern" else reference_masks(model, float(sparsity), scope, score, norms)
         assert set(got["masks"]) == set(expected)
         for name, mask in got["masks"].items():
             assert torch.equal(mask, expected[name]), (key, name)

@@ -14,7 +14,8 @@ from dsee_scale import DSEEConfig, apply_dsee, zero  # noqa: E402
 from dsee_scale import dist as ddist  # noqa: E402
 from dsee_scale.engine import create_engine  # noqa: E402
 from dsee_scale.models import build_model  # noqa: E402
-from dsee_scale.prune import magnitude_prune, nm_prune, reapply_masks, sparsity_report  # noqa: E402
+from dsee_scale.config import PruneConfig  # noqa: E402
+from dsee_scale.prune import input_norms, magnitude_prune, nm_prune, prune_targets, reapply_masks, sparsity_report  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--base", required=True)
@@ -73,6 +74,25 @@ else:
         masks = full_masks(nm_prune(model, "2:4", score=score))
         report = sparsity_report(model)
         results[f"pattern-{score}-2:4"] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"]}
+    # The activation score: input norms from each rank's half of the calibration batches, through
+    # the engine's forward (ZeRO-3 fetches), all-reduced; padded rows on rank 1.
+    calibration = [batch(100 + i, args.task) for i in range(2)]
+    for b in calibration:
+        b["attention_mask"] = torch.ones_like(b["input_ids"])
+        b["attention_mask"][-1, 5:] = 0
+    for key, prune in [("global-activation-0.5", lambda m, c: magnitude_prune(m, 0.5, score="activation", calibration=c)),
+                       ("pattern-activation-2:4", lambda m, c: nm_prune(m, "2:4", score="activation", calibration=c))]:
+        model = fresh_model()
+        engine = create_engine(model, config, lr=1e-2)
+        engine.eval()
+        mine = ([shard(b, rank, world) for b in calibration], lambda b: engine(**b))
+        targets = prune_targets(model, PruneConfig().include, PruneConfig().exclude)
+        input_norms(targets, *mine)  # what pruning computes inside, kept for the test's reference
+        masks = full_masks(prune(model, mine))
+        norms = {t.name: t.input_norm for t in targets}
+        report = sparsity_report(model)
+        results[key] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"], "norms": norms, "calibration": calibration}
+        engine.destroy()
     if rank == 0:
         torch.save(results, out / "masks.pt")
 dist.barrier()
