@@ -119,9 +119,9 @@ def sst2_short_section() -> str:
     for method in (m for m in METHODS if ("sst2-short", m) in cells):
         runs = [cells["sst2-short", method][seed] for seed in sorted(cells["sst2-short", method])]
         accs = [100 * r["accuracy"] for r in runs]
-        last = runs[-1]
-        body.append([method, " / ".join(f"{a:.2f}" for a in accs), f"**{mean_std(accs)}**", f"{last['trainable_pct']:.3f}",
-                     f"{100 * last['final_sparsity']:.1f}%", f"{100 * last['flops_saved']:.1f}%"])
+        pct = lambda key: "—" if runs[-1].get(key) is None else f"{100 * runs[-1][key]:.1f}%"  # noqa: E731  (the same for every seed)
+        body.append([method, " / ".join(f"{a:.2f}" for a in accs), f"**{mean_std(accs)}**", f"{runs[-1].get('trainable_pct') or 0:.3f}",
+                     pct("final_sparsity"), pct("flops_saved")])
     return table(body, ["method", "accuracy %, seed by seed", "mean ± std", "trainable %", "final sparsity", "FLOPs saved (dense-equivalent)"])
 
 
@@ -166,6 +166,8 @@ def replace_block(text: str, name: str, body: str) -> str:
     if start not in text or end not in text:
         raise SystemExit(f"RESULTS.md has no {start} ... {end} block: add the two lines where the {name} table belongs")
     head, _, rest = text.partition(start)
+    if end not in rest:
+        raise SystemExit(f"RESULTS.md: {end} must come after {start}")
     _, _, tail = rest.partition(end)
     return f"{head}{start}\n{body}\n{end}{tail}"
 

@@ -89,18 +89,22 @@ def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: fl
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
+class _NotMuon:
+    """Stands in for DeepSpeed's MuonWithAuxAdam while an engine is created: nothing is one."""
+
+
 @contextlib.contextmanager
 def _muon_not_imported():
-    """deepspeed.initialize imports DeepSpeed's Muon optimizer only to ask whether the client's
-    optimizer is one (ZeRO's support check, stage 3's set-up). The import compiles Muon's kernels:
-    torch.compile pulls in inductor, 2-3 s of CPU per rank, a third of a small run's start. Ours is
-    AdamW or CPU Adam, never Muon: for this call the module is a stand-in whose class nothing is
-    an instance of; later imports get the real one."""
+    """deepspeed.initialize under ZeRO-3 imports DeepSpeed's Muon optimizer only to ask whether the
+    client's optimizer is one (the support check, stage 3's set-up). Importing it wraps Muon's
+    kernels in torch.compile, which imports dynamo's compiler and inductor: 2-3 s of CPU per rank,
+    a third of a small run's start. Ours is AdamW or CPU Adam, never Muon, so for this call the
+    module is a stand-in; later imports (ZeRO-1/2 import it again in backward) get the real one."""
     if MUON_MODULE in sys.modules:
         yield
         return
     stand_in = types.ModuleType(MUON_MODULE)
-    stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+    stand_in.MuonWithAuxAdam = _NotMuon
     sys.modules[MUON_MODULE] = stand_in
     try:
         yield

@@ -7,8 +7,10 @@ ties at the threshold are broken by (parameter order, flat index), so exactly k 
 pruned. Masks are applied in place to the shards and kept as bit-packed buffers per shard.
 No rank ever holds more than one chunk of scores.
 
-Scores: |W|, |W + ΔW|, |ΔW|, or |W|·‖x_j‖ ('activation', Wanda's: each weight scaled by the norm
-of its input feature over calibration tokens, from `input_norms`).
+Scores: |W|, |W + ΔW|, |ΔW|, or |W + ΔW|·‖x_j‖ ('activation': Wanda's per-weight score, each
+weight scaled by the norm of its input feature over calibration tokens, from `input_norms`; the
+weights it prunes are chosen by this run's scope, global or per matrix, where Wanda compares
+within each output row).
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ def _delta_score(w: torch.Tensor, delta: torch.Tensor | None, x_norm: torch.Tens
 
 @register_score("activation", uses_delta=True, uses_inputs=True)
 def _activation_score(w: torch.Tensor, delta: torch.Tensor | None, x_norm: torch.Tensor | None) -> torch.Tensor:
-    """Wanda's |W|·‖x_j‖ (Sun et al., 2024), on the weight the model will have: W + ΔW."""
+    """Wanda's |W|·‖x_j‖ (Sun et al., 2024) on the weight the model will have, W + ΔW."""
     return _merged_score(w, delta, None) * x_norm
 
 
@@ -109,36 +111,42 @@ Calibration = tuple[Iterable[dict], Callable[[dict], object]]  # (batches, forwa
 def input_norms(targets: list[PruneTarget], batches: Iterable[dict], forward: Callable[[dict], object]) -> None:
     """Set each target's input_norm: ‖x_j‖₂ of its input features over every real token (attention
     mask) of the calibration batches of all ranks. One forward per batch through `forward` (the
-    engine, so ZeRO-3 fetches weights as in training); per-feature sums of squares are kept in
-    float64 and all-reduced once. Collective."""
-    sums: dict[str, torch.Tensor] = {}
-    real = {"tokens": None}  # the current batch's attention mask, flattened
+    engine, so ZeRO-3 fetches weights as in training); per-feature sums of squares (float64) and
+    each weight's count of inputs seen are all-reduced once, so every rank reaches the same
+    verdict on a weight no input reached. Collective."""
+    sizes = [zero.full_shape(t.param)[input_dim(t.module)] for t in targets]
+    device = zero.shard_device(targets[0].param)
+    sums = [torch.zeros(n + 1, dtype=torch.float64, device=device) for n in sizes]  # last: inputs seen
+    real = {"tokens": None}  # the current batch's attention mask
 
-    def hook(name: str):
+    def hook(i: int):
         def accumulate(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
-            rows = x.reshape(-1, x.shape[-1])
-            if real["tokens"] is not None and real["tokens"].numel() == rows.shape[0]:
-                rows = rows[real["tokens"].to(rows.device)]
-            square = rows.double().pow(2).sum(0)
-            sums[name] = sums[name] + square if name in sums else square
+            mask = real["tokens"]
+            if mask is not None:
+                if x.shape[:-1] != mask.shape:
+                    raise ValueError(f"{targets[i].name}: input of shape {tuple(x.shape)} is not (batch, tokens, features) of the attention mask "
+                                     f"{tuple(mask.shape)}: the 'activation' score counts real tokens only")
+                x = x[mask.to(x.device)]
+            sums[i][:-1] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0).to(device)
+            sums[i][-1] += 1
         return accumulate
 
-    handles = [t.module.register_forward_pre_hook(hook(t.name)) for t in targets]
+    handles = [t.module.register_forward_pre_hook(hook(i)) for i, t in enumerate(targets)]
     try:
         for batch in batches:
             mask = batch.get("attention_mask")
-            real["tokens"] = None if mask is None else mask.reshape(-1).bool()
+            real["tokens"] = None if mask is None else mask.bool()
             forward(batch)
     finally:
         for handle in handles:
             handle.remove()
-    missing = [t.name for t in targets if t.name not in sums]
+    total = dist.all_reduce(torch.cat(sums)).split([n + 1 for n in sizes])
+    missing = [t.name for t, s in zip(targets, total) if s[-1] == 0]
     if missing:
         raise ValueError(f"no calibration input reached {missing[:3]}: the 'activation' score needs every pruned weight used in forward")
-    total = dist.all_reduce(torch.cat([sums[t.name] for t in targets]))
-    for t, norm in zip(targets, total.split([sums[t.name].numel() for t in targets])):
-        t.input_norm = norm.sqrt().float()
+    for t, s in zip(targets, total):
+        t.input_norm = s[:-1].sqrt().float()
 
 
 def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
@@ -152,6 +160,7 @@ def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterato
     shape = zero.full_shape(target.param)
     layer = target.layer if uses_delta else None
     along = input_dim(target.module)
+    norm = _input_norm(target).to(zero.shard_device(target.param)) if uses_inputs else None
     # collective: every rank enters the gather once per target, even with an empty shard
     with zero.gathered(layer.adapter_parameters() if layer else []), zero.shard_in_memory(target.param):
         shard = zero.local_shard(target.param)
@@ -166,7 +175,7 @@ def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterato
             x_norm = None
             if uses_inputs:
                 flat = torch.arange(start + offset, start + offset + w.numel(), device=w.device)
-                x_norm = _input_norm(target).to(w.device)[flat % shape[1] if along == 1 else flat // shape[1]]
+                x_norm = norm[flat % shape[1] if along == 1 else flat // shape[1]]
             yield offset, fn(w, delta, x_norm)
 
 

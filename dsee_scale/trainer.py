@@ -304,12 +304,14 @@ class Recipe:
                 layer.keep_mask(torch.from_numpy(unpack_mask(bits, shape.numel()) == 0).reshape(shape))
 
     def _forward(self, batch: dict) -> None:
-        """One forward in eval mode (no dropout), for the activation score's input norms."""
+        """One forward in eval mode (no dropout, no loss), for the activation score's input norms."""
         was_training = self.engine.module.training
         self.engine.eval()
-        with torch.no_grad():
-            self.engine(**batch)
-        self.engine.train(was_training)
+        try:
+            with torch.no_grad():
+                self.engine(**{k: v for k, v in batch.items() if k != "labels"})
+        finally:
+            self.engine.train(was_training)
 
     def _calibration_batches(self, n: int) -> list[dict]:
         batches = GlobalBatches(len(self.train_rows), self.micro, 1, self.world, seed=self.cfg.seed + 7)

@@ -130,7 +130,6 @@ def test_every_ds_config_drives_an_engine(tmp_path):
         assert all(l == l and l < 10 for l in result["losses"]), name  # finite
         assert not result["bf16"], name  # forced to fp32 on CPU
         assert not result["imported_muon"], name  # engine.create_engine keeps DeepSpeed's Muon (and its compile) out
-    assert results["zero2.json"]["muon_checked"]  # the first engine: the module was not there before
 
 
 # `make demo`'s run (the built-in default: tiny LLaMA, SentencePiece, every stage), fewer steps.

@@ -135,6 +135,8 @@ def test_activation_score_is_wandas_on_the_merged_weight_over_real_tokens(kind):
         assert torch.equal(mask.dense(), expected_nm[name]), name
     with pytest.raises(ValueError, match="pass calibration"):
         magnitude_prune(adapted(kind), 0.5, score="activation")
+    with pytest.raises(ValueError, match="no calibration input reached"):
+        magnitude_prune(adapted(kind), 0.5, score="activation", calibration=(batches, lambda batch: None))
 
 
 def test_nm_helpers_refuse_bad_patterns_and_shapes():

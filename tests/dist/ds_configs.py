@@ -1,6 +1,6 @@
 """Every file in ds_configs/ drives a real engine: 3 DSEE steps each on 2 CPU ranks. Whether
-creating the engine imported DeepSpeed's Muon optimizer (it should not) is recorded too: until
-ZeRO-2's backward imports it for good (DeepSpeed's average_tensor), so zero2.json, first, checks."""
+creating the engine imported DeepSpeed's Muon optimizer (it should not) is recorded too: the
+module is taken out of sys.modules before each engine (ZeRO-2's backward imports it) and put back."""
 import json
 import shutil
 import sys
@@ -25,12 +25,14 @@ for path in sorted(Path("ds_configs").glob("*.json")):
     config = validate_before_launch(TrainConfig(ds_config=str(path), micro_batch_size=2, grad_accum=1, output_dir=str(out / "unused")))
     model = build_model(tiny_config("gpt2"), "lm", ds_config=config)
     apply_dsee(model, DSEEConfig(rank=4, nnz=8, support="magnitude"), ds_config=config)
-    muon_before = MUON_MODULE in sys.modules
+    real_muon = sys.modules.pop(MUON_MODULE, None)
     engine = create_engine(model, config, lr=1e-2)
-    imported_muon = not muon_before and MUON_MODULE in sys.modules
+    imported_muon = MUON_MODULE in sys.modules
+    if real_muon is not None:
+        sys.modules[MUON_MODULE] = real_muon
     losses = train_steps(engine, 3, "lm", rank, world)
     results[path.name] = {"losses": losses, "stage": config["zero_optimization"]["stage"], "bf16": config.get("bf16", {}).get("enabled", False),
-                         "muon_checked": not muon_before, "imported_muon": imported_muon}
+                         "imported_muon": imported_muon}
     engine.destroy()
     swap = config["zero_optimization"].get("offload_param", {})
     if swap.get("device") == "nvme":  # this run's swap folder (validate names one per run)
