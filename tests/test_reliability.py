@@ -145,7 +145,8 @@ def test_killing_one_rank_ends_the_job_within_60_seconds(tmp_path):
         while not ((out / "metrics.jsonl").exists() and '"tune"' in (out / "metrics.jsonl").read_text()):
             assert time.time() < deadline and proc.poll() is None, "training never started"
             time.sleep(0.5)
-        rank1 = subprocess.run(["pgrep", "-f", "launch/train.py --local_rank=1"], capture_output=True, text=True).stdout.split()
+        # This job's rank 1 only (its session): another run's on this machine is not ours to kill.
+        rank1 = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "launch/train.py --local_rank=1"], capture_output=True, text=True).stdout.split()
         assert rank1, "rank 1 not found"
         os.kill(int(rank1[0]), signal.SIGKILL)
         tic = time.time()
