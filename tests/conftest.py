@@ -9,6 +9,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# `make test` runs 2 xdist workers on 2 cores beside the ranks they launch: one thread for each
+# worker's own torch work and for every process it starts (launch_utils sets it for ranks too).
+# With torch's default, OpenMP threads spun against the other worker's processes and doubled the
+# CPU time of the in-process tests.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 # The longest files first: `make test` runs files on 2 xdist workers (--dist loadfile), which
