@@ -35,4 +35,4 @@ def test_glue_tables_take_the_newest_line_per_seed_and_average_complete_rows(tmp
     assert "90.00 (1 seed)" in full and full.endswith("| — |")  # one task only: no average
     assert (tmp_path / "glue.png").exists()
     short = report.sst2_short_section()
-    assert "| dsee_2of4 | 83.00 / 81.00 | **82.00 ± 1.41 (2 seeds)** |" in short
+    assert "| dsee_2of4 | 0: 83.00 / 1: 81.00 | **82.00 ± 1.41 (2 seeds)** |" in short
