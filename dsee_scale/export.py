@@ -171,8 +171,7 @@ def compressed_format(model: nn.Module, prune: PruneConfig) -> str:
 
     if prune.pattern != "2:4":
         return "sparse-bitmask"
-    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
-    conv = [t.name for t in prune_targets(model, prune.include, prune.exclude) if isinstance(owners[id(t.param)], Conv1D)]
+    conv = [t.name for t in prune_targets(model, prune.include, prune.exclude) if isinstance(t.module, Conv1D)]
     if conv:
         raise ValueError(f"export_format compressed with prune.pattern 2:4 writes sparse-24-bitmask, whose groups run along each stored row, but {conv[0]} "
                          f"(and {len(conv) - 1} more) is a Conv1D weight stored (in, out), 2:4 down its columns: use export_format hf (the merged folder "

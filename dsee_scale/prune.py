@@ -342,12 +342,11 @@ def magnitude_prune(
 ) -> dict[str, ShardMask]:
     """Prune exactly round(sparsity × N) elements (global) or per matrix (layer); collective.
     `calibration` (batches, forward) feeds the 'activation' score's input norms."""
-    targets = _scored_targets(model, score, include, exclude, calibration)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if scope not in PRUNE_SELECTORS:
         raise ValueError(f"unknown prune scope {scope!r}: choose one of {', '.join(PRUNE_SELECTORS)}")
-    return PRUNE_SELECTORS[scope](targets, score, sparsity)
+    return PRUNE_SELECTORS[scope](_scored_targets(model, score, include, exclude, calibration), score, sparsity)
 
 
 def _scored_targets(model: nn.Module, score: str, include: list[str] | None, exclude: list[str] | None, calibration: Calibration | None) -> list[PruneTarget]:
