@@ -35,10 +35,10 @@ METHODS = {
     "dsee_random": ["--prune.sparsity", "0", "--dsee.support", "random"],  # Ω drawn at random (ablation)
     "dsee_magnitude": ["--prune.sparsity", "0", "--dsee.support", "magnitude"],  # Ω = the largest |W| (ablation)
     "dsee_prune20": ["--prune.sparsity", "0.2"],
-    "dsee_prune50": ["--prune.sparsity", "0.5"],  # the masked re-tune: ΔW ⊙ M, the export stays 50% sparse
-    "dsee_prune50_dense_merge": ["--prune.sparsity", "0.5", "--prune.keep_sparse", "false"],  # the paper's: ΔW dense, exact merge
+    "dsee_prune50": ["--prune.sparsity", "0.5"],  # the masked re-tune: ΔW ⊙ M, M by Wanda's |W + ΔW|·‖x_j‖; the export stays 50% sparse
+    "dsee_prune50_weight": ["--prune.sparsity", "0.5", "--prune.score", "weight"],  # the masked re-tune, M by |W| (the paper's score)
+    "dsee_prune50_dense_merge": ["--prune.sparsity", "0.5", "--prune.keep_sparse", "false", "--prune.score", "weight"],  # the paper's: |W| mask, ΔW dense, exact merge
     "dsee_prune50_merged_score": ["--prune.sparsity", "0.5", "--prune.score", "merged"],  # the masked re-tune, M chosen by |W + ΔW|
-    "dsee_prune50_activation": ["--prune.sparsity", "0.5", "--prune.score", "activation"],  # the masked re-tune, M by Wanda's |W + ΔW|·‖x_j‖
     "dsee_2of4": ["--prune.pattern", "2:4"],
     "dsee_structured": ["--prune.sparsity", "0", "--prune.heads", "0.25", "--prune.ffn", "0.25"],
 }

@@ -83,7 +83,7 @@ class PruneConfig:
 
     sparsity: float = field(default=0.0, metadata={"help": "fraction of selected weights set to zero (0 disables unstructured pruning)"})
     scope: str = field(default="global", metadata={"help": "'global': one threshold over all selected weights; 'layer': one per matrix"})
-    score: str = field(default="weight", metadata={"help": "'weight': |W|; 'merged': |W + ΔW|; 'delta': |ΔW| (the released DSEE code); 'activation': |W + ΔW|·‖x_j‖, Wanda's, with x_j's norm over calibration_batches"})
+    score: str = field(default="activation", metadata={"help": "'activation': |W + ΔW|·‖x_j‖, Wanda's, with x_j's norm over calibration_batches (the most accurate in benchmarks/RESULTS.md); 'weight': |W| (the paper's, data-free); 'merged': |W + ΔW|; 'delta': |ΔW| (the released DSEE code)"})
     include: list[str] = field(
         default_factory=lambda: [r".*\.(layers?|h|block)\.\d+\..*weight$"],
         metadata={"help": "regexes on parameter names to prune (2-D weights of the transformer blocks by default)"},
