@@ -3,6 +3,7 @@ against the compute floor of data parallelism on this box (method "floor": each 
 in two concurrent plain processes, one core each, no DeepSpeed, no communication).
 
     python benchmarks/bench_memory.py            # GPT-2-medium config, seq 128, batch 2, 2 ranks, 10 steps (~16 min)
+    python benchmarks/bench_memory.py --model minilm   # the SST-2 recipes' step: MiniLM-L6, seq 64, batch 16, zero3.json (~3 min)
     python benchmarks/bench_memory.py --quick    # tiny GPT-2, 2 steps: a smoke run (< 60 s)
 
 Each method runs as its own 2-rank `deepspeed` job (peak RSS is per process); one JSON line per
@@ -29,6 +30,12 @@ ALLOCATORS = {
     "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"},
 }
 
+SIZES = {  # memory_worker.py flags of each benchmarked setting
+    "gpt2-medium": ["--model", "gpt2-medium", "--seq", "128", "--batch", "2", "--steps", "10", "--warmup", "2"],
+    "minilm": ["--model", "minilm", "--seq", "64", "--batch", "16", "--steps", "10", "--warmup", "2", "--ds_config", "ds_configs/zero3.json"],
+    "quick": ["--model", "tiny", "--seq", "32", "--steps", "2", "--warmup", "1", "--rank", "4"],
+}
+
 
 def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
     """Both ranks' DSEE work at once in plain processes, each pinned to its own core with one
@@ -48,13 +55,14 @@ def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", choices=["gpt2-medium", "minilm"], default="gpt2-medium", help="gpt2-medium: the default; minilm: the step of launch/recipes/minilm-sst2.yaml (its model, sequence, batch and ds_config)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.jsonl"))
     p.add_argument("--allocator", choices=sorted(ALLOCATORS), default="glibc", help="glibc with a fixed mmap threshold, or jemalloc preloaded (apt-get install libjemalloc2)")
     p.add_argument("--profile", metavar="DIR", help="also profile each method's timed steps (rank 0): DIR/profile_<method>.json, self time by kind of op (the profiler slows the steps)")
     args = p.parse_args()
     if args.allocator == "jemalloc" and ctypes.util.find_library("jemalloc") is None:
         sys.exit("--allocator jemalloc: libjemalloc is not installed: apt-get install libjemalloc2")
-    size = ["--model", "tiny", "--seq", "32", "--steps", "2", "--warmup", "1", "--rank", "4"] if args.quick else ["--model", "gpt2-medium", "--seq", "128", "--batch", "2", "--steps", "10", "--warmup", "2"]
+    size = SIZES["quick" if args.quick else args.model]
     scratch = Path(tempfile.mkdtemp()) / "memory.jsonl"
     env = {**os.environ, **ALLOCATORS[args.allocator], "PYTHONPATH": str(ROOT)}  # the same allocator for every method and the floor
     deepspeed = str(Path(sys.executable).parent / "deepspeed")

