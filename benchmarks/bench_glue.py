@@ -5,7 +5,10 @@
 
 Each (task, method, seed) runs `launch/recipes/glue-<task>.yaml` (`minilm-sst2.yaml`, 64 tokens,
 for `sst2-short`) under DeepSpeed's launcher on --nproc ranks, with the method's flags on top and
-nothing tuned per task. One JSON line per run, with the task's metrics after export (the merged
+nothing tuned per task. `--jobs 2` instead runs two at once, each the same recipe in one process
+on its own core: gradient accumulation over the recipe's ranks keeps its global batch, and ZeRO-2
+replaces ZeRO-3, which has nothing to partition on one rank (on this 2-core box about 1.4× the
+throughput of 2-rank runs one after another: `bench_memory.py --model minilm` and RESULTS.md). One JSON line per run, with the task's metrics after export (the merged
 model), appended to benchmarks/results/glue.jsonl; `python benchmarks/report.py` makes the tables.
 The baselines (full fine-tuning, PEFT LoRA) are `launch/train.py --method full|peft_lora` on the
 same engine, data, stages and schedule; full fine-tuning alone gets its own learning rate.
@@ -16,16 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RECIPES = {"sst2-short": "minilm-sst2.yaml", **{t: f"glue-{t}.yaml" for t in ("sst2", "cola", "mrpc", "rte", "stsb")}}
 ALL_STAGES = "tune,prune,retune,export,evaluate"
+RECIPE_RANKS = 2  # the recipes' global batch is micro_batch_size × this many ranks
 # Every method runs the same two training stages (tune, then re-tune), so pruned rows and the
 # unpruned one have equal compute.
 METHODS = {
@@ -45,22 +53,28 @@ METHODS = {
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman", "eval_loss")
 
 
-def run(task: str, method: str, seed: int, args) -> dict:
+def run(task: str, method: str, seed: int, args, slot: int = 0) -> dict:
+    """One launch/train.py run; with --jobs > 1, one process pinned to core `slot`."""
     out = Path(args.runs) / f"{task}-{method}-{seed}"
     shutil.rmtree(out, ignore_errors=True)
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--bind_cores_to_rank",
-                "--master_port", str(args.master_port)]
+                "--master_port", str(args.master_port + slot)]
+    one_process = []
+    if args.jobs > 1:
+        launcher += ["--bind_core_list", str(slot)]
+        one_process = ["--grad_accum", str(RECIPE_RANKS), "--ds_config", "ds_configs/zero2.json"]
     cmd = [*launcher, "launch/train.py", "--config", f"launch/recipes/{RECIPES[task]}", "--stages", ALL_STAGES, "--seed", str(seed),
-           "--dsee.seed", str(seed), "--output_dir", str(out), *METHODS[method], *args.extra]
+           "--dsee.seed", str(seed), "--output_dir", str(out), *one_process, *METHODS[method], *args.extra]
     tic = time.time()
     with open(out.parent / f"{out.name}.log", "w") as log:
         subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
     summary = json.loads((out / "summary.json").read_text())
     after = summary["after"]
-    latency = exported_latency(out) if "--prune.heads" in METHODS[method] else {}
+    # Timed only alone on the box: beside another job the latency would measure the sharing.
+    latency = exported_latency(out) if "--prune.heads" in METHODS[method] and args.jobs == 1 else {}
     return {"task": task, "method": method, "seed": seed, **{k: after[k] for k in METRICS if k in after},
             "trainable_pct": summary.get("trainable_pct"), "sparsity": summary.get("sparsity"), "final_sparsity": summary.get("final_sparsity"),
-            "flops_saved": summary.get("flops_saved"), "wall_s": round(time.time() - tic, 1), "nproc": args.nproc, "recipe": RECIPES[task],
+            "flops_saved": summary.get("flops_saved"), "wall_s": round(time.time() - tic, 1), "nproc": args.nproc, "jobs": args.jobs, "recipe": RECIPES[task],
             **latency, "command": " ".join(cmd[cmd.index("launch/train.py"):])}
 
 
@@ -80,8 +94,9 @@ def main() -> None:
     p.add_argument("--tasks", default="sst2,cola,mrpc,rte,stsb")
     p.add_argument("--methods", default="full,peft_lora,dsee,dsee_prune50,dsee_structured", help=f"any of {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--master_port", type=int, default=29500, help="another port lets the suite run beside the benchmark")
+    p.add_argument("--nproc", type=int, default=RECIPE_RANKS, help="ranks per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each one process on its own core (--nproc 1, gradient accumulation for the recipe's global batch, ZeRO-2); at most the machine's cores")
+    p.add_argument("--master_port", type=int, default=29500, help="another port lets the suite run beside the benchmark (--jobs use the next ones too)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "glue"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue.jsonl"))
     p.add_argument("extra", nargs="*", help="more launch/train.py flags for every run (after --)")
@@ -89,15 +104,39 @@ def main() -> None:
     unknown = [m for m in args.methods.split(",") if m not in METHODS] + [t for t in args.tasks.split(",") if t not in RECIPES]
     if unknown:
         p.error(f"unknown {unknown}: methods {', '.join(METHODS)}; tasks {', '.join(RECIPES)}")
+    if args.jobs > 1:
+        if args.jobs > os.cpu_count():
+            p.error(f"--jobs {args.jobs}: this machine has {os.cpu_count()} cores, one per job")
+        if "--nproc" in sys.argv[1:] and args.nproc != 1:
+            p.error(f"--jobs {args.jobs} runs each job in one process: drop --nproc {args.nproc}")
+        args.nproc = 1
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%dT%H%M%S")
-    for seed in map(int, args.seeds.split(",")):
-        for task in args.tasks.split(","):
-            for method in args.methods.split(","):
-                line = {"run_id": run_id, **run(task, method, seed, args)}
-                print(json.dumps(line), flush=True)
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(line) + "\n")
+    todo = [(task, method, seed) for seed in map(int, args.seeds.split(",")) for task in args.tasks.split(",") for method in args.methods.split(",")]
+    slots, written, failed = queue.Queue(), threading.Lock(), []
+    for slot in range(args.jobs):
+        slots.put(slot)
+
+    def run_in_a_free_slot(task: str, method: str, seed: int) -> None:
+        slot = slots.get()
+        try:
+            line = {"run_id": run_id, **run(task, method, seed, args, slot)}
+        except subprocess.CalledProcessError:
+            failed.append(f"{task}-{method}-{seed} (log: {Path(args.runs) / f'{task}-{method}-{seed}.log'})")
+            print(f"failed: {failed[-1]}", file=sys.stderr, flush=True)
+            return
+        finally:
+            slots.put(slot)
+        with written:
+            print(json.dumps(line), flush=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # a failed run is reported; the others still run
+        for future in [pool.submit(run_in_a_free_slot, *job) for job in todo]:
+            future.result()
+    if failed:
+        sys.exit(f"{len(failed)} of {len(todo)} runs failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def sst2_short_section() -> str:
         runs = [cells["sst2-short", method][seed] for seed in sorted(cells["sst2-short", method])]
         accs = [100 * r["accuracy"] for r in runs]
         pct = lambda key: "—" if runs[-1].get(key) is None else f"{100 * runs[-1][key]:.1f}%"  # noqa: E731  (the same for every seed)
-        body.append([method, " / ".join(f"{r['seed']}: {a:.2f}" for r, a in zip(runs, accs)), f"**{mean_std(accs)}**", f"{runs[-1].get('trainable_pct') or 0:.3f}",
+        body.append([method, " / ".join(f"{r['seed']}: {a:.2f}" for r, a in zip(runs, accs)), f"**{mean_std(accs)}**", "—" if runs[-1].get("trainable_pct") is None else f"{runs[-1]['trainable_pct']:.3f}",
                      pct("final_sparsity"), pct("flops_saved")])
     return table(body, ["method", "accuracy % by seed (seed: value)", "mean ± std", "trainable %", "final sparsity", "FLOPs saved (dense-equivalent)"])
 
