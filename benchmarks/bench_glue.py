@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 RECIPES = {"sst2-short": "minilm-sst2.yaml", **{t: f"glue-{t}.yaml" for t in ("sst2", "cola", "mrpc", "rte", "stsb")}}
 ALL_STAGES = "tune,prune,retune,export,evaluate"
 RECIPE_RANKS = 2  # the recipes' global batch is micro_batch_size × this many ranks
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
 # Every method runs the same two training stages (tune, then re-tune), so pruned rows and the
 # unpruned one have equal compute.
 METHODS = {
@@ -61,7 +62,7 @@ def run(task: str, method: str, seed: int, args, slot: int = 0) -> dict:
                 "--master_port", str(args.master_port + slot)]
     one_process = []
     if args.jobs > 1:
-        launcher += ["--bind_core_list", str(slot)]
+        launcher += ["--bind_core_list", str(sorted(os.sched_getaffinity(0))[slot])]
         one_process = ["--grad_accum", str(RECIPE_RANKS), "--ds_config", "ds_configs/zero2.json"]
     cmd = [*launcher, "launch/train.py", "--config", f"launch/recipes/{RECIPES[task]}", "--stages", ALL_STAGES, "--seed", str(seed),
            "--dsee.seed", str(seed), "--output_dir", str(out), *one_process, *METHODS[method], *args.extra]
@@ -69,12 +70,13 @@ def run(task: str, method: str, seed: int, args, slot: int = 0) -> dict:
     with open(out.parent / f"{out.name}.log", "w") as log:
         subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
     summary = json.loads((out / "summary.json").read_text())
-    after = summary["after"]
+    after, prune = summary["after"], json.loads((out / "config.json").read_text())["prune"]
     # Timed only alone on the box: beside another job the latency would measure the sharing.
     latency = exported_latency(out) if "--prune.heads" in METHODS[method] and args.jobs == 1 else {}
     return {"task": task, "method": method, "seed": seed, **{k: after[k] for k in METRICS if k in after},
             "trainable_pct": summary.get("trainable_pct"), "sparsity": summary.get("sparsity"), "final_sparsity": summary.get("final_sparsity"),
-            "flops_saved": summary.get("flops_saved"), "wall_s": round(time.time() - tic, 1), "nproc": args.nproc, "jobs": args.jobs, "recipe": RECIPES[task],
+            "flops_saved": summary.get("flops_saved"), "prune_score": prune["score"] if prune["pattern"] or prune["sparsity"] > 0 else None,
+            "wall_s": round(time.time() - tic, 1), "nproc": args.nproc, "jobs": args.jobs, "recipe": RECIPES[task], "commit": COMMIT,
             **latency, "command": " ".join(cmd[cmd.index("launch/train.py"):])}
 
 
@@ -94,8 +96,8 @@ def main() -> None:
     p.add_argument("--tasks", default="sst2,cola,mrpc,rte,stsb")
     p.add_argument("--methods", default="full,peft_lora,dsee,dsee_prune50,dsee_structured", help=f"any of {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--nproc", type=int, default=RECIPE_RANKS, help="ranks per run")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once, each one process on its own core (--nproc 1, gradient accumulation for the recipe's global batch, ZeRO-2); at most the machine's cores")
+    p.add_argument("--nproc", type=int, default=None, help=f"ranks per run (default {RECIPE_RANKS}, the recipes')")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each one process on its own core (gradient accumulation for the recipe's global batch, ZeRO-2); at most the cores this process may use")
     p.add_argument("--master_port", type=int, default=29500, help="another port lets the suite run beside the benchmark (--jobs use the next ones too)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "glue"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue.jsonl"))
@@ -104,12 +106,12 @@ def main() -> None:
     unknown = [m for m in args.methods.split(",") if m not in METHODS] + [t for t in args.tasks.split(",") if t not in RECIPES]
     if unknown:
         p.error(f"unknown {unknown}: methods {', '.join(METHODS)}; tasks {', '.join(RECIPES)}")
-    if args.jobs > 1:
-        if args.jobs > os.cpu_count():
-            p.error(f"--jobs {args.jobs}: this machine has {os.cpu_count()} cores, one per job")
-        if "--nproc" in sys.argv[1:] and args.nproc != 1:
-            p.error(f"--jobs {args.jobs} runs each job in one process: drop --nproc {args.nproc}")
-        args.nproc = 1
+    cores = len(os.sched_getaffinity(0))
+    if not 1 <= args.jobs <= cores:
+        p.error(f"--jobs {args.jobs}: give 1 to {cores} (one core per job)")
+    if args.jobs > 1 and args.nproc not in (None, 1):
+        p.error(f"--jobs {args.jobs} runs each job in one process: drop --nproc {args.nproc}")
+    args.nproc = 1 if args.jobs > 1 else args.nproc or RECIPE_RANKS
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%dT%H%M%S")
     todo = [(task, method, seed) for seed in map(int, args.seeds.split(",")) for task in args.tasks.split(",") for method in args.methods.split(",")]
@@ -121,9 +123,10 @@ def main() -> None:
         slot = slots.get()
         try:
             line = {"run_id": run_id, **run(task, method, seed, args, slot)}
-        except subprocess.CalledProcessError:
-            failed.append(f"{task}-{method}-{seed} (log: {Path(args.runs) / f'{task}-{method}-{seed}.log'})")
-            print(f"failed: {failed[-1]}", file=sys.stderr, flush=True)
+        except Exception as error:  # reported; the other runs go on
+            failure = f"{task}-{method}-{seed}: {error!r} (log: {Path(args.runs) / f'{task}-{method}-{seed}.log'})"
+            failed.append(failure)
+            print(f"failed: {failure}", file=sys.stderr, flush=True)
             return
         finally:
             slots.put(slot)
@@ -132,12 +135,16 @@ def main() -> None:
             with open(args.out, "a") as f:
                 f.write(json.dumps(line) + "\n")
 
-    with ThreadPoolExecutor(args.jobs) as pool:  # a failed run is reported; the others still run
-        for future in [pool.submit(run_in_a_free_slot, *job) for job in todo]:
-            future.result()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run_in_a_free_slot, *job) for job in todo]
+        try:
+            for future in futures:
+                future.result()
+        except KeyboardInterrupt:  # the running jobs got the same signal; start no more
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     if failed:
-        sys.exit(f"{len(failed)} of {len(todo)} runs failed: {', '.join(failed)}")
-
+        sys.exit(f"{len(failed)} of {len(todo)} runs failed:\n" + "\n".join(failed))
 
 if __name__ == "__main__":
     main()

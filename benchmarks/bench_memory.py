@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--allocator", choices=sorted(ALLOCATORS), default="glibc", help="glibc with a fixed mmap threshold, or jemalloc preloaded (apt-get install libjemalloc2)")
     p.add_argument("--profile", metavar="DIR", help="also profile each method's timed steps (rank 0): DIR/profile_<method>.json, self time by kind of op (the profiler slows the steps)")
     args = p.parse_args()
+    if args.quick and "--model" in " ".join(sys.argv[1:]):
+        p.error("--quick runs its own tiny model: drop --model")
     if args.allocator == "jemalloc" and ctypes.util.find_library("jemalloc") is None:
         sys.exit("--allocator jemalloc: libjemalloc is not installed: apt-get install libjemalloc2")
     size = SIZES["quick" if args.quick else args.model]

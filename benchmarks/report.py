@@ -108,7 +108,9 @@ def glue_section() -> str:
         body.append(row)
     _plot_glue(methods, means)
     header = ["method", *[f"{t} ({m})" for t, m in GLUE_TASKS.items()], "average"]
-    return table(body, header) + "\n\n![GLUE dev scores](glue.png)"
+    modes = sorted({(r.get("nproc", 2), r.get("jobs", 1)) for cell in cells.values() for r in cell.values()})
+    how = "; ".join(f"{nproc} rank{'s' * (nproc > 1)} per run, {jobs} run{'s' * (jobs > 1)} at once" for nproc, jobs in modes)
+    return table(body, header) + f"\n\nRuns: {how}.\n\n![GLUE dev scores](glue.png)"
 
 
 def sst2_short_section() -> str:

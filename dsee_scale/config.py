@@ -77,7 +77,7 @@ HEAD_SCORES = ("dsee", "weight", "gradient")
 
 @dataclass
 class PruneConfig:
-    """Sparsity after tuning: unstructured magnitude pruning and/or removal of heads and FFN neurons."""
+    """Sparsity after tuning: unstructured pruning (by score, global or per layer, or N:M) and/or removal of heads and FFN neurons."""
 
     __pydantic_config__ = {"extra": "forbid"}  # unknown recipe keys are errors, not ignored
 
@@ -95,7 +95,7 @@ class PruneConfig:
     ffn: float = field(default=0.0, metadata={"help": "structured: fraction of FFN neurons to remove"})
     structured_score: str = field(default="dsee", metadata={"help": "head/neuron importance: dsee (|ΔW|, the paper's, data-free), weight (|W|) or gradient (gate gradients over calibration batches; the most accurate in benchmarks/RESULTS.md)"})
     structured_scope: str = field(default="global", metadata={"help": "'global' budget across layers, or 'layer': the same count in every layer"})
-    calibration_batches: int = field(default=16, metadata={"help": "micro-batches per rank for structured_score 'gradient' and score 'activation'"})
+    calibration_batches: int = field(default=16, metadata={"help": "global batches (micro_batch_size × grad_accum × ranks rows, each rank its share) for structured_score 'gradient' and score 'activation'"})
 
     def __post_init__(self) -> None:
         for name in ("sparsity", "heads", "ffn"):

@@ -110,10 +110,12 @@ Calibration = tuple[Iterable[dict], Callable[[dict], object]]  # (batches, forwa
 @torch.no_grad()
 def input_norms(targets: list[PruneTarget], batches: Iterable[dict], forward: Callable[[dict], object]) -> None:
     """Set each target's input_norm: ‖x_j‖₂ of its input features over every real token (attention
-    mask) of the calibration batches of all ranks. One forward per batch through `forward` (the
-    engine, so ZeRO-3 fetches weights as in training); per-feature sums of squares (float64) and
-    each weight's count of inputs seen are all-reduced once, so every rank reaches the same
-    verdict on a weight no input reached. Collective."""
+    mask) of the calibration batches of all ranks, and over every row of inputs that are not per
+    token (DeBERTa's relative-position embeddings pass through its position and, with
+    share_att_key, query/key projections). One forward per batch through `forward` (the engine,
+    so ZeRO-3 fetches weights as in training); per-feature sums of squares (float64) and each
+    weight's count of inputs seen are all-reduced once, so every rank reaches the same verdict on
+    a weight no input reached. Collective."""
     sizes = [zero.full_shape(t.param)[input_dim(t.module)] for t in targets]
     device = zero.shard_device(targets[0].param)
     sums = [torch.zeros(n + 1, dtype=torch.float64, device=device) for n in sizes]  # last: inputs seen
@@ -123,10 +125,7 @@ def input_norms(targets: list[PruneTarget], batches: Iterable[dict], forward: Ca
         def accumulate(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             mask = real["tokens"]
-            if mask is not None:
-                if x.shape[:-1] != mask.shape:
-                    raise ValueError(f"{targets[i].name}: input of shape {tuple(x.shape)} is not (batch, tokens, features) of the attention mask "
-                                     f"{tuple(mask.shape)}: the 'activation' score counts real tokens only")
+            if mask is not None and x.shape[:-1] == mask.shape:  # per token: padding left out
                 x = x[mask.to(x.device)]
             sums[i][:-1] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0).to(device)
             sums[i][-1] += 1
@@ -341,7 +340,8 @@ def magnitude_prune(
     calibration: Calibration | None = None,
 ) -> dict[str, ShardMask]:
     """Prune exactly round(sparsity × N) elements (global) or per matrix (layer); collective.
-    `calibration` (batches, forward) feeds the 'activation' score's input norms."""
+    `calibration` (batches, forward) feeds the 'activation' score's input norms. The score
+    defaults to the data-free |W| here; the trainer's default (PruneConfig) is 'activation'."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if scope not in PRUNE_SELECTORS:

@@ -269,8 +269,8 @@ class Recipe:
 
     # ---- pruning -----------------------------------------------------------------------------
     def prune(self) -> None:
-        """Structured removal and/or global (or per-layer) magnitude pruning of the frozen
-        backbone; the masks and the plan stay fixed afterwards."""
+        """Structured removal and/or global (or per-layer, or N:M) pruning of the frozen backbone
+        by prune.score; the masks and the plan stay fixed afterwards."""
         p = self.cfg.prune
         if p.heads or p.ffn:
             tic = time.time()
@@ -314,8 +314,10 @@ class Recipe:
             self.engine.train(was_training)
 
     def _calibration_batches(self, n: int) -> list[dict]:
-        batches = GlobalBatches(len(self.train_rows), self.micro, 1, self.world, seed=self.cfg.seed + 7)
-        return [self._micro_batch(batches, s, 0) for s in range(n)]
+        """This rank's micro-batches of the first n global batches of their own shuffle, split as
+        training splits them: the same rows on any ranks × accumulation, so the same scores."""
+        batches = GlobalBatches(len(self.train_rows), self.micro, self.accum, self.world, seed=self.cfg.seed + 7)
+        return [self._micro_batch(batches, s, a) for s in range(n) for a in range(self.accum)]
 
     # ---- evaluation and export ---------------------------------------------------------------
     def measure(self, tag: str, bleu: bool = True) -> dict:

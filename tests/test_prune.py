@@ -98,26 +98,37 @@ def calibration_batches(task: str = "lm") -> list[dict]:
 
 
 def recorded_input_norms(model, batches) -> dict[str, torch.Tensor]:
-    """‖x_j‖ over the real tokens, from every input each pruned weight's module saw (test only)."""
+    """‖x_j‖ from every input each pruned weight's module saw (test only): the real tokens of
+    per-token inputs, every row of the others."""
     targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
     seen = {t.name: [] for t in targets}
-    handles = [t.module.register_forward_hook(lambda mod, args, out, name=t.name: seen[name].append(args[0].detach())) for t in targets]
+    current = {}
+
+    def record(name, x):
+        keep = current["mask"]
+        seen[name].append(x[keep] if x.shape[:-1] == keep.shape else x.reshape(-1, x.shape[-1]))
+
+    handles = [t.module.register_forward_hook(lambda mod, args, out, name=t.name: record(name, args[0].detach())) for t in targets]
     with torch.no_grad():
         for batch in batches:
+            current["mask"] = batch["attention_mask"].bool()
             model(**batch)
     for h in handles:
         h.remove()
-    real = [b["attention_mask"].bool() for b in batches]
-    return {name: torch.cat([x[keep] for x, keep in zip(inputs, real)]).double().norm(dim=0).float() for name, inputs in seen.items()}
+    return {name: torch.cat(rows).double().norm(dim=0).float() for name, rows in seen.items()}
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_activation_score_is_wandas_on_the_merged_weight_over_real_tokens(kind):
+# DeBERTa-v2's relative-position embeddings pass through its position projections, and with
+# share_att_key (v3's setting) through query_proj itself: inputs that are not per token.
+@pytest.mark.parametrize("kind, overrides", [("gpt2", {}), ("llama", {}), ("bert", {}), ("deberta-v2", {}), ("deberta-v2", {"share_att_key": True})],
+                         ids=["gpt2", "llama", "bert", "deberta-v2", "deberta-v2-shared-keys"])
+def test_activation_score_is_wandas_on_the_merged_weight_over_real_tokens(kind, overrides):
     """|W + ΔW|·‖x_j‖: inputs along Conv1D's rows and Linear's columns, padding left out; the
     global threshold and the N:M groups as for the other scores."""
     from dsee_scale.prune import nm_prune
 
     batches = calibration_batches()
+    adapted = lambda kind: apply_dsee(tiny_model(kind, **overrides), DSEE)  # noqa: E731
     model = adapted(kind).eval()
     norms = recorded_input_norms(model, batches)
     forward = lambda batch: model(**batch)  # noqa: E731
