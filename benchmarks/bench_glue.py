@@ -7,12 +7,13 @@ Each (task, method, seed) runs `launch/recipes/glue-<task>.yaml` (`minilm-sst2.y
 for `sst2-short`) under DeepSpeed's launcher on --nproc ranks, with the method's flags on top and
 nothing tuned per task. `--jobs 2` instead runs two at once, each the same recipe in one process
 on its own core: gradient accumulation over the recipe's ranks keeps its global batch, and ZeRO-2
-replaces ZeRO-3, which has nothing to partition on one rank: on this 2-core box about 2.1× the
-throughput of 2-rank runs one after another, accuracy within seed noise (RESULTS.md, GLUE). One JSON line per run, with the task's metrics after export (the merged
-model), appended to benchmarks/results/glue.jsonl; `python benchmarks/report.py` makes the tables.
-The baselines (full fine-tuning, PEFT LoRA) are `launch/train.py --method full|peft_lora` on the
-same engine, data, stages and schedule; full fine-tuning alone gets its own learning rate.
-Structured rows also time the exported model's CPU forward against the dense one
+replaces ZeRO-3, which has nothing to partition on one rank. On this 2-core box that is about
+2.1x the throughput of 2-rank runs one after another, accuracy within seed noise (RESULTS.md,
+GLUE). One JSON line per run, with the task's metrics after export (the merged model), appended
+to benchmarks/results/glue.jsonl; `python benchmarks/report.py` makes the tables. The baselines
+(full fine-tuning, PEFT LoRA) are `launch/train.py --method full|peft_lora` on the same engine,
+data, stages and schedule; full fine-tuning alone gets its own learning rate. Structured rows
+run alone (--jobs 1) also time the exported model's CPU forward against the dense one
 (`dsee_scale.evaluate.structured_latency`, the first 32 evaluation rows).
 """
 from __future__ import annotations
