@@ -32,7 +32,7 @@ ALLOCATORS = {
 
 SIZES = {  # memory_worker.py flags of each benchmarked setting
     "gpt2-medium": ["--model", "gpt2-medium", "--seq", "128", "--batch", "2", "--steps", "10", "--warmup", "2"],
-    "minilm": ["--model", "minilm", "--seq", "64", "--batch", "16", "--steps", "10", "--warmup", "2", "--ds_config", "ds_configs/zero3.json"],
+    "minilm": ["--model", "minilm", "--steps", "10", "--warmup", "2"],  # minilm-sst2.yaml's sequence, batch and ds_config
     "quick": ["--model", "tiny", "--seq", "32", "--steps", "2", "--warmup", "1", "--rank", "4"],
 }
 
@@ -55,16 +55,16 @@ def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--model", choices=["gpt2-medium", "minilm"], default="gpt2-medium", help="gpt2-medium: the default; minilm: the step of launch/recipes/minilm-sst2.yaml (its model, sequence, batch and ds_config)")
+    p.add_argument("--model", choices=["gpt2-medium", "minilm"], default=None, help="gpt2-medium (the default) or minilm: the step of launch/recipes/minilm-sst2.yaml (its model, sequence, batch and ds_config)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.jsonl"))
     p.add_argument("--allocator", choices=sorted(ALLOCATORS), default="glibc", help="glibc with a fixed mmap threshold, or jemalloc preloaded (apt-get install libjemalloc2)")
     p.add_argument("--profile", metavar="DIR", help="also profile each method's timed steps (rank 0): DIR/profile_<method>.json, self time by kind of op (the profiler slows the steps)")
     args = p.parse_args()
-    if args.quick and "--model" in " ".join(sys.argv[1:]):
+    if args.quick and args.model:
         p.error("--quick runs its own tiny model: drop --model")
     if args.allocator == "jemalloc" and ctypes.util.find_library("jemalloc") is None:
         sys.exit("--allocator jemalloc: libjemalloc is not installed: apt-get install libjemalloc2")
-    size = SIZES["quick" if args.quick else args.model]
+    size = SIZES["quick" if args.quick else args.model or "gpt2-medium"]
     scratch = Path(tempfile.mkdtemp()) / "memory.jsonl"
     env = {**os.environ, **ALLOCATORS[args.allocator], "PYTHONPATH": str(ROOT)}  # the same allocator for every method and the floor
     deepspeed = str(Path(sys.executable).parent / "deepspeed")

