@@ -1,6 +1,6 @@
 """GLUE-style accuracy from the shipped pipeline: every number is a `launch/train.py` run.
 
-    python benchmarks/bench_glue.py --jobs 2            # the paper-style table: 5 tasks × 5 methods × 3 seeds
+    python benchmarks/bench_glue.py --jobs 2 --missing  # the paper-style table: 5 tasks × 5 methods × 3 seeds (the cells not yet in glue.jsonl)
     python benchmarks/bench_glue.py --tasks sst2-short --methods dsee,dsee_random,dsee_magnitude,dsee_prune20 --seeds 0,1,2
 
 Each (task, method, seed) runs `launch/recipes/glue-<task>.yaml` (`minilm-sst2.yaml`, 64 tokens,
@@ -102,6 +102,7 @@ def main() -> None:
     p.add_argument("--master_port", type=int, default=29500, help="another port lets the suite run beside the benchmark (--jobs use the next ones too)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "glue"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue.jsonl"))
+    p.add_argument("--missing", action="store_true", help="run only the (task, method, seed) cells --out has no line for yet (resume a table)")
     p.add_argument("extra", nargs="*", help="more launch/train.py flags for every run (after --)")
     args = p.parse_args()
     unknown = [m for m in args.methods.split(",") if m not in METHODS] + [t for t in args.tasks.split(",") if t not in RECIPES]
@@ -116,6 +117,10 @@ def main() -> None:
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%dT%H%M%S")
     todo = [(task, method, seed) for seed in map(int, args.seeds.split(",")) for task in args.tasks.split(",") for method in args.methods.split(",")]
+    if args.missing and Path(args.out).exists():
+        done = {(r["task"], r["method"], r["seed"]) for r in map(json.loads, Path(args.out).read_text().splitlines())}
+        todo = [cell for cell in todo if cell not in done]
+        print(f"{len(todo)} cells missing from {args.out}", flush=True)
     slots, written, failed = queue.Queue(), threading.Lock(), []
     for slot in range(args.jobs):
         slots.put(slot)
