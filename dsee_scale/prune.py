@@ -109,16 +109,35 @@ Calibration = tuple[Iterable[dict], Callable[[dict], object]]  # (batches, forwa
 
 @torch.no_grad()
 def input_norms(targets: list[PruneTarget], batches: Iterable[dict], forward: Callable[[dict], object]) -> None:
-    """Set each target's input_norm: ‖x_j‖₂ of its input features over every real token (attention
+    """Set each target's input_norm: ‖x_j‖₂ of its input features over the calibration inputs
+    (`_input_sums`; float64 sums of squares). Collective."""
+    sizes = [zero.full_shape(t.param)[input_dim(t.module)] for t in targets]
+    sums = _input_sums(targets, batches, forward, lambda x: x.double().pow(2).sum(0), sizes, torch.float64)
+    for t, s in zip(targets, sums):
+        t.input_norm = s.sqrt().float()
+
+
+@torch.no_grad()
+def input_grams(targets: list[PruneTarget], batches: Iterable[dict], forward: Callable[[dict], object]) -> list[torch.Tensor]:
+    """XᵀX (in × in, float32) of each target's calibration inputs (`_input_sums`): the Hessian
+    of its output error that `obs_reconstruct` minimises. Collective."""
+    sizes = [zero.full_shape(t.param)[input_dim(t.module)] for t in targets]
+    sums = _input_sums(targets, batches, forward, lambda x: (x.float().T @ x.float()).reshape(-1), [n * n for n in sizes], torch.float32)
+    return [s.view(n, n) for s, n in zip(sums, sizes)]
+
+
+def _input_sums(targets: list[PruneTarget], batches: Iterable[dict], forward: Callable[[dict], object],
+                stat: Callable[[torch.Tensor], torch.Tensor], widths: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Σ stat(x) of each target's input rows x (rows × in) over every real token (attention
     mask) of the calibration batches of all ranks, and over every row of inputs that are not per
     token (DeBERTa's relative-position embeddings pass through its position and, with
     share_att_key, query/key projections). One forward per batch through `forward` (the engine,
-    so ZeRO-3 fetches weights as in training); per-feature sums of squares (float64) and each
-    weight's count of inputs seen are all-reduced once, so every rank reaches the same verdict on
-    a weight no input reached. Collective."""
-    sizes = [zero.full_shape(t.param)[input_dim(t.module)] for t in targets]
+    so ZeRO-3 fetches weights as in training); the sums and each weight's count of inputs seen
+    share one buffer, all-reduced once, so every rank reaches the same verdict on a weight no
+    input reached."""
     device = zero.shard_device(targets[0].param)
-    sums = [torch.zeros(n + 1, dtype=torch.float64, device=device) for n in sizes]  # last: inputs seen
+    flat = torch.zeros(sum(widths) + len(targets), dtype=dtype, device=device)
+    *sums, seen = flat.split([*widths, len(targets)])
     real = {"tokens": None}  # the current batch's attention mask
 
     def hook(i: int):
@@ -127,8 +146,8 @@ def input_norms(targets: list[PruneTarget], batches: Iterable[dict], forward: Ca
             mask = real["tokens"]
             if mask is not None and x.shape[:-1] == mask.shape:  # per token: padding left out
                 x = x[mask.to(x.device)]
-            sums[i][:-1] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0).to(device)
-            sums[i][-1] += 1
+            sums[i] += stat(x.reshape(-1, x.shape[-1])).to(device=device, dtype=dtype)
+            seen[i] += 1
         return accumulate
 
     handles = [t.module.register_forward_pre_hook(hook(i)) for i, t in enumerate(targets)]
@@ -140,12 +159,11 @@ def input_norms(targets: list[PruneTarget], batches: Iterable[dict], forward: Ca
     finally:
         for handle in handles:
             handle.remove()
-    total = dist.all_reduce(torch.cat(sums)).split([n + 1 for n in sizes])
-    missing = [t.name for t, s in zip(targets, total) if s[-1] == 0]
+    *sums, seen = dist.all_reduce(flat).split([*widths, len(targets)])
+    missing = [t.name for t, n in zip(targets, seen) if n == 0]
     if missing:
-        raise ValueError(f"no calibration input reached {missing[:3]}: the 'activation' score needs every pruned weight used in forward")
-    for t, s in zip(targets, total):
-        t.input_norm = s[:-1].sqrt().float()
+        raise ValueError(f"no calibration input reached {missing[:3]}: the 'activation' score and reconstruction need every pruned weight used in forward")
+    return sums
 
 
 def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
@@ -264,20 +282,19 @@ def _apply(targets, score, t: int | None, quota: list[int]) -> dict[str, ShardMa
         mask = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=_device([target]))
         start, _ = zero.shard_range(target.param)
         masks[target.name] = ShardMask(start, mask.numel(), np.packbits(mask.cpu().numpy()))  # host bits: saved with checkpoints
-        apply_mask(target.param, masks[target.name])
     return masks
 
 
 def whole_masks(masks: dict[str, ShardMask]) -> dict[str, torch.Tensor]:
     """Each pruned weight's mask over its whole flattened shape, bit-packed (1 = pruned).
     Collective, one weight at a time: no rank holds more than one weight's bits."""
-    out = {}
-    for name in sorted(masks):
-        mask = masks[name]
-        parts = sorted(dist.all_gather_object((mask.start, mask.numel, mask.bits)))
-        bits = np.concatenate([np.unpackbits(b, count=n) for _, n, b in parts])
-        out[name] = torch.from_numpy(np.packbits(bits))
-    return out
+    return {name: torch.from_numpy(np.packbits(_whole_mask(masks[name]))) for name in sorted(masks)}
+
+
+def _whole_mask(mask: ShardMask) -> np.ndarray:
+    """One weight's mask over all ranks' shards, flat 0/1 (1 = pruned). Collective."""
+    parts = sorted(dist.all_gather_object((mask.start, mask.numel, mask.bits)))
+    return np.concatenate([np.unpackbits(b, count=n) for _, n, b in parts])
 
 
 def unpack_mask(bits: torch.Tensor, numel: int) -> np.ndarray:
@@ -308,7 +325,7 @@ PRUNE_SELECTORS: dict[str, Selector] = {}
 
 def register_selector(name: str) -> Callable[[Selector], Selector]:
     """Add a way to choose which weights to prune: fn(targets, score name, sparsity) → masks
-    of this rank's shards, applied in place. Collective: every rank calls it with the same targets."""
+    of this rank's shards (the caller applies them). Collective: every rank calls it with the same targets."""
     def add(fn: Selector) -> Selector:
         PRUNE_SELECTORS[name] = fn
         return fn
@@ -338,38 +355,46 @@ def magnitude_prune(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     calibration: Calibration | None = None,
+    reconstruct: bool = False,
+    keep_sparse: bool = True,
 ) -> dict[str, ShardMask]:
     """Prune exactly round(sparsity × N) elements (global) or per matrix (layer); collective.
-    `calibration` (batches, forward) feeds the 'activation' score's input norms. The score
-    defaults to the data-free |W| here; the trainer's default (PruneConfig) is 'activation'."""
+    `calibration` (batches, forward) feeds the 'activation' score's input norms and the
+    reconstruction (`reconstruct_pruned`). The score defaults to the data-free |W| here; the
+    trainer's default (PruneConfig) is 'activation'."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if scope not in PRUNE_SELECTORS:
         raise ValueError(f"unknown prune scope {scope!r}: choose one of {', '.join(PRUNE_SELECTORS)}")
-    return PRUNE_SELECTORS[scope](_scored_targets(model, score, include, exclude, calibration), score, sparsity)
+    targets = _scored_targets(model, score, include, exclude, calibration, reconstruct)
+    masks = PRUNE_SELECTORS[scope](targets, score, sparsity)
+    _mask_targets([t for t in targets if t.name in masks], masks, calibration if reconstruct else None, keep_sparse)
+    return masks
 
 
-def _scored_targets(model: nn.Module, score: str, include: list[str] | None, exclude: list[str] | None, calibration: Calibration | None) -> list[PruneTarget]:
+def _scored_targets(model: nn.Module, score: str, include: list[str] | None, exclude: list[str] | None, calibration: Calibration | None,
+                    reconstruct: bool) -> list[PruneTarget]:
     from dsee_scale.config import PruneConfig
 
     if score not in PRUNE_SCORES:
         raise ValueError(f"unknown prune score {score!r}: choose one of {', '.join(PRUNE_SCORES)}")
     defaults = PruneConfig()
     targets = prune_targets(model, include or defaults.include, exclude or defaults.exclude)
+    if calibration is None and (reconstruct or PRUNE_SCORES[score].uses_inputs):
+        why = "reconstruction fits weights to their inputs" if reconstruct else f"prune score {score!r} scales weights by their inputs"
+        raise ValueError(f"{why}: pass calibration=(batches, forward)")
     if PRUNE_SCORES[score].uses_inputs:
-        if calibration is None:
-            raise ValueError(f"prune score {score!r} scales weights by their inputs: pass calibration=(batches, forward)")
         input_norms(targets, *calibration)
     return targets
 
 
 def nm_prune(model: nn.Module, pattern: str, score: str = "weight", include: list[str] | None = None, exclude: list[str] | None = None,
-             calibration: Calibration | None = None) -> dict[str, ShardMask]:
+             calibration: Calibration | None = None, reconstruct: bool = False, keep_sparse: bool = True) -> dict[str, ShardMask]:
     """N:M semi-structured pruning ('2:4'): in every M consecutive weights along the input
     dimension the N highest scores stay. One matrix at a time, gathered whole, so groups that
     straddle ZeRO-3 shard boundaries are decided exactly; each rank masks its own shard. Collective."""
     n, m = parse_pattern(pattern)
-    targets = _scored_targets(model, score, include, exclude, calibration)
+    targets = _scored_targets(model, score, include, exclude, calibration, reconstruct)
     fn, uses_delta, uses_inputs = PRUNE_SCORES[score]
     masks = {}
     for target in targets:
@@ -386,8 +411,82 @@ def nm_prune(model: nn.Module, pattern: str, score: str = "weight", include: lis
         start, stop = zero.shard_range(target.param)
         mine = pruned.reshape(-1)[start:stop]
         masks[target.name] = ShardMask(start, mine.numel(), np.packbits(mine.cpu().numpy()))  # host bits: saved with checkpoints
-        apply_mask(target.param, masks[target.name])
+    _mask_targets(targets, masks, calibration if reconstruct else None, keep_sparse)
     return masks
+
+
+def _mask_targets(targets: list[PruneTarget], masks: dict[str, ShardMask], calibration: Calibration | None, keep_sparse: bool) -> None:
+    """Zero the pruned weights, after re-fitting the kept ones to the calibration inputs if
+    `calibration` is given: in model order, as many matrices per calibration pass as
+    GRAM_BYTES of XᵀX allows; a later pass sees the earlier matrices already pruned (SparseGPT's
+    sequential order). Collective."""
+    if calibration is None:
+        for target in targets:
+            apply_mask(target.param, masks[target.name])
+        return
+    for group in _gram_groups(targets):
+        for target, gram in zip(group, input_grams(group, *calibration)):
+            _reconstruct(target, masks[target.name], gram, keep_sparse)
+            apply_mask(target.param, masks[target.name])
+
+
+GRAM_BYTES = 1 << 30  # XᵀX held at once while reconstructing
+
+
+def _gram_groups(targets: list[PruneTarget]) -> Iterator[list[PruneTarget]]:
+    group, size = [], 0
+    for target in targets:
+        n = zero.full_shape(target.param)[input_dim(target.module)]
+        if group and size + 4 * n * n > GRAM_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(target)
+        size += 4 * n * n
+    if group:
+        yield group
+
+
+@torch.no_grad()
+def _reconstruct(target: PruneTarget, mask: ShardMask, gram: torch.Tensor, keep_sparse: bool) -> None:
+    """Re-fit the kept weights of one matrix (gathered whole) so its output on the calibration
+    inputs changes least; each rank writes its own shard. With keep_sparse the re-tune will add
+    ΔW ⊙ M, so W' + ΔW ⊙ M is fitted to W + ΔW; otherwise W' alone to W (ΔW stays dense)."""
+    pruned = torch.from_numpy(_whole_mask(mask).astype(bool))
+    layer = target.layer if keep_sparse else None
+    with zero.gathered([target.param, *(layer.adapter_parameters() if layer else [])]):
+        weight = target.param.detach().float()
+        delta = layer.delta_rows(0, weight.shape[0]).to(weight.device) if layer else torch.zeros((), device=weight.device)
+        pruned = pruned.reshape(weight.shape).to(weight.device)
+        transposed = input_dim(target.module) == 0  # Conv1D: (in, out)
+        fit = obs_reconstruct((weight + delta).T if transposed else weight + delta, pruned.T if transposed else pruned, gram.to(weight.device))
+        fitted = ((fit.T if transposed else fit) - delta).masked_fill_(pruned, 0).reshape(-1)
+    zero.edit_local_shard(target.param, lambda shard, start: shard.copy_(fitted[start : start + shard.numel()]))
+
+
+def obs_reconstruct(weight: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor, damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """SparseGPT's weight update (Frantar & Alistarh, 2023) for a given mask: the columns of W
+    (out × in) are zeroed where `pruned` left to right, and each zeroed weight's error
+    ‖(w - w')x‖² is compensated on the columns not yet visited through the Cholesky factor of
+    (XᵀX + λI)⁻¹, λ = damp × mean diag. Exact least squares when only the first column is
+    pruned; rows are independent. Inputs never seen (zero diagonal) are left as they are."""
+    w = weight.float().clone()
+    h = gram.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * h.diagonal().mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    cols = w.shape[1]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, h1, err = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2], torch.zeros_like(w[:, i1:i2])
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            e = torch.where(pruned[:, i1 + i], col, torch.zeros_like(col)) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err[:, i] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return w.masked_fill_(pruned, 0)
 
 
 def reapply_masks(model: nn.Module, masks: dict[str, ShardMask]) -> None:

@@ -282,11 +282,12 @@ class Recipe:
             self.timings["structured_s"] = time.time() - tic
         if p.pattern or p.sparsity > 0:
             tic = time.time()
-            calibration = (self._calibration_batches(p.calibration_batches), self._forward) if PRUNE_SCORES[p.score].uses_inputs else None
+            uses_inputs = PRUNE_SCORES[p.score].uses_inputs or p.reconstruct
+            calibration = (self._calibration_batches(p.calibration_batches), self._forward) if uses_inputs else None
             if p.pattern:
-                self.masks = nm_prune(self.model, p.pattern, p.score, p.include, p.exclude, calibration)
+                self.masks = nm_prune(self.model, p.pattern, p.score, p.include, p.exclude, calibration, p.reconstruct, p.keep_sparse)
             else:
-                self.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration)
+                self.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.reconstruct, p.keep_sparse)
             self.timings["prune_s"] = time.time() - tic
             log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", self.timings["prune_s"])
             self.keep_sparse = p.keep_sparse
