@@ -58,13 +58,13 @@ METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman", "eval_loss")
 
 
 def run(task: str, method: str, seed: int, args, slot: int = 0) -> dict:
-    """One launch/train.py run; with --jobs > 1, one process pinned to core `slot`."""
+    """One launch/train.py run; with one rank (--jobs > 1 or --nproc 1), one process pinned to the `slot`-th allowed core."""
     out = Path(args.runs) / f"{task}-{method}-{seed}"
     shutil.rmtree(out, ignore_errors=True)
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--bind_cores_to_rank",
                 "--master_port", str(args.master_port + slot)]
     one_process = []
-    if args.jobs > 1:
+    if args.nproc == 1:
         launcher += ["--bind_core_list", str(sorted(os.sched_getaffinity(0))[slot])]
         one_process = ["--grad_accum", str(RECIPE_RANKS), "--ds_config", "ds_configs/zero2.json"]
     cmd = [*launcher, "launch/train.py", "--config", f"launch/recipes/{RECIPES[task]}", "--stages", ALL_STAGES, "--seed", str(seed),
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--tasks", default="sst2,cola,mrpc,rte,stsb")
     p.add_argument("--methods", default="full,peft_lora,dsee,dsee_prune50,dsee_structured", help=f"any of {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--nproc", type=int, default=None, help=f"ranks per run (default {RECIPE_RANKS}, the recipes')")
+    p.add_argument("--nproc", type=int, default=None, help=f"ranks per run (default {RECIPE_RANKS}, the recipes'); 1: one process as with --jobs, on the first core this process may use (taskset)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each one process on its own core (gradient accumulation for the recipe's global batch, ZeRO-2); at most the cores this process may use")
     p.add_argument("--master_port", type=int, default=29500, help="another port lets the suite run beside the benchmark (--jobs use the next ones too)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "glue"))
