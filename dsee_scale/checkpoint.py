@@ -7,7 +7,9 @@ step and losses. The frozen backbone is rebuilt from --model, the plan and the m
 checks that it is the same backbone), and random draws are seeded from (seed, stage, step,
 rank). So a checkpoint resumes on any number of ranks.
 
-`<dir>/<tag>/` holds state.json, trainable.safetensors and masks.safetensors. Each writer
+`<dir>/<tag>/` holds state.json, trainable.safetensors and masks.safetensors. Backbone weights
+that pruning re-fitted (prune.reconstruct) cannot be rebuilt from --model: they change once, and
+`save_weights` writes them once, a matrix at a time, beside the checkpoints. Each writer
 (global rank 0, and the first rank of every node whose disk does not hold rank 0's folder)
 writes a complete copy into `<dir>/.staging-<tag>`, fsyncs every file and folder, renames it,
 then points `latest` at it the same way: a kill or a full disk at any moment leaves the previous
@@ -23,10 +25,12 @@ import os
 import shutil
 import signal
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -239,6 +243,58 @@ def save(folder: Path, tag: str, state: dict, tensors: dict[str, torch.Tensor], 
     errors = [e for e in dist.all_gather_object(error) if e]
     if errors:
         raise CheckpointError(errors[0])
+
+
+def save_weights(folder: Path, params: dict[str, torch.Tensor], writer: bool) -> None:
+    """Whole values of some frozen weights, one gathered at a time, one file each; written into a
+    staging folder that replaces `folder` once complete (fsynced). Collective: every rank
+    gathers, writers write; a failed write fails every rank with one message."""
+    staging = folder.with_name(f".staging-{folder.name}")
+    error = None
+
+    def write(fn: Callable[[], None]) -> None:  # writers only; after a failure the gathers go on, the writes stop
+        nonlocal error
+        if writer and error is None:
+            try:
+                fn()
+            except OSError as err:
+                error = f"the re-fitted weights could not be written to {folder}: {err.strerror or err}"
+
+    def finish() -> None:
+        (staging / "index.json").write_text(json.dumps({name: f"{i:05d}.safetensors" for i, name in enumerate(params)}))
+        for path in [*staging.iterdir(), staging]:
+            _fsync(path)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+        _fsync(folder.parent)
+
+    write(lambda: (shutil.rmtree(staging, ignore_errors=True), staging.mkdir(parents=True)))
+    for i, (name, param) in enumerate(params.items()):
+        with zero.gathered([param]):
+            write(lambda: save_file({name: param.detach().contiguous().cpu()}, str(staging / f"{i:05d}.safetensors")))
+    write(finish)
+    if error:
+        shutil.rmtree(staging, ignore_errors=True)
+    errors = [e for e in dist.all_gather_object(error) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+
+
+def load_weights(folder: Path, params: dict[str, torch.Tensor]) -> None:
+    """Put weights saved by `save_weights` into this model: each rank reads only the rows its
+    own shard covers. Collective (a weight kept whole on every rank is re-synced)."""
+    index = json.loads((folder / "index.json").read_text())
+    missing = sorted(set(params) - set(index))
+    if missing:
+        raise CheckpointError(f"{folder} has no saved values for {missing[:3]}: it was written by another run")
+    for name, param in params.items():
+        start, stop = zero.shard_range(param)
+        cols = zero.full_shape(param)[1]
+        first = start // cols
+        with safe_open(str(folder / index[name]), framework="pt") as f:
+            rows = f.get_slice(name)[first : (stop - 1) // cols + 1] if stop > start else torch.zeros(0)
+        mine = rows.reshape(-1)[start - first * cols : stop - first * cols]
+        zero.edit_local_shard(param, lambda shard, _start: shard.copy_(mine))
 
 
 # ---- reading -----------------------------------------------------------------------------------

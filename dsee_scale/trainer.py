@@ -39,6 +39,7 @@ from dsee_scale.validate import nvme_offload, validate_before_launch
 
 log = logging.getLogger("dsee_scale")
 CHECKPOINTED = ("tune", "prune", "retune")
+REFITTED = "refitted"  # run folder: the backbone weights prune.reconstruct re-fitted
 
 
 class NonFiniteLoss(RuntimeError):
@@ -56,6 +57,7 @@ class Recipe:
         self.packed_masks: dict[str, torch.Tensor] = {}  # the same masks whole, bit-packed: gathered once, saved with every checkpoint
         self.plan: dict | None = None  # kept heads / FFN neurons per layer, after structured pruning
         self.keep_sparse = False  # adapters confined to the unpruned weights (layer.keep_mask)
+        self.refitted = False  # pruning re-fitted the kept weights (prune.reconstruct): saved in REFITTED
         self.compressed_format: str | None = None  # export_format compressed: sparse-bitmask or sparse-24-bitmask
         self.summary: dict = {}
         self.done: dict = {"stage": None, "step": 0, "finished": []}
@@ -291,10 +293,17 @@ class Recipe:
             self.timings["prune_s"] = time.time() - tic
             log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", self.timings["prune_s"])
             self.keep_sparse = p.keep_sparse
+            if p.reconstruct:  # the re-fitted backbone cannot be rebuilt from --model: kept for a resume
+                checkpoint.save_weights(self.run_dir / REFITTED, self._pruned_weights(), self.writer)
+                self.refitted = True
             self.packed_masks = whole_masks(self.masks)
             if self.keep_sparse:
                 self._confine_deltas(self.packed_masks)
         self.summary["sparsity"] = sparsity_report(self.model, p.include, p.exclude, frozen_only=self.cfg.method != "full")["total"]
+
+    def _pruned_weights(self) -> dict[str, torch.Tensor]:
+        """The pruned backbone weights by their plain names, in model order."""
+        return {n.replace(".base.", "."): p for n, p in self.model.named_parameters() if n.replace(".base.", ".") in self.masks}
 
     def _confine_deltas(self, packed: dict[str, torch.Tensor]) -> None:
         """From now on every adapter trains and merges ΔW ⊙ M (layer.keep_mask)."""
@@ -395,7 +404,7 @@ class Recipe:
         state = {
             "done": self.done, "losses": self.losses, "skipped": self.skipped, "summary": self.summary, "plan": self.plan, "backbone_digest": self.backbone_digest,
             "optimizer_step": checkpoint.optimizer_step(self.engine), "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "world_size": self.world, "run": self.identity, "keep_sparse": self.keep_sparse,
+            "world_size": self.world, "run": self.identity, "keep_sparse": self.keep_sparse, "refitted": self.refitted,
         }
         tensors = checkpoint.trainable_state(self.model, self.engine)
         tag = f"{self.done['stage']}-{self.done['step']}"
@@ -409,6 +418,9 @@ class Recipe:
             self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if masks:
             self.masks, self.packed_masks = checkpoint.shard_masks(self.model, masks), masks
+            self.refitted = state.get("refitted", False)
+            if self.refitted:
+                checkpoint.load_weights(self.run_dir / REFITTED, self._pruned_weights())
             reapply_masks(self.model, self.masks)
             self.keep_sparse = state["keep_sparse"]
             if self.keep_sparse:

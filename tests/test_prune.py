@@ -363,6 +363,14 @@ def test_two_rank_zero3_masks_equal_single_process(kind, task, tmp_path):
     run_launcher("ranks", "tests/dist/prune_tiny.py", ["--base", base, "--task", task, "--out", tmp_path])
     results = torch.load(tmp_path / "masks.pt", weights_only=True)
     from dsee_scale.models import build_model
+    from dsee_scale.prune import nm_prune
+
+    reconstructed = results.pop("reconstruct")  # 2:4 + reconstruction: the same weights as one process on all the batches
+    model = apply_dsee(build_model(base, task), DSEE).eval()
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in reconstructed["calibration"]]
+    nm_prune(model, "2:4", score="activation", calibration=(batches, lambda batch: model(**batch)), reconstruct=True)
+    for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
+        torch.testing.assert_close(reconstructed["weights"][t.name], t.param.detach(), rtol=1e-4, atol=1e-5, msg=t.name)
 
     for key, got in results.items():
         scope, score, sparsity = key.split("-")

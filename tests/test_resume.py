@@ -15,7 +15,7 @@ pytestmark = pytest.mark.multiproc
 GLOBAL_BATCH = 6  # 6, 3 and 2 rows per rank on 1, 2 and 3 ranks
 COMMON = ["--ds_config", "ds_configs/zero3.json", "--model", "builtin:tiny-llama", "--steps", 6, "--retune_steps", 4, "--save_every", 2,
           "--log_every", 1, "--stages", "tune,prune,retune,export", "--gen_samples", 2, "--gen_max_new_tokens", 2]
-UNSTRUCTURED = ["--prune.sparsity", 0.5]
+UNSTRUCTURED = ["--prune.sparsity", 0.5, "--prune.reconstruct", "true"]  # the re-fitted backbone must come back too
 STRUCTURED = ["--prune.sparsity", 0.3, "--prune.heads", 0.25, "--prune.ffn", 0.25]
 
 

@@ -93,6 +93,17 @@ else:
         report = sparsity_report(model)
         results[key] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"], "norms": norms, "calibration": calibration}
         engine.destroy()
+    # Reconstruction: the grams all-reduced over the ranks' halves, each matrix re-fitted whole.
+    model = fresh_model()
+    engine = create_engine(model, config, lr=1e-2)
+    engine.eval()
+    nm_prune(model, "2:4", score="activation", calibration=([shard(b, rank, world) for b in calibration], lambda b: engine(**b)), reconstruct=True)
+    weights = {}
+    for t in prune_targets(model, PruneConfig().include, PruneConfig().exclude):
+        with zero.gathered([t.param]):
+            weights[t.name] = t.param.detach().clone()
+    results["reconstruct"] = {"weights": weights, "calibration": calibration}
+    engine.destroy()
     if rank == 0:
         torch.save(results, out / "masks.pt")
 dist.barrier()
