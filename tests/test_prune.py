@@ -17,8 +17,8 @@ DSEE = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="magnitude", init="normal")
 DEFAULTS = PruneConfig()
 
 
-def adapted(kind: str, task: str = "lm"):
-    return apply_dsee(tiny_model(kind, task), DSEE)
+def adapted(kind: str, task: str = "lm", **overrides):
+    return apply_dsee(tiny_model(kind, task, **overrides), DSEE)
 
 
 def signed_delta(target) -> torch.Tensor:
@@ -139,8 +139,7 @@ def test_activation_score_is_wandas_on_the_merged_weight_over_real_tokens(kind, 
     from dsee_scale.prune import nm_prune
 
     batches = calibration_batches()
-    adapted = lambda kind: apply_dsee(tiny_model(kind, **overrides), DSEE)  # noqa: E731
-    model = adapted(kind).eval()
+    model = adapted(kind, **overrides).eval()
     norms = recorded_input_norms(model, batches)
     forward = lambda batch: model(**batch)  # noqa: E731
     expected = reference_masks(model, 0.5, "global", "activation", norms)
@@ -148,16 +147,16 @@ def test_activation_score_is_wandas_on_the_merged_weight_over_real_tokens(kind, 
     masks = magnitude_prune(model, 0.5, score="activation", calibration=(batches, forward))
     for name, mask in masks.items():
         assert torch.equal(mask.dense(), expected[name]), name
-    by_weight = reference_masks(adapted(kind), 0.5, "global", "merged")
+    by_weight = reference_masks(adapted(kind, **overrides), 0.5, "global", "merged")
     assert any(not torch.equal(expected[n], by_weight[n]) for n in expected)  # the inputs changed the choice
-    model = adapted(kind).eval()
+    model = adapted(kind, **overrides).eval()
     masks = nm_prune(model, "2:4", score="activation", calibration=(batches, lambda batch: model(**batch)))
     for name, mask in masks.items():
         assert torch.equal(mask.dense(), expected_nm[name]), name
     with pytest.raises(ValueError, match="pass calibration"):
-        magnitude_prune(adapted(kind), 0.5, score="activation")
+        magnitude_prune(adapted(kind, **overrides), 0.5, score="activation")
     with pytest.raises(ValueError, match="no calibration input reached"):
-        magnitude_prune(adapted(kind), 0.5, score="activation", calibration=(batches, lambda batch: None))
+        magnitude_prune(adapted(kind, **overrides), 0.5, score="activation", calibration=(batches, lambda batch: None))
 
 
 def test_obs_reconstruct_is_least_squares_for_one_pruned_column():
