@@ -50,7 +50,7 @@ METHODS = {
     "dsee_prune50_dense_merge": ["--prune.sparsity", "0.5", "--prune.keep_sparse", "false", "--prune.score", "weight"],  # the paper's: |W| mask, ΔW dense, exact merge
     "dsee_prune50_merged_score": ["--prune.sparsity", "0.5", "--prune.score", "merged"],  # the masked re-tune, M chosen by |W + ΔW|
     "dsee_2of4": ["--prune.pattern", "2:4"],
-    "dsee_2of4_reconstruct": ["--prune.pattern", "2:4", "--prune.reconstruct", "true"],  # + SparseGPT's re-fit of the kept weights
+    "dsee_2of4_reconstruct": ["--prune.pattern", "2:4", "--prune.reconstruct", "true"],  # SparseGPT: the re-fit chooses the 2 of 4 and updates the kept weights
     "dsee_prune50_reconstruct": ["--prune.sparsity", "0.5", "--prune.reconstruct", "true"],
     "dsee_structured": ["--prune.sparsity", "0", "--prune.heads", "0.25", "--prune.ffn", "0.25"],
 }

@@ -11,6 +11,10 @@ Scores: |W|, |W + ΔW|, |ΔW|, or |W + ΔW|·‖x_j‖ ('activation': Wanda's pe
 weight scaled by the norm of its input feature over calibration tokens, from `input_norms`; the
 weights it prunes are chosen by this run's scope, global or per matrix, where Wanda compares
 within each output row).
+
+Reconstruction (optional, SparseGPT's update for the chosen mask): each pruned matrix's kept
+weights are re-fitted to its calibration inputs' XᵀX so that its output changes least; one
+matrix gathered at a time, the XᵀX of as many matrices as GRAM_BYTES allows per calibration pass.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from torch import nn
 
 from dsee_scale import dist, zero
 from dsee_scale.layer import DSEELayer
-from dsee_scale.semistructured import input_dim, nm_keep, parse_pattern
+from dsee_scale.semistructured import check_groups, input_dim, nm_keep, parse_pattern
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 22
@@ -391,10 +395,20 @@ def _scored_targets(model: nn.Module, score: str, include: list[str] | None, exc
 def nm_prune(model: nn.Module, pattern: str, score: str = "weight", include: list[str] | None = None, exclude: list[str] | None = None,
              calibration: Calibration | None = None, reconstruct: bool = False, keep_sparse: bool = True) -> dict[str, ShardMask]:
     """N:M semi-structured pruning ('2:4'): in every M consecutive weights along the input
-    dimension the N highest scores stay. One matrix at a time, gathered whole, so groups that
-    straddle ZeRO-3 shard boundaries are decided exactly; each rank masks its own shard. Collective."""
+    dimension the N highest scores stay; with reconstruct, the N that SparseGPT's re-fit keeps
+    (`score` unused). One matrix at a time, gathered whole, so groups that straddle ZeRO-3 shard
+    boundaries are decided exactly; each rank masks its own shard. Collective."""
     n, m = parse_pattern(pattern)
-    targets = _scored_targets(model, score, include, exclude, calibration, reconstruct)
+    targets = _scored_targets(model, "weight" if reconstruct else score, include, exclude, calibration, reconstruct)
+    if reconstruct:  # the re-fit chooses which N stay, on the weights as it updates them
+        for target in targets:  # before any calibration work
+            try:
+                check_groups(zero.full_shape(target.param)[input_dim(target.module)], m)
+            except ValueError as err:
+                raise ValueError(f"{target.name}: {err}") from None
+        masks: dict[str, ShardMask] = {}
+        _mask_targets(targets, masks, calibration, keep_sparse, (n, m))
+        return masks
     fn, uses_delta, uses_inputs = PRUNE_SCORES[score]
     masks = {}
     for target in targets:
@@ -411,22 +425,24 @@ def nm_prune(model: nn.Module, pattern: str, score: str = "weight", include: lis
         start, stop = zero.shard_range(target.param)
         mine = pruned.reshape(-1)[start:stop]
         masks[target.name] = ShardMask(start, mine.numel(), np.packbits(mine.cpu().numpy()))  # host bits: saved with checkpoints
-    _mask_targets(targets, masks, calibration if reconstruct else None, keep_sparse)
+    _mask_targets(targets, masks, None, keep_sparse)
     return masks
 
 
-def _mask_targets(targets: list[PruneTarget], masks: dict[str, ShardMask], calibration: Calibration | None, keep_sparse: bool) -> None:
+def _mask_targets(targets: list[PruneTarget], masks: dict[str, ShardMask], calibration: Calibration | None, keep_sparse: bool,
+                  nm: tuple[int, int] | None = None) -> None:
     """Zero the pruned weights, after re-fitting the kept ones to the calibration inputs if
     `calibration` is given: in model order, as many matrices per calibration pass as
     GRAM_BYTES of XᵀX allows; a later pass sees the earlier matrices already pruned (SparseGPT's
-    sequential order). Collective."""
+    sequential order). A target without a mask gets the N:M one the re-fit chooses (`nm`).
+    Collective."""
     if calibration is None:
         for target in targets:
             apply_mask(target.param, masks[target.name])
         return
     for group in _gram_groups(targets):
         for target, gram in zip(group, input_grams(group, *calibration)):
-            _reconstruct(target, masks[target.name], gram, keep_sparse)
+            masks[target.name] = _reconstruct(target, masks.get(target.name), gram, keep_sparse, nm)
             apply_mask(target.param, masks[target.name])
 
 
@@ -447,46 +463,68 @@ def _gram_groups(targets: list[PruneTarget]) -> Iterator[list[PruneTarget]]:
 
 
 @torch.no_grad()
-def _reconstruct(target: PruneTarget, mask: ShardMask, gram: torch.Tensor, keep_sparse: bool) -> None:
-    """Re-fit the kept weights of one matrix (gathered whole) so its output on the calibration
-    inputs changes least; each rank writes its own shard. With keep_sparse the re-tune will add
-    ΔW ⊙ M, so W' + ΔW ⊙ M is fitted to W + ΔW; otherwise W' alone to W (ΔW stays dense)."""
-    pruned = torch.from_numpy(_whole_mask(mask).astype(bool))
+def _reconstruct(target: PruneTarget, mask: ShardMask | None, gram: torch.Tensor, keep_sparse: bool, nm: tuple[int, int] | None) -> ShardMask:
+    """Re-fit the kept weights of one matrix (gathered whole; rank 0 computes, every rank takes
+    its shard of the result) so its output on the calibration inputs changes least; without a
+    mask, choose N of every M as well. With keep_sparse the re-tune will add ΔW ⊙ M, so
+    W' + ΔW ⊙ M is fitted to W + ΔW; otherwise W' alone to W (ΔW stays dense)."""
+    given = None if mask is None else torch.from_numpy(_whole_mask(mask).astype(bool))
     layer = target.layer if keep_sparse else None
+    transposed = input_dim(target.module) == 0  # Conv1D: (in, out); the fit works on (out, in)
+    out_in = (lambda m: m.T) if transposed else (lambda m: m)  # noqa: E731
+    shape = zero.full_shape(target.param)
     with zero.gathered([target.param, *(layer.adapter_parameters() if layer else [])]):
         weight = target.param.detach().float()
-        delta = layer.delta_rows(0, weight.shape[0]).to(weight.device) if layer else torch.zeros((), device=weight.device)
-        pruned = pruned.reshape(weight.shape).to(weight.device)
-        transposed = input_dim(target.module) == 0  # Conv1D: (in, out)
-        fit = obs_reconstruct((weight + delta).T if transposed else weight + delta, pruned.T if transposed else pruned, gram.to(weight.device))
-        fitted = ((fit.T if transposed else fit) - delta).masked_fill_(pruned, 0).reshape(-1)
+        fitted = torch.empty(shape.numel(), device=weight.device)
+        pruned = torch.empty(shape.numel(), dtype=torch.uint8, device=weight.device)
+        if dist.is_main():
+            delta = layer.delta_rows(0, shape[0]).to(weight.device) if layer else torch.zeros((), device=weight.device)
+            fit, chosen = obs_reconstruct(out_in(weight + delta), gram.to(weight.device), None if given is None else out_in(given.reshape(shape).to(weight.device)), nm)
+            chosen = out_in(chosen)
+            fitted.copy_(((out_in(fit) - delta).masked_fill_(chosen, 0)).reshape(-1))
+            pruned.copy_(chosen.reshape(-1))
+    fitted, pruned = dist.broadcast(fitted, 0), dist.broadcast(pruned, 0).bool()
     zero.edit_local_shard(target.param, lambda shard, start: shard.copy_(fitted[start : start + shard.numel()]))
+    start, stop = zero.shard_range(target.param)
+    return mask if mask is not None else ShardMask(start, stop - start, np.packbits(pruned[start:stop].cpu().numpy()))
 
 
-def obs_reconstruct(weight: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor, damp: float = 0.01, block: int = 128) -> torch.Tensor:
-    """SparseGPT's weight update (Frantar & Alistarh, 2023) for a given mask: the columns of W
-    (out × in) are zeroed where `pruned` left to right, and each zeroed weight's error
-    ‖(w - w')x‖² is compensated on the columns not yet visited through the Cholesky factor of
-    (XᵀX + λI)⁻¹, λ = damp × mean diag. Exact least squares when only the first column is
-    pruned; rows are independent. Inputs never seen (zero diagonal) are left as they are."""
+def obs_reconstruct(weight: torch.Tensor, gram: torch.Tensor, pruned: torch.Tensor | None = None, nm: tuple[int, int] | None = None,
+                    damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's weight update (Frantar & Alistarh, 2023): the columns of W (out × in) are
+    pruned left to right, and each pruned weight's error ‖(w - w')x‖² is compensated on the
+    columns not yet visited, through the Cholesky factor U of (XᵀX + λI)⁻¹, λ = damp × mean diag.
+    The mask is `pruned`, or, with nm = (N, M), chosen as the sweep reaches each group of M
+    columns: the M - N lowest w²/U_jj² of each row, on the weights as updated so far. Exact least
+    squares when only the first column is pruned; rows are independent. Inputs never seen (zero
+    diagonal) keep their weights. Returns (W', pruned)."""
+    if (pruned is None) == (nm is None):
+        raise ValueError("give the mask (pruned) or an N:M pattern to choose one (nm), not both")
     w = weight.float().clone()
     h = gram.float().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     h.diagonal().add_(damp * h.diagonal().mean())
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    if nm is not None:
+        n, m = nm
+        pruned = torch.zeros_like(w, dtype=torch.bool)
+        block = m * max(1, block // m)  # groups never straddle blocks
     cols = w.shape[1]
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1, h1, err = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2], torch.zeros_like(w[:, i1:i2])
         for i in range(i2 - i1):
+            if nm is not None and i % m == 0:
+                saliency = w1[:, i : i + m].pow(2) / h1.diagonal()[i : i + m].pow(2)
+                pruned[:, i1 + i : i1 + i + m].scatter_(1, saliency.topk(m - n, dim=1, largest=False).indices, True)
             col = w1[:, i]
             e = torch.where(pruned[:, i1 + i], col, torch.zeros_like(col)) / h1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
             err[:, i] = e
         w[:, i1:i2] = w1
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
-    return w.masked_fill_(pruned, 0)
+    return w.masked_fill_(pruned, 0), pruned
 
 
 def reapply_masks(model: nn.Module, masks: dict[str, ShardMask]) -> None:

@@ -27,13 +27,17 @@ def input_dim(module: nn.Module) -> int:
     return 0 if isinstance(module, Conv1D) else 1
 
 
+def check_groups(size: int, m: int) -> None:
+    if size % m:
+        raise ValueError(f"input dimension of size {size} is not a multiple of M={m}; exclude this weight from N:M pruning")
+
+
 def nm_keep(scores: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     """Keep-mask holding the N highest scores of every M consecutive entries along `dim`.
 
     Ties go to the lower index (a stable sort), so every device and rank picks the same weights.
     """
-    if scores.shape[dim] % m:
-        raise ValueError(f"input dimension of size {scores.shape[dim]} is not a multiple of M={m}; exclude this weight from N:M pruning")
+    check_groups(scores.shape[dim], m)
     moved = scores.movedim(dim, -1)
     groups = moved.reshape(-1, m)
     order = groups.sort(dim=1, descending=True, stable=True).indices

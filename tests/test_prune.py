@@ -167,7 +167,7 @@ def test_obs_reconstruct_is_least_squares_for_one_pruned_column():
     x, w = torch.randn(200, 16, generator=g), torch.randn(5, 16, generator=g)
     pruned = torch.zeros(5, 16, dtype=torch.bool)
     pruned[[0, 1, 3], 0] = True
-    fit = obs_reconstruct(w, pruned, x.T @ x, damp=0.0)
+    fit, _ = obs_reconstruct(w, x.T @ x, pruned, damp=0.0)
     for r in (0, 1, 3):
         torch.testing.assert_close(fit[r, 1:], torch.linalg.lstsq(x[:, 1:], x @ w[r]).solution, atol=1e-5, rtol=1e-4)
         assert fit[r, 0] == 0
@@ -175,15 +175,17 @@ def test_obs_reconstruct_is_least_squares_for_one_pruned_column():
     dead = x.clone()
     dead[:, 5] = 0  # an input never seen: its weights are left as they are
     pruned[:, 5] = False
-    assert torch.equal(obs_reconstruct(w, pruned, dead.T @ dead)[:, 5], w[:, 5])
+    assert torch.equal(obs_reconstruct(w, dead.T @ dead, pruned)[0][:, 5], w[:, 5])
 
 
 @pytest.mark.parametrize("kind, keep_sparse, pattern", [("gpt2", True, "2:4"), ("llama", True, None), ("bert", True, "2:4"), ("gpt2", False, None), ("llama", False, "2:4")])
 def test_reconstruction_keeps_the_mask_and_fits_each_matrix_to_its_inputs(kind, keep_sparse, pattern):
-    """The same mask; W' is zero where pruned and is SparseGPT's fit on each matrix's own
-    calibration inputs of what the masked part must reproduce: W + ΔW by W' + ΔW ⊙ M with
-    keep_sparse (the re-tune's layer), W by W' otherwise; closer than the mask alone overall."""
+    """W' is SparseGPT's fit on each matrix's own calibration inputs of what the masked part must
+    reproduce (W + ΔW by W' + ΔW ⊙ M with keep_sparse, the re-tune's layer; W by W' otherwise),
+    zero where pruned, closer than the mask alone overall. Global pruning keeps the score's mask;
+    with N:M the fit chooses the N of every M it keeps."""
     from dsee_scale.prune import nm_prune, obs_reconstruct
+    from dsee_scale.semistructured import input_dim, is_nm_sparse
 
     batches = calibration_batches()
 
@@ -200,14 +202,18 @@ def test_reconstruction_keeps_the_mask_and_fits_each_matrix_to_its_inputs(kind, 
     errors = []
     for before, t in zip(prune_targets(tuned, DEFAULTS.include, DEFAULTS.exclude), prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)):
         pruned = masks[t.name].dense().reshape(t.param.shape)
-        assert torch.equal(masks[t.name].dense(), plain[t.name].dense()), t.name
-        assert (t.param[pruned] == 0).all(), t.name
-        delta = signed_delta(before).masked_fill(pruned, 0) if keep_sparse else 0
         out_in = (lambda m: m.t()) if isinstance(t.module, Conv1D) else (lambda m: m)
         x = inputs[t.name]
         target = before.param.detach() + (signed_delta(before) if keep_sparse else 0)
-        expected = out_in(obs_reconstruct(out_in(target), out_in(pruned), x.T @ x)) - delta
-        torch.testing.assert_close(t.param.detach(), expected.masked_fill(pruned, 0), atol=1e-5, rtol=1e-4)
+        fit, chosen = obs_reconstruct(out_in(target), x.T @ x, nm=(2, 4)) if pattern else obs_reconstruct(out_in(target), x.T @ x, out_in(pruned))
+        assert torch.equal(out_in(chosen), pruned), t.name
+        if pattern:
+            assert is_nm_sparse(t.param.data, 2, 4, input_dim(t.module)), t.name
+        else:
+            assert torch.equal(masks[t.name].dense(), plain[t.name].dense()), t.name
+        delta = signed_delta(before).masked_fill(pruned, 0) if keep_sparse else 0
+        torch.testing.assert_close(t.param.detach(), (out_in(fit) - delta).masked_fill(pruned, 0), atol=1e-5, rtol=1e-4)
+        assert (t.param[pruned] == 0).all(), t.name
         error = lambda w: (x @ out_in(w + delta - target).t()).pow(2).sum()  # noqa: E731
         errors.append((error(t.param.detach()), error(before.param.detach().masked_fill(pruned, 0))))
     fitted, masked = map(sum, zip(*errors))
@@ -226,6 +232,13 @@ def test_nm_helpers_refuse_bad_patterns_and_shapes():
     assert nm_keep(torch.ones(1, 8), 2, 4, dim=1).tolist() == [[True, True, False, False, True, True, False, False]]  # ties: lower index
     with pytest.raises(ValueError, match="prune.pattern 1:4 prunes 75%"):
         PruneConfig(pattern="1:4", sparsity=0.5)
+
+    def no_forward(batch):
+        raise AssertionError("a bad pattern must be refused before any calibration forward")
+
+    from dsee_scale.prune import nm_prune
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\..*not a multiple of M=7"):
+        nm_prune(adapted("gpt2"), "3:7", calibration=([{}], no_forward), reconstruct=True)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
