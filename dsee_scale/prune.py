@@ -363,9 +363,10 @@ def magnitude_prune(
     keep_sparse: bool = True,
 ) -> dict[str, ShardMask]:
     """Prune exactly round(sparsity × N) elements (global) or per matrix (layer); collective.
-    `calibration` (batches, forward) feeds the 'activation' score's input norms and the
-    reconstruction (`reconstruct_pruned`). The score defaults to the data-free |W| here; the
-    trainer's default (PruneConfig) is 'activation'."""
+    `calibration` (batches, forward) feeds the 'activation' score's input norms and, with
+    reconstruct, the re-fit of the kept weights (`obs_reconstruct`), made for a re-tune of
+    ΔW ⊙ M if keep_sparse, of a dense ΔW otherwise. The score defaults to the data-free |W|
+    here; the trainer's default (PruneConfig) is 'activation'."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if scope not in PRUNE_SELECTORS:
