@@ -111,6 +111,8 @@ class PruneConfig:
             if self.sparsity not in (0.0, 1 - n / m):
                 raise ValueError(f"prune.pattern {self.pattern} prunes {1 - n / m:.0%} of every group: set prune.sparsity to {1 - n / m:g} or 0")
 
+        if self.reconstruct and not (self.pattern or self.sparsity > 0):
+            raise ValueError("prune.reconstruct re-fits the weights that unstructured or N:M pruning keeps: set prune.sparsity or prune.pattern too")
         if self.score not in PRUNE_SCORES:
             raise ValueError(f"unknown prune.score {self.score!r}: choose one of {', '.join(PRUNE_SCORES)}")
         if self.scope not in PRUNE_SELECTORS:

@@ -232,6 +232,8 @@ def test_nm_helpers_refuse_bad_patterns_and_shapes():
     assert nm_keep(torch.ones(1, 8), 2, 4, dim=1).tolist() == [[True, True, False, False, True, True, False, False]]  # ties: lower index
     with pytest.raises(ValueError, match="prune.pattern 1:4 prunes 75%"):
         PruneConfig(pattern="1:4", sparsity=0.5)
+    with pytest.raises(ValueError, match="set prune.sparsity or prune.pattern too"):
+        PruneConfig(reconstruct=True)
 
     def no_forward(batch):
         raise AssertionError("a bad pattern must be refused before any calibration forward")
