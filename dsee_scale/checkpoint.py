@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "DSEE_FAULT_INJECT"  # test hook: "kill_during_save:<tag>", "enospc_during_save:<tag>", "nan_loss:<stage>-<step>" (trainer)
 STATE, TRAINABLE, MASKS, LATEST = "state.json", "trainable.safetensors", "masks.safetensors", "latest"
 MOMENTS = ("exp_avg", "exp_avg_sq")
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports its own I/O failures (a full disk) as SafetensorError
 
 
 class CheckpointError(RuntimeError):
@@ -236,10 +237,10 @@ def save(folder: Path, tag: str, state: dict, tensors: dict[str, torch.Tensor], 
     if writer:
         try:
             _write(folder, tag, state, tensors, masks, keep)
-        except OSError as err:
+        except WRITE_ERRORS as err:
             shutil.rmtree(folder / f".staging-{tag}", ignore_errors=True)
             previous = latest_tag(folder) or "none"
-            error = f"checkpoint {tag} could not be written to {folder}: {err.strerror or err}; the previous checkpoint ({previous}) is intact and resumable"
+            error = f"checkpoint {tag} could not be written to {folder}: {getattr(err, 'strerror', None) or err}; the previous checkpoint ({previous}) is intact and resumable"
     errors = [e for e in dist.all_gather_object(error) if e]
     if errors:
         raise CheckpointError(errors[0])
@@ -257,8 +258,8 @@ def save_weights(folder: Path, params: dict[str, torch.Tensor], writer: bool) ->
         if writer and error is None:
             try:
                 fn()
-            except OSError as err:
-                error = f"the re-fitted weights could not be written to {folder}: {err.strerror or err}"
+            except WRITE_ERRORS as err:
+                error = f"the re-fitted weights could not be written to {folder}: {getattr(err, 'strerror', None) or err}"
 
     def finish() -> None:
         (staging / "index.json").write_text(json.dumps({name: f"{i:05d}.safetensors" for i, name in enumerate(params)}))
@@ -283,6 +284,9 @@ def save_weights(folder: Path, params: dict[str, torch.Tensor], writer: bool) ->
 def load_weights(folder: Path, params: dict[str, torch.Tensor]) -> None:
     """Put weights saved by `save_weights` into this model: each rank reads only the rows its
     own shard covers. Collective (a weight kept whole on every rank is re-synced)."""
+    absent = [rank for rank, here in enumerate(dist.all_gather_object((folder / "index.json").exists())) if not here]
+    if absent:  # decided together: a rank that raised alone would leave the others in the next collective
+        raise CheckpointError(f"{folder} is missing on rank(s) {absent}: it is written after pruning with prune.reconstruct and must stay beside the checkpoints")
     index = json.loads((folder / "index.json").read_text())
     missing = sorted(set(params) - set(index))
     if missing:

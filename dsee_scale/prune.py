@@ -468,24 +468,34 @@ def _reconstruct(target: PruneTarget, mask: ShardMask | None, gram: torch.Tensor
     """Re-fit the kept weights of one matrix (gathered whole; rank 0 computes, every rank takes
     its shard of the result) so its output on the calibration inputs changes least; without a
     mask, choose N of every M as well. With keep_sparse the re-tune will add ΔW ⊙ M, so
-    W' + ΔW ⊙ M is fitted to W + ΔW; otherwise W' alone to W (ΔW stays dense)."""
+    W' + ΔW ⊙ M is fitted to W + ΔW and the adapter is confined to M now (layer.keep_mask);
+    otherwise W' alone to W (ΔW stays dense)."""
     given = None if mask is None else torch.from_numpy(_whole_mask(mask).astype(bool))
     layer = target.layer if keep_sparse else None
     transposed = input_dim(target.module) == 0  # Conv1D: (in, out); the fit works on (out, in)
     out_in = (lambda m: m.T) if transposed else (lambda m: m)  # noqa: E731
     shape = zero.full_shape(target.param)
+    error = None
     with zero.gathered([target.param, *(layer.adapter_parameters() if layer else [])]):
         weight = target.param.detach().float()
         fitted = torch.empty(shape.numel(), device=weight.device)
         pruned = torch.empty(shape.numel(), dtype=torch.uint8, device=weight.device)
         if dist.is_main():
-            delta = layer.delta_rows(0, shape[0]).to(weight.device) if layer else torch.zeros((), device=weight.device)
-            fit, chosen = obs_reconstruct(out_in(weight + delta), gram.to(weight.device), None if given is None else out_in(given.reshape(shape).to(weight.device)), nm)
-            chosen = out_in(chosen)
-            fitted.copy_(((out_in(fit) - delta).masked_fill_(chosen, 0)).reshape(-1))
-            pruned.copy_(chosen.reshape(-1))
+            try:
+                delta = layer.delta_rows(0, shape[0]).to(weight.device) if layer else torch.zeros((), device=weight.device)
+                fit, chosen = obs_reconstruct(out_in(weight + delta), gram.to(weight.device), None if given is None else out_in(given.reshape(shape).to(weight.device)), nm)
+                chosen = out_in(chosen)
+                fitted.copy_(((out_in(fit) - delta).masked_fill_(chosen, 0)).reshape(-1))
+                pruned.copy_(chosen.reshape(-1))
+            except (RuntimeError, ValueError) as err:  # out of memory, a failed factorisation: every rank must hear of it
+                error = f"{target.name}: the re-fit failed on rank 0: {err}"
+    errors = [e for e in dist.all_gather_object(error) if e]
+    if errors:
+        raise RuntimeError(errors[0])
     fitted, pruned = dist.broadcast(fitted, 0), dist.broadcast(pruned, 0).bool()
     zero.edit_local_shard(target.param, lambda shard, start: shard.copy_(fitted[start : start + shard.numel()]))
+    if keep_sparse and target.layer is not None:  # as the re-tune will run it; later calibration passes see it so
+        target.layer.keep_mask(~pruned.reshape(shape))
     start, stop = zero.shard_range(target.param)
     return mask if mask is not None else ShardMask(start, stop - start, np.packbits(pruned[start:stop].cpu().numpy()))
 

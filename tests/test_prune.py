@@ -172,6 +172,12 @@ def test_obs_reconstruct_is_least_squares_for_one_pruned_column():
         torch.testing.assert_close(fit[r, 1:], torch.linalg.lstsq(x[:, 1:], x @ w[r]).solution, atol=1e-5, rtol=1e-4)
         assert fit[r, 0] == 0
     assert torch.equal(fit[[2, 4]], w[[2, 4]])  # rows with nothing pruned stay
+    random = torch.rand(5, 300, generator=g) < 0.5  # blocks of 8 columns: the error crosses block boundaries as within one
+    wide, gram = torch.randn(5, 300, generator=g), (lambda a: a.T @ a)(torch.randn(400, 300, generator=g) @ torch.randn(300, 300, generator=g))
+    for kw in ({"pruned": random}, {"nm": (2, 4)}):
+        small, large = obs_reconstruct(wide, gram, block=8, **kw), obs_reconstruct(wide, gram, block=128, **kw)
+        assert torch.equal(small[1], large[1])
+        torch.testing.assert_close(small[0], large[0], atol=1e-5, rtol=1e-4)
     dead = x.clone()
     dead[:, 5] = 0  # an input never seen: its weights are left as they are
     pruned[:, 5] = False
@@ -218,6 +224,35 @@ def test_reconstruction_keeps_the_mask_and_fits_each_matrix_to_its_inputs(kind, 
         errors.append((error(t.param.detach()), error(before.param.detach().masked_fill(pruned, 0))))
     fitted, masked = map(sum, zip(*errors))
     assert fitted < 0.95 * masked  # greedy, so not in every matrix: a nearly all-pruned one can end a hair worse
+
+
+def test_refitted_weights_round_trip_and_a_failed_write_keeps_the_saved_ones(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from dsee_scale import checkpoint
+
+    def weights(model):
+        return {t.name: t.param for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)}
+
+    saved = weights(adapted("gpt2"))
+    for p in saved.values():
+        p.data.normal_()  # not what the model is built with
+    checkpoint.save_weights(tmp_path / "refitted", saved, writer=True)
+    restored = weights(adapted("gpt2"))
+    checkpoint.load_weights(tmp_path / "refitted", restored)
+    for name, p in restored.items():
+        assert torch.equal(p, saved[name]), name
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="could not be written to .*No space left on device"):
+        checkpoint.save_weights(tmp_path / "refitted", weights(adapted("gpt2")), writer=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refitted"]  # no staging folder left
+    checkpoint.load_weights(tmp_path / "refitted", restored)  # the earlier ones, intact
+    with pytest.raises(checkpoint.CheckpointError, match="is missing on rank"):
+        checkpoint.load_weights(tmp_path / "elsewhere", restored)
 
 
 def test_nm_helpers_refuse_bad_patterns_and_shapes():

@@ -48,6 +48,7 @@ def bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("unknown init", ["--dsee.init", "xavier"], "unknown DSEE init 'xavier'"),
         ("unknown support method", ["--dsee.support", "svd"], "unknown support method 'svd'"),
         ("sparsity outside [0, 1)", ["--prune.sparsity", "1.5"], "prune.sparsity must be in [0, 1)"),
+        ("re-fit without pruning", ["--prune.reconstruct", "true", "--prune.sparsity", "0"], "prune.reconstruct re-fits the weights that unstructured or N:M pruning keeps"),
         ("unknown model", ["--model", "./no/such/model"], "unknown model './no/such/model'"),
         ("unknown builtin model", ["--model", "builtin:gpt5"], "unknown builtin model 'builtin:gpt5'"),
         ("tokenizer/model vocabulary mismatch", ["--task", "cls", "--model", minilm_dir(), "--tokenizer", str(SHARED_DATA / "gpt2_tokenizer"), "--train_file", tsv, "--eval_file", tsv, "--text_column", "sentence"], "tokenizer"),
