@@ -78,9 +78,16 @@ def run(task: str, method: str, seed: int, args, slot: int = 0) -> dict:
     latency = exported_latency(out) if "--prune.heads" in METHODS[method] and args.jobs == 1 else {}
     return {"task": task, "method": method, "seed": seed, **{k: after[k] for k in METRICS if k in after},
             "trainable_pct": summary.get("trainable_pct"), "sparsity": summary.get("sparsity"), "final_sparsity": summary.get("final_sparsity"),
-            "flops_saved": summary.get("flops_saved"), "prune_score": prune["score"] if prune["pattern"] or prune["sparsity"] > 0 else None,
+            "flops_saved": summary.get("flops_saved"), "prune_score": prune_score(prune),
             "wall_s": round(time.time() - tic, 1), "nproc": args.nproc, "jobs": args.jobs, "recipe": RECIPES[task], "commit": COMMIT,
             **latency, "command": " ".join(cmd[cmd.index("launch/train.py"):])}
+
+
+def prune_score(prune: dict) -> str | None:
+    """What chose the unstructured or N:M mask: the score, or with a pattern and the re-fit, the re-fit itself."""
+    if not (prune["pattern"] or prune["sparsity"] > 0):
+        return None
+    return "refit" if prune["pattern"] and prune.get("reconstruct") else prune["score"]
 
 
 def exported_latency(out: Path) -> dict:
