@@ -49,9 +49,9 @@ METHODS = {
     "dsee_prune50_weight": ["--prune.sparsity", "0.5", "--prune.score", "weight"],  # the masked re-tune, M by |W| (the paper's score)
     "dsee_prune50_dense_merge": ["--prune.sparsity", "0.5", "--prune.keep_sparse", "false", "--prune.score", "weight"],  # the paper's: |W| mask, ΔW dense, exact merge
     "dsee_prune50_merged_score": ["--prune.sparsity", "0.5", "--prune.score", "merged"],  # the masked re-tune, M chosen by |W + ΔW|
-    "dsee_2of4": ["--prune.pattern", "2:4"],
-    "dsee_2of4_reconstruct": ["--prune.pattern", "2:4", "--prune.reconstruct", "true"],  # SparseGPT: the re-fit chooses the 2 of 4 and updates the kept weights
-    "dsee_prune50_reconstruct": ["--prune.sparsity", "0.5", "--prune.reconstruct", "true"],
+    "dsee_2of4": ["--prune.pattern", "2:4"],  # SparseGPT's re-fit chooses the 2 of 4 and updates the kept weights (prune.reconstruct's default with a pattern)
+    "dsee_2of4_no_refit": ["--prune.pattern", "2:4", "--prune.reconstruct", "false"],  # the activation score's 2 of 4, weights as they were
+    "dsee_prune50_reconstruct": ["--prune.sparsity", "0.5", "--prune.reconstruct", "true"],  # the activation mask, kept weights re-fitted
     "dsee_structured": ["--prune.sparsity", "0", "--prune.heads", "0.25", "--prune.ffn", "0.25"],
 }
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman", "eval_loss")
@@ -87,7 +87,9 @@ def prune_score(prune: dict) -> str | None:
     """What chose the unstructured or N:M mask: the score, or with a pattern and the re-fit, the re-fit itself."""
     if not (prune["pattern"] or prune["sparsity"] > 0):
         return None
-    return "refit" if prune["pattern"] and prune.get("reconstruct") else prune["score"]
+    from dsee_scale.config import PruneConfig
+
+    return "refit" if prune["pattern"] and PruneConfig(**prune).refits else prune["score"]
 
 
 def exported_latency(out: Path) -> dict:

@@ -284,16 +284,16 @@ class Recipe:
             self.timings["structured_s"] = time.time() - tic
         if p.pattern or p.sparsity > 0:
             tic = time.time()
-            uses_inputs = PRUNE_SCORES[p.score].uses_inputs or p.reconstruct
+            uses_inputs = PRUNE_SCORES[p.score].uses_inputs or p.refits
             calibration = (self._calibration_batches(p.calibration_batches), self._forward) if uses_inputs else None
             if p.pattern:
-                self.masks = nm_prune(self.model, p.pattern, p.score, p.include, p.exclude, calibration, p.reconstruct, p.keep_sparse)
+                self.masks = nm_prune(self.model, p.pattern, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
             else:
-                self.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.reconstruct, p.keep_sparse)
+                self.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
             self.timings["prune_s"] = time.time() - tic
             log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", self.timings["prune_s"])
             self.keep_sparse = p.keep_sparse
-            if p.reconstruct:  # the re-fitted backbone cannot be rebuilt from --model: kept for a resume
+            if p.refits:  # the re-fitted backbone cannot be rebuilt from --model: kept for a resume
                 checkpoint.save_weights(self.run_dir / REFITTED, self._pruned_weights(), self.writer)
                 self.refitted = True
             self.packed_masks = whole_masks(self.masks)
