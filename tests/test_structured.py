@@ -83,7 +83,7 @@ def test_latency_report_compares_dense_exported_and_compacted(kind, tmp_path):
 
     model = adapted(kind)
     original = model.config.to_dict()
-    report, _ = structured_prune(model, PruneConfig(heads=0.3, ffn=0.5, structured_scope="layer"), ctx=12)
+    report, _ = structured_prune(model, PruneConfig(heads=0.3, ffn=0.5, structured_scope="layer", structured_score="dsee"), ctx=12)
     export_hf(model, tmp_path, merge=True)
     batch = {"input_ids": torch.randint(1, 128, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
     latency = structured_latency(str(tmp_path), "lm", batch, repeats=3)
@@ -158,7 +158,7 @@ def test_evaluate_cli_on_a_structured_minilm_export(tmp_path):
     labels = {"0": 0, "1": 1}
     model = build_model(minilm_dir(), "cls", num_labels=2, id2label={0: "0", 1: "1"}, label2id=labels, dsee_label_map=labels)
     model = apply_dsee(model, DSEEConfig(rank=4, nnz=16, init="normal", support="magnitude"))
-    structured_prune(model, PruneConfig(heads=0.25, ffn=0.3), ctx=32)
+    structured_prune(model, PruneConfig(heads=0.25, ffn=0.3, structured_score="dsee"), ctx=32)
     export_hf(model, tmp_path / "export")
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     tokenizer.save_pretrained(tmp_path / "export")
