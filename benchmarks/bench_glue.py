@@ -52,8 +52,9 @@ METHODS = {
     "dsee_2of4": ["--prune.pattern", "2:4"],  # SparseGPT's re-fit chooses the 2 of 4 and updates the kept weights (prune.reconstruct's default with a pattern)
     "dsee_2of4_no_refit": ["--prune.pattern", "2:4", "--prune.reconstruct", "false"],  # the activation score's 2 of 4, weights as they were
     "dsee_prune50_reconstruct": ["--prune.sparsity", "0.5", "--prune.reconstruct", "true"],  # the activation mask, kept weights re-fitted
-    "dsee_structured": ["--prune.sparsity", "0", "--prune.heads", "0.25", "--prune.ffn", "0.25"],  # heads and neurons by gate gradients (the default score)
-    "dsee_structured_delta_score": ["--prune.sparsity", "0", "--prune.heads", "0.25", "--prune.ffn", "0.25", "--prune.structured_score", "dsee"],  # the paper's Σ|ΔW|
+    # 30% of heads and neurons by gate gradients (the default score): about 30% of FLOPs (25% of each saved 24.7%, under the 25%)
+    "dsee_structured": ["--prune.sparsity", "0", "--prune.heads", "0.3", "--prune.ffn", "0.3"],
+    "dsee_structured_delta_score": ["--prune.sparsity", "0", "--prune.heads", "0.25", "--prune.ffn", "0.25", "--prune.structured_score", "dsee"],  # the paper's Σ|ΔW|, 25% of each
 }
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman", "eval_loss")
 
