@@ -295,10 +295,11 @@ def load_weights(folder: Path, params: dict[str, torch.Tensor]) -> None:
         start, stop = zero.shard_range(param)
         cols = zero.full_shape(param)[1]
         first = start // cols
-        with safe_open(str(folder / index[name]), framework="pt") as f:
-            rows = f.get_slice(name)[first : (stop - 1) // cols + 1] if stop > start else torch.zeros(0)
-        mine = rows.reshape(-1)[start - first * cols : stop - first * cols]
-        zero.edit_local_shard(param, lambda shard, _start: shard.copy_(mine))
+        mine = None  # an empty shard reads nothing, but still takes part in the edit's collective
+        if stop > start:
+            with safe_open(str(folder / index[name]), framework="pt") as f:
+                mine = f.get_slice(name)[first : (stop - 1) // cols + 1].reshape(-1)[start - first * cols : stop - first * cols]
+        zero.edit_local_shard(param, lambda shard, _start: None if mine is None else shard.copy_(mine))
 
 
 # ---- reading -----------------------------------------------------------------------------------
