@@ -36,7 +36,7 @@ from torch import nn
 
 from dsee_scale import dist, zero
 from dsee_scale.engine import torch_optimizer
-from dsee_scale.prune import ShardMask, unpack_mask
+from dsee_scale.prune import ShardMask, plain_parameters, unpack_mask
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "DSEE_FAULT_INJECT"  # test hook: "kill_during_save:<tag>", "enospc_during_save:<tag>", "nan_loss:<stage>-<step>" (trainer)
@@ -151,7 +151,7 @@ def _step_like(optimizer, current, step: int):
 
 def shard_masks(model: nn.Module, packed: dict[str, torch.Tensor]) -> dict[str, ShardMask]:
     """This rank's part of saved whole-weight masks, for its own shard of each weight."""
-    params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
+    params = plain_parameters(model)
     unknown = sorted(set(packed) - set(params))
     if unknown:
         raise CheckpointError(f"the checkpoint has masks for weights this model does not have: {unknown[:3]}")
@@ -241,9 +241,7 @@ def save(folder: Path, tag: str, state: dict, tensors: dict[str, torch.Tensor], 
             shutil.rmtree(folder / f".staging-{tag}", ignore_errors=True)
             previous = latest_tag(folder) or "none"
             error = f"checkpoint {tag} could not be written to {folder}: {getattr(err, 'strerror', None) or err}; the previous checkpoint ({previous}) is intact and resumable"
-    errors = [e for e in dist.all_gather_object(error) if e]
-    if errors:
-        raise CheckpointError(errors[0])
+    dist.raise_if_any(error, CheckpointError)
 
 
 def save_weights(folder: Path, params: dict[str, torch.Tensor], writer: bool) -> None:
@@ -276,9 +274,7 @@ def save_weights(folder: Path, params: dict[str, torch.Tensor], writer: bool) ->
     write(finish)
     if error:
         shutil.rmtree(staging, ignore_errors=True)
-    errors = [e for e in dist.all_gather_object(error) if e]
-    if errors:
-        raise CheckpointError(errors[0])
+    dist.raise_if_any(error, CheckpointError)
 
 
 def load_weights(folder: Path, params: dict[str, torch.Tensor]) -> None:

@@ -96,3 +96,11 @@ def all_gather_object(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def raise_if_any(error: str | None, kind: type[Exception] = RuntimeError) -> None:
+    """Collective: if any rank has an error, every rank raises the first one, so no rank is
+    left waiting alone in a later collective."""
+    errors = [e for e in all_gather_object(error) if e]
+    if errors:
+        raise kind(errors[0])

@@ -46,6 +46,12 @@ class PruneTarget:
     input_norm: torch.Tensor | None = None  # ‖x_j‖ per input feature, for the 'activation' score
 
 
+def plain_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters by the names of the plain model, in model order: an adapted layer's
+    'x.base.weight' is 'x.weight', the name masks and saved weights use."""
+    return {n.replace(".base.", "."): p for n, p in model.named_parameters()}
+
+
 def prune_targets(model: nn.Module, include: list[str], exclude: list[str], frozen_only: bool = True) -> list[PruneTarget]:
     """Weights to prune, in model order (the same on every rank): frozen ones only, unless a
     report of a fully fine-tuned model asks. Names are those of the plain model: an adapted
@@ -53,8 +59,7 @@ def prune_targets(model: nn.Module, include: list[str], exclude: list[str], froz
     layers = {id(m.base.weight): m for m in model.modules() if isinstance(m, DSEELayer)}
     owners = {id(p): module for module in model.modules() for p in module.parameters(recurse=False)}
     found = []
-    for name, param in model.named_parameters():
-        plain = name.replace(".base.", ".")
+    for plain, param in plain_parameters(model).items():
         if len(zero.full_shape(param)) != 2 or (param.requires_grad and frozen_only):
             continue
         if any(re.fullmatch(p, plain) for p in include) and not any(re.fullmatch(p, plain) for p in exclude):
@@ -489,9 +494,7 @@ def _reconstruct(target: PruneTarget, mask: ShardMask | None, gram: torch.Tensor
                 pruned.copy_(chosen.reshape(-1))
             except (RuntimeError, ValueError) as err:  # out of memory, a failed factorisation: every rank must hear of it
                 error = f"{target.name}: the re-fit failed on rank 0: {err}"
-    errors = [e for e in dist.all_gather_object(error) if e]
-    if errors:
-        raise RuntimeError(errors[0])
+    dist.raise_if_any(error)
     fitted, pruned = dist.broadcast(fitted, 0), dist.broadcast(pruned, 0).bool()
     zero.edit_local_shard(target.param, lambda shard, start: shard.copy_(fitted[start : start + shard.numel()]))
     if keep_sparse and target.layer is not None:  # as the re-tune will run it; later calibration passes see it so
@@ -540,7 +543,7 @@ def obs_reconstruct(weight: torch.Tensor, gram: torch.Tensor, pruned: torch.Tens
 
 def reapply_masks(model: nn.Module, masks: dict[str, ShardMask]) -> None:
     """Zero pruned entries again (after loading base weights); masks must match this sharding."""
-    params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
+    params = plain_parameters(model)
     unknown = sorted(set(masks) - set(params))
     if unknown:
         raise ValueError(f"masks for weights this model does not have: {unknown[:3]}")

@@ -33,7 +33,7 @@ from dsee_scale.flops import inference_flops
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.metrics import check_metric
 from dsee_scale.models import build_model, builtin_config
-from dsee_scale.prune import PRUNE_SCORES, ShardMask, magnitude_prune, nm_prune, reapply_masks, sparsity_report, unpack_mask, whole_masks
+from dsee_scale.prune import PRUNE_SCORES, ShardMask, magnitude_prune, nm_prune, plain_parameters, reapply_masks, sparsity_report, unpack_mask, whole_masks
 from dsee_scale.structured import remove, structured_prune
 from dsee_scale.validate import nvme_offload, validate_before_launch
 
@@ -303,7 +303,7 @@ class Recipe:
 
     def _pruned_weights(self) -> dict[str, torch.Tensor]:
         """The pruned backbone weights by their plain names, in model order."""
-        return {n.replace(".base.", "."): p for n, p in self.model.named_parameters() if n.replace(".base.", ".") in self.masks}
+        return {n: p for n, p in plain_parameters(self.model).items() if n in self.masks}
 
     def _confine_deltas(self, packed: dict[str, torch.Tensor]) -> None:
         """From now on every adapter trains and merges ΔW ⊙ M (layer.keep_mask)."""
