@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--runs", default=str(ROOT / "runs" / "glue"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue.jsonl"))
     p.add_argument("--missing", action="store_true", help="run only the (task, method, seed) cells --out has no line for yet (resume a table)")
+    p.add_argument("--stop_file", default=None, help="start no further run once this file exists (stops a table running in the background between runs; the runs under way finish)")
     p.add_argument("extra", nargs="*", help="more launch/train.py flags for every run (after --)")
     args = p.parse_args()
     unknown = [m for m in args.methods.split(",") if m not in METHODS] + [t for t in args.tasks.split(",") if t not in RECIPES]
@@ -140,6 +141,9 @@ def main() -> None:
 
     def run_in_a_free_slot(task: str, method: str, seed: int) -> None:
         slot = slots.get()
+        if args.stop_file and Path(args.stop_file).exists():
+            slots.put(slot)
+            return
         try:
             line = {"run_id": run_id, **run(task, method, seed, args, slot)}
         except Exception as error:  # reported; the other runs go on

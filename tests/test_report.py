@@ -36,3 +36,24 @@ def test_glue_tables_take_the_newest_line_per_seed_and_average_complete_rows(tmp
     assert (tmp_path / "glue.png").exists()
     short = report.sst2_short_section()
     assert "| dsee_2of4 | 0: 83.00 / 1: 81.00 | **82.00 ± 1.41 (2 seeds)** |" in short
+
+
+def test_bench_glue_runs_only_missing_cells_and_stops_at_the_stop_file(tmp_path, monkeypatch):
+    """--missing skips the cells --out has; once --stop_file exists no further run starts."""
+    import bench_glue
+
+    out, stop, started = tmp_path / "glue.jsonl", tmp_path / "stop", []
+    out.write_text(json.dumps({"task": "cola", "method": "dsee", "seed": 0}) + "\n")
+
+    def fake_run(task, method, seed, args, slot=0):
+        started.append((task, method, seed))
+        stop.touch()  # asked to stop while this run is under way: it finishes, nothing else starts
+        return {"task": task, "method": method, "seed": seed, "mcc": 0.1}
+
+    monkeypatch.setattr(bench_glue, "run", fake_run)
+    argv = ["bench_glue.py", "--tasks", "cola", "--methods", "dsee,full", "--seeds", "0,1", "--runs", str(tmp_path / "runs"),
+            "--out", str(out), "--missing", "--stop_file", str(stop)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_glue.main()
+    assert started == [("cola", "full", 0)]
+    assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == ["dsee", "full"]
