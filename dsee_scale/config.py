@@ -41,7 +41,9 @@ class DSEEConfig:
     )
     trainable_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "module-name suffixes trained in full (the task head). None: 'classifier'/'score' when present"},
+        metadata={"help": "module-name suffixes trained in full (the task head). None: 'classifier'/'score' when present. "
+                 "Add 'pooler' for a BERT whose pooler was never trained (sentence-transformers checkpoints such as MiniLM: "
+                 "the glue-*.yaml recipes do; frozen, PEFT LoRA and DSEE scored MCC 0 on CoLA)"},
     )
     seed: int = field(default=0, metadata={"help": "seed for adapter init and random support"})
 
