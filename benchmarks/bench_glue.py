@@ -135,7 +135,9 @@ def main() -> None:
         done = {(r["task"], r["method"], r["seed"]) for r in map(json.loads, Path(args.out).read_text().splitlines())}
         todo = [cell for cell in todo if cell not in done]
         print(f"{len(todo)} cells missing from {args.out}", flush=True)
-    slots, written, failed = queue.Queue(), threading.Lock(), []
+    if args.stop_file and Path(args.stop_file).exists():
+        p.error(f"--stop_file {args.stop_file} exists already: remove it, or nothing would run")
+    slots, written, failed, not_started = queue.Queue(), threading.Lock(), [], []
     for slot in range(args.jobs):
         slots.put(slot)
 
@@ -143,6 +145,7 @@ def main() -> None:
         slot = slots.get()
         if args.stop_file and Path(args.stop_file).exists():
             slots.put(slot)
+            not_started.append((task, method, seed))
             return
         try:
             line = {"run_id": run_id, **run(task, method, seed, args, slot)}
@@ -166,6 +169,8 @@ def main() -> None:
         except KeyboardInterrupt:  # the running jobs got the same signal; start no more
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+    if not_started:
+        print(f"stopped by {args.stop_file}: {len(not_started)} of {len(todo)} runs not started", flush=True)
     if failed:
         sys.exit(f"{len(failed)} of {len(todo)} runs failed:\n" + "\n".join(failed))
 

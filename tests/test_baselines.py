@@ -67,10 +67,14 @@ def test_two_ranks_run_a_baseline_through_the_recipe_and_its_export_is_the_train
         assert summary["after"][key] == pytest.approx(during[key], abs=1e-5), key
     plain = evaluate_folder(str(out / "export" / "merged"), str(ROOT / "../shared/data/glue/STS-B/dev.tsv"), "reg", text_column="sentence1",
                             text_pair_column="sentence2", label_column="score", metric="pearson_spearman", max_length=32, max_eval_samples=15)
-    # The MSE to 1e-5; the correlations of 15 nearly equal predictions of a 2-step model magnify
-    # last-digit differences of the forward (2 ranks' padded batches vs one process), so 1e-3.
+    # The MSE to 1e-5; Pearson of 15 nearly equal predictions of a 2-step model magnifies last-digit
+    # differences of the forward (2 ranks' padded batches vs one process), so 1e-3; Spearman jumps
+    # when two such predictions swap places (seen on one host: -0.4947 vs -0.4980), so it may differ
+    # by one swap of neighbours, 12 / (n (n² - 1)).
+    n = 15
     assert plain["eval_loss"] == pytest.approx(summary["after"]["eval_loss"], abs=1e-5)
-    assert plain == pytest.approx(summary["after"], abs=1e-3)
+    assert plain["pearson"] == pytest.approx(summary["after"]["pearson"], abs=1e-3)
+    assert plain["spearman"] == pytest.approx(summary["after"]["spearman"], abs=12 / (n * (n * n - 1)) + 1e-9)
     assert (summary["trainable_pct"] == 100.0) == (method == "full")
     assert not (out / "export" / "adapter").exists() and not (out / "support.safetensors").exists()
 

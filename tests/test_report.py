@@ -38,8 +38,9 @@ def test_glue_tables_take_the_newest_line_per_seed_and_average_complete_rows(tmp
     assert "| dsee_2of4 | 0: 83.00 / 1: 81.00 | **82.00 ± 1.41 (2 seeds)** |" in short
 
 
-def test_bench_glue_runs_only_missing_cells_and_stops_at_the_stop_file(tmp_path, monkeypatch):
-    """--missing skips the cells --out has; once --stop_file exists no further run starts."""
+def test_bench_glue_runs_only_missing_cells_and_stops_at_the_stop_file(tmp_path, monkeypatch, capsys):
+    """--missing skips the cells --out has; once --stop_file exists no further run starts, and a stop file
+    already there is refused."""
     import bench_glue
 
     out, stop, started = tmp_path / "glue.jsonl", tmp_path / "stop", []
@@ -57,3 +58,7 @@ def test_bench_glue_runs_only_missing_cells_and_stops_at_the_stop_file(tmp_path,
     bench_glue.main()
     assert started == [("cola", "full", 0)]
     assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == ["dsee", "full"]
+    assert "stopped by" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a stop file left from before would run nothing: refused
+        bench_glue.main()
+    assert "exists already" in capsys.readouterr().err
