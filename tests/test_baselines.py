@@ -54,9 +54,9 @@ def test_two_ranks_run_a_baseline_through_the_recipe_and_its_export_is_the_train
     """STS-B (a regression: the MSE moves with every weight) on 2 ZeRO-3 ranks: the evaluation
     after export (LoRA merged under ZeRO-3, one layer gathered at a time) equals the one taken
     during training, before the merge, and a plain reload of the export."""
-    out = tmp_path / "run"
+    out, n = tmp_path / "run", 15  # evaluation rows
     flags = ["--config", RECIPES / "glue-stsb.yaml", "--model", "builtin:tiny-bert", "--method", method, "--steps", 2, "--eval_every", 2,
-             "--warmup_steps", 0, "--lr", 1e-2, "--max_train_samples", 16, "--max_eval_samples", 15, "--max_length", 32, "--micro_batch_size", 4,
+             "--warmup_steps", 0, "--lr", 1e-2, "--max_train_samples", 16, "--max_eval_samples", n, "--max_length", 32, "--micro_batch_size", 4,
              "--prune.sparsity", 0, "--stages", "tune,export,evaluate", "--output_dir", out]
     run_launcher("ranks", "launch/train.py", flags)
     summary = json.loads((out / "summary.json").read_text())
@@ -66,12 +66,11 @@ def test_two_ranks_run_a_baseline_through_the_recipe_and_its_export_is_the_train
     for key in ("eval_loss", "pearson", "spearman"):
         assert summary["after"][key] == pytest.approx(during[key], abs=1e-5), key
     plain = evaluate_folder(str(out / "export" / "merged"), str(ROOT / "../shared/data/glue/STS-B/dev.tsv"), "reg", text_column="sentence1",
-                            text_pair_column="sentence2", label_column="score", metric="pearson_spearman", max_length=32, max_eval_samples=15)
-    # The MSE to 1e-5; Pearson of 15 nearly equal predictions of a 2-step model magnifies last-digit
+                            text_pair_column="sentence2", label_column="score", metric="pearson_spearman", max_length=32, max_eval_samples=n)
+    # The MSE to 1e-5; Pearson of n nearly equal predictions of a 2-step model magnifies last-digit
     # differences of the forward (2 ranks' padded batches vs one process), so 1e-3; Spearman jumps
     # when two such predictions swap places (seen on one host: -0.4947 vs -0.4980), so it may differ
     # by one swap of neighbours, 12 / (n (n² - 1)).
-    n = 15
     assert plain["eval_loss"] == pytest.approx(summary["after"]["eval_loss"], abs=1e-5)
     assert plain["pearson"] == pytest.approx(summary["after"]["pearson"], abs=1e-3)
     assert plain["spearman"] == pytest.approx(summary["after"]["spearman"], abs=12 / (n * (n * n - 1)) + 1e-9)
