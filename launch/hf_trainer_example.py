@@ -31,6 +31,7 @@ def main() -> None:
     args, _ = p.parse_known_args()
 
     import datasets
+    import torch
     from accelerate import PartialState
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
@@ -70,6 +71,8 @@ def main() -> None:
         result = {"accuracy": accuracy, "trainable": trainable, "total": total, "world_size": training_args.world_size}
         (Path(args.output_dir) / "result.json").write_text(json.dumps(result))
         print(result)
+    # Gloo can abort at interpreter exit if its process group outlives main (pytorch#190489).
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ the export is re-evaluated in this (plain) process and must give the metric the 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
@@ -130,6 +132,29 @@ def test_every_ds_config_drives_an_engine(tmp_path):
         assert all(l == l and l < 10 for l in result["losses"]), name  # finite
         assert not result["bf16"], name  # forced to fp32 on CPU
         assert not result["imported_muon"], name  # engine.create_engine keeps DeepSpeed's Muon (and its compile) out
+
+
+# Registered before init_distributed, so atexit runs it after init_distributed's own handler.
+EXIT_PROBE = """import atexit, sys, torch.distributed
+atexit.register(lambda: print("process group alive at exit:", torch.distributed.is_initialized(), flush=True))
+from dsee_scale.engine import init_distributed
+init_distributed()
+init_distributed()
+if sys.argv[1] == "raise":
+    raise RuntimeError("this rank failed")
+"""
+
+
+@pytest.mark.parametrize("ending, alive", [("return", False), ("raise", True)])
+def test_a_clean_exit_ends_the_process_group_a_failed_one_leaves_it(ending, alive):
+    """Gloo aborted at interpreter exit now and then (pytorch#190489) when a worker script
+    returned without destroy_process_group; after an uncaught exception ending it could wait on
+    peers still inside a collective."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE, ending], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == (1 if alive else 0), proc.stdout + proc.stderr
+    assert f"process group alive at exit: {alive}" in proc.stdout
 
 
 # `make demo`'s run (the built-in default: tiny LLaMA, SentencePiece, every stage), fewer steps.
