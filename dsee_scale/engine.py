@@ -34,7 +34,6 @@ def init_distributed(timeout_min: float = 30.0) -> None:
     # DeepSpeed calls collectives that torch marks deprecated, once per call: keep logs readable.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timedelta(minutes=timeout_min))
-    atexit.unregister(end_process_group_at_exit)  # once, however often init_distributed is called
     atexit.register(end_process_group_at_exit)
     if get_accelerator().device_name() != "cpu":  # one device per rank before the first collective (Ω's broadcasts)
         get_accelerator().set_device(dist.local_rank())
@@ -53,9 +52,9 @@ def init_distributed(timeout_min: float = 30.0) -> None:
 def end_process_group_at_exit() -> None:
     """A process that leaves with its gloo process group alive can abort in the C++ runtime while
     the interpreter finalizes ("terminate called without an active exception", pytorch#190489;
-    seen here in one exit of a few dozen under load): end it while Python still runs. Not after an
-    uncaught exception: the peers may be inside a collective that never ends, and the launcher
-    stops them once this rank is gone."""
+    here 3 exits of 30 under load): end it while Python still runs. Not after an uncaught
+    exception: ending waits for this rank's unfinished collectives (ZeRO-3 prefetches), whose
+    peers may never join; the launcher stops them once this rank is gone."""
     if torch.distributed.is_initialized() and getattr(sys, "last_value", None) is None:
         torch.distributed.destroy_process_group()
 

@@ -71,8 +71,8 @@ def main() -> None:
         result = {"accuracy": accuracy, "trainable": trainable, "total": total, "world_size": training_args.world_size}
         (Path(args.output_dir) / "result.json").write_text(json.dumps(result))
         print(result)
-    # Gloo can abort at interpreter exit if its process group outlives main (pytorch#190489).
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():  # see dsee_scale.engine.end_process_group_at_exit
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
