@@ -5,6 +5,13 @@ in two concurrent plain processes, one core each, no DeepSpeed, no communication
     python benchmarks/bench_memory.py            # GPT-2-medium config, seq 128, batch 2, 2 ranks, 10 steps (~16 min)
     python benchmarks/bench_memory.py --model minilm   # the SST-2 recipes' step: MiniLM-L6, seq 64, batch 16, zero3.json (~3 min)
     python benchmarks/bench_memory.py --quick    # tiny GPT-2, 2 steps: a smoke run (< 60 s)
+    python benchmarks/bench_memory.py --model medium-llama   # DSEE vs DeepSpeed's OptimizedLinear LoRA, bf16
+
+`--model medium-llama` is the peer users of DeepSpeed would pick for LoRA: `OptimizedLinear` +
+`LoRAConfig` on q and v (base weights sharded by the layer, ZeRO-2), against DSEE on ZeRO-3, on
+GPT-2-medium's size in LLaMA's shape (OptimizedLinear replaces nn.Linear only, not GPT-2's
+Conv1D), seq 128, batch 2; both in bf16, the only dtype OptimizedLinear builds, so it needs bf16
+hardware (a GPU, or a CPU with AVX-512 bf16 or AMX).
 
 Each method runs as its own 2-rank `deepspeed` job (peak RSS is per process); one JSON line per
 method (and the floor) is printed and appended to benchmarks/results/memory.jsonl (or --out),
@@ -22,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("full", "peft_lora", "dsee")
+PEER_METHODS = ("optimized_linear", "dsee")  # --model medium-llama
 # glibc's default mmap threshold grows with freed blocks and keeps gathered layers resident; a
 # fixed threshold returns them to the OS, at the price of a page fault per page of every fetch.
 # jemalloc reuses freed extents and returns idle ones after a second (dirty_decay_ms).
@@ -34,7 +42,16 @@ SIZES = {  # memory_worker.py flags of each benchmarked setting
     "gpt2-medium": ["--model", "gpt2-medium", "--seq", "128", "--batch", "2", "--steps", "10", "--warmup", "2"],
     "minilm": ["--model", "minilm", "--steps", "10", "--warmup", "2"],  # minilm-sst2.yaml's sequence, batch and ds_config
     "quick": ["--model", "tiny", "--seq", "32", "--steps", "2", "--warmup", "1", "--rank", "4"],
+    "medium-llama": ["--model", "medium-llama", "--seq", "128", "--batch", "2", "--steps", "10", "--warmup", "2", "--bf16"],
 }
+
+
+def native_bf16() -> bool:
+    """Whether bf16 runs on this hardware rather than emulated (DeepSpeed's CPU accelerator
+    answers yes on every CPU): timing emulation would say nothing about either method."""
+    import torch
+
+    return torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
@@ -55,7 +72,8 @@ def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--model", choices=["gpt2-medium", "minilm"], default=None, help="gpt2-medium (the default) or minilm: the step of launch/recipes/minilm-sst2.yaml (its model, sequence, batch and ds_config)")
+    p.add_argument("--model", choices=["gpt2-medium", "minilm", "medium-llama"], default=None,
+                   help="gpt2-medium (the default); minilm: the step of launch/recipes/minilm-sst2.yaml (its model, sequence, batch and ds_config); medium-llama: DSEE vs DeepSpeed's OptimizedLinear LoRA in bf16")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.jsonl"))
     p.add_argument("--allocator", choices=sorted(ALLOCATORS), default="glibc", help="glibc with a fixed mmap threshold, or jemalloc preloaded (apt-get install libjemalloc2)")
     p.add_argument("--profile", metavar="DIR", help="also profile each method's timed steps (rank 0): DIR/profile_<method>.json, self time by kind of op (the profiler slows the steps)")
@@ -64,12 +82,15 @@ def main() -> None:
         p.error("--quick runs its own tiny model: drop --model")
     if args.allocator == "jemalloc" and ctypes.util.find_library("jemalloc") is None:
         sys.exit("--allocator jemalloc: libjemalloc is not installed: apt-get install libjemalloc2")
+    if args.model == "medium-llama" and not native_bf16():
+        sys.exit("--model medium-llama times bf16, and this CPU has no AVX-512 bf16 or AMX (it would time emulation): run it on such a CPU or a GPU")
     size = SIZES["quick" if args.quick else args.model or "gpt2-medium"]
+    methods = PEER_METHODS if args.model == "medium-llama" else METHODS
     scratch = Path(tempfile.mkdtemp()) / "memory.jsonl"
     env = {**os.environ, **ALLOCATORS[args.allocator], "PYTHONPATH": str(ROOT)}  # the same allocator for every method and the floor
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    for method in METHODS:
-        cmd = [deepspeed, "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", str(29700 + METHODS.index(method)), "benchmarks/memory_worker.py", "--method", method, "--out", str(scratch), *size]
+    for method in methods:
+        cmd = [deepspeed, "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", str(29700 + methods.index(method)), "benchmarks/memory_worker.py", "--method", method, "--out", str(scratch), *size]
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             cmd += ["--profile", str(Path(args.profile, f"profile_{method}.json"))]
@@ -77,12 +98,15 @@ def main() -> None:
         if proc.returncode != 0:
             sys.exit(f"{method} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
     lines = [json.loads(line) for line in scratch.read_text().splitlines()]
-    lines.append(floor(size, env, args.profile))
+    if methods == METHODS:  # the floor is DSEE's fp32 work: no floor for the bf16 comparison
+        lines.append(floor(size, env, args.profile))
     by_method = {line["method"]: line for line in lines}
     dsee, run_id = by_method["dsee"], time.strftime("%Y%m%dT%H%M%S")
     for line in lines:
-        line.update(run_id=run_id, quick=args.quick, allocator=args.allocator, s_per_step_vs_floor=round(line["s_per_step"] / by_method["floor"]["s_per_step"], 3),
-                    peak_vs_peft_lora=round(max(line["peak_rss_mb_per_rank"]) / max(by_method["peft_lora"]["peak_rss_mb_per_rank"]), 3))
+        line.update(run_id=run_id, quick=args.quick, allocator=args.allocator)
+        if "floor" in by_method:
+            line.update(s_per_step_vs_floor=round(line["s_per_step"] / by_method["floor"]["s_per_step"], 3),
+                        peak_vs_peft_lora=round(max(line["peak_rss_mb_per_rank"]) / max(by_method["peft_lora"]["peak_rss_mb_per_rank"]), 3))
         if line["method"] not in ("dsee", "floor"):
             line["dsee_peak_ratio"] = round(max(dsee["peak_rss_mb_per_rank"]) / max(line["peak_rss_mb_per_rank"]), 3)
             line["dsee_speed_ratio"] = round(dsee["s_per_step"] / line["s_per_step"], 3)

@@ -3,7 +3,9 @@
 Started by bench_memory.py under the deepspeed launcher; rank 0 appends one JSON line to --out.
 `--method floor` is the compute floor of data parallelism instead: this rank's DSEE work in a
 plain process (no DeepSpeed, no communication), started twice at once by bench_memory.py, one
-core each; each process appends its own line.
+core each; each process appends its own line. `--method optimized_linear` is the LoRA DeepSpeed
+ships (`deepspeed.linear.OptimizedLinear`, base weights of the targets sharded by the layer
+itself) on ZeRO-2, as its documentation pairs them: bf16 and LLaMA-shaped models only.
 """
 import argparse
 import json
@@ -20,6 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsee_scale import DSEEConfig, apply_dsee, count_parameters  # noqa: E402
+from dsee_scale.arch import LLAMA_SIZES  # noqa: E402
 from dsee_scale.baselines import apply_peft_lora  # noqa: E402
 from dsee_scale.config import train_config_from_argv  # noqa: E402
 from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
@@ -52,20 +55,37 @@ def write_profile(profiler, steps: int, s_per_step: float, path: str) -> None:
     }, indent=1))
 
 
+def apply_optimized_linear(model: torch.nn.Module, adapters: DSEEConfig, world: int) -> None:
+    """What `deepspeed.linear.Init` + `from_pretrained` make of the targets (LoRA, base weight
+    sharded over the ranks; every other weight frozen and whole). Done by hand: under
+    `from_config` Init ignores target_mods and adapts every Linear, lm_head included."""
+    from deepspeed.linear import LoRAConfig, OptimizedLinear
+
+    lora = LoRAConfig(lora_r=adapters.rank, lora_alpha=adapters.alpha, base_weight_sharding=world, target_mods=adapters.targets)
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        parent, _, child = name.rpartition(".")
+        if child in adapters.targets:
+            setattr(model.get_submodule(parent), child, OptimizedLinear(module.in_features, module.out_features, lora_config=lora, dtype=module.weight.dtype))
+
+
 p = argparse.ArgumentParser()
-p.add_argument("--method", choices=["full", "peft_lora", "dsee", "floor"], required=True)
-p.add_argument("--model", default="gpt2-medium", help=f"builtin GPT-2 size, 'tiny', or one of {', '.join(RECIPE_MODELS)}: its recipe's model and setting")
+p.add_argument("--method", choices=["full", "peft_lora", "dsee", "floor", "optimized_linear"], required=True)
+p.add_argument("--model", default="gpt2-medium", help=f"builtin GPT-2 or LLaMA size, 'tiny', or one of {', '.join(RECIPE_MODELS)}: its recipe's model and setting")
 p.add_argument("--seq", type=int, default=None, help="default: 128, or the recipe's max_length")
 p.add_argument("--batch", type=int, default=None, help="micro-batch per rank; default: 2, or the recipe's")
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--rank", type=int, default=16)
-p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs)")
+p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs; CPUs with AVX-512 bf16)")
 p.add_argument("--no_comms_log", action="store_true", help="time without DeepSpeed's comms logger (it synchronises the device after every collective); traffic is then not reported")
 p.add_argument("--ds_config", help="the engine's DeepSpeed config file (batch, precision and logging set here); default: ZeRO-3 with DeepSpeed's usual settings")
 p.add_argument("--profile", help="write where rank 0's timed steps spend their time (torch.profiler, self CPU time by kind of op) to this JSON file")
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
+if args.method == "optimized_linear" and not (args.bf16 and args.model in LLAMA_SIZES):
+    sys.exit(f"--method optimized_linear needs --bf16 and a LLaMA model ({', '.join(LLAMA_SIZES)}): deepspeed.linear builds its layers "
+             "in bf16 whatever the model's dtype, and replaces nn.Linear only (not GPT-2's Conv1D)")
 recipe = train_config_from_argv(["--config", RECIPE_MODELS[args.model]]) if args.model in RECIPE_MODELS else None
 args.seq = args.seq or (recipe.max_length if recipe else 128)
 args.batch = args.batch or (recipe.micro_batch_size if recipe else 2)
@@ -79,7 +99,7 @@ else:
     rank, world = dist.get_rank(), dist.get_world_size()
 ds_config = None
 if not floor:
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 100000, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7, "stage3_prefetch_bucket_size": 5e7}
+    zero = {"stage": 2} if args.method == "optimized_linear" else {"stage": 3, "stage3_param_persistence_threshold": 100000, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7, "stage3_prefetch_bucket_size": 5e7}
     ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else {"zero_optimization": zero}
     ds_config.update({
         "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1, "train_batch_size": args.batch * world, "steps_per_print": 10**9,
@@ -89,6 +109,9 @@ dtype = torch.bfloat16 if args.bf16 else torch.float32
 if recipe:
     model = build_model(recipe.model, recipe.task, ds_config=ds_config, dtype=dtype, num_labels=2)
     config, targets = model.config, recipe.dsee.targets
+elif args.model in LLAMA_SIZES:  # GPT-2's vocabulary, for GPT-2's embedding size
+    config, targets = builtin_config(f"builtin:{args.model}", vocab_size=50257), ["q_proj", "v_proj"]
+    model = build_model(config, "lm", ds_config=None if args.method == "optimized_linear" else ds_config, dtype=dtype)
 else:
     config = tiny_config("gpt2", vocab_size=1000, n_embd=128, n_positions=args.seq) if args.model == "tiny" else builtin_config(f"builtin:{args.model}")
     config.n_positions = max(config.n_positions, args.seq)
@@ -101,6 +124,8 @@ if args.method in ("dsee", "floor"):
     apply_dsee(model, adapters, ds_config=ds_config)
 elif args.method == "peft_lora":
     apply_peft_lora(model, adapters)
+elif args.method == "optimized_linear":
+    apply_optimized_linear(model, adapters, world)
 trainable, total = count_parameters(model)
 if floor:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -1,0 +1,48 @@
+"""benchmarks/bench_memory.py's peer row: DeepSpeed's OptimizedLinear LoRA beside DSEE, same model,
+same targets, bf16 (memory_worker.py on 2 real ranks), and the refusal to time bf16 emulation."""
+import json
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from launch_utils import run_launcher
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_memory  # noqa: E402
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(True, False, True), (False, True, True), (False, False, False)])
+def test_bf16_counts_as_native_only_with_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert bench_memory.native_bf16() == native
+    if not native:
+        monkeypatch.setattr(sys, "argv", ["bench_memory.py", "--model", "medium-llama"])
+        with pytest.raises(SystemExit, match="no AVX-512 bf16 or AMX"):
+            bench_memory.main()
+
+
+@pytest.mark.multiproc
+def test_optimized_linear_row_shards_the_targets_and_trains_the_same_lora_as_dsee(tmp_path):
+    # small-llama: 2 layers of LLaMA's shape; bf16 is emulated where the CPU lacks it (slow, correct)
+    out = tmp_path / "rows.jsonl"
+    size = ["--model", "small-llama", "--seq", "16", "--batch", "2", "--steps", "1", "--warmup", "1", "--bf16", "--out", out]
+    for method in bench_memory.PEER_METHODS:
+        run_launcher("ranks", "benchmarks/memory_worker.py", ["--method", method, *size])
+    rows = {row["method"]: row for row in map(json.loads, out.read_text().splitlines())}
+    peer, dsee = rows["optimized_linear"], rows["dsee"]
+    layers, width, rank = 2, 768, 16
+    assert peer["trainable_params"] == layers * 2 * rank * (width + width)  # A and B of q and v, nothing else
+    assert dsee["trainable_params"] - peer["trainable_params"] == layers * 2 * 64  # DSEE adds S's 64 entries per matrix
+    # each forward gathers the q and v weights from their halves: bf16, sent by each rank
+    assert peer["all_gather_mb_per_step"] >= layers * 2 * width * width * 2 / 2 / 2**20
+    assert all(row["bf16"] and row["s_per_step"] > 0 for row in (peer, dsee))
+
+
+@pytest.mark.parametrize("flags", [["--model", "small-llama"], ["--model", "gpt2-medium", "--bf16"]])
+def test_optimized_linear_needs_bf16_and_a_llama_model(tmp_path, flags):
+    proc = bench_memory.subprocess.run([sys.executable, "benchmarks/memory_worker.py", "--method", "optimized_linear", *flags, "--out", tmp_path / "x"],
+                                       cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "needs --bf16 and a LLaMA model" in proc.stderr
