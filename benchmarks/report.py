@@ -32,19 +32,40 @@ def table(rows: list[list], header: list[str]) -> str:
     return "\n".join(out)
 
 
-def memory_section(model: str = "gpt2-medium") -> str:
+def newest_memory_run(model: str) -> list[dict]:
+    """The lines of the newest bench_memory.py run on `model` (older lines carry no run_id: the last three)."""
     rows = [r for r in lines("memory.jsonl") if r.get("model") == model]
+    newest = rows[-1].get("run_id") if rows else None
+    return [r for r in rows if newest and r.get("run_id") == newest] or rows[-3:]
+
+
+def memory_columns(r: dict) -> list:
+    return [r["method"], f"{r['trainable_params']:,}", " / ".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"]), f"{r['s_per_step']:.2f}", r.get("all_gather_mb_per_step", "—"),
+            r.get("reduce_scatter_mb_per_step", "—")]
+
+
+MEMORY_HEADER = ["method", "trainable", "peak RSS MB (rank 0 / 1)", "s/step (median)", "all-gather MB/step", "reduce-scatter MB/step"]
+
+
+def memory_section(model: str = "gpt2-medium") -> str:
+    rows = newest_memory_run(model)
     if not rows:
         return "_not run yet_"
-    newest = rows[-1].get("run_id")  # one run's lines (older lines carry no run_id: the last three)
-    rows = [r for r in rows if newest and r.get("run_id") == newest] or rows[-3:]
-    body = [[r["method"], f"{r['trainable_params']:,}", " / ".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"]), f"{r['s_per_step']:.2f}", r.get("all_gather_mb_per_step", "—"),
-             r.get("reduce_scatter_mb_per_step", "—"), r.get("s_per_step_vs_floor", "—"), r.get("peak_vs_peft_lora", "—")] for r in rows]
-    header = ["method", "trainable", "peak RSS MB (rank 0 / 1)", "s/step (median)", "all-gather MB/step", "reduce-scatter MB/step", "s/step ÷ floor", "peak ÷ PEFT LoRA"]
+    body = [memory_columns(r) + [r.get("s_per_step_vs_floor", "—"), r.get("peak_vs_peft_lora", "—")] for r in rows]
+    header = MEMORY_HEADER + ["s/step ÷ floor", "peak ÷ PEFT LoRA"]
     if model != "gpt2-medium":
         return table(body, header)
     _plot_memory(rows)
     return table(body, header) + "\n\n![memory per rank](memory.png)"
+
+
+def peer_section() -> str:
+    """DSEE against DeepSpeed's OptimizedLinear LoRA (bench_memory.py --model medium-llama)."""
+    rows = newest_memory_run("medium-llama")
+    if not rows:
+        return "_not run yet_"
+    body = [memory_columns(r) + [r.get("dsee_speed_ratio", "—"), r.get("dsee_peak_ratio", "—")] for r in rows]
+    return table(body, MEMORY_HEADER + ["DSEE s/step ÷ this", "DSEE peak ÷ this"])
 
 
 def support_section() -> str:
@@ -162,7 +183,7 @@ def _plot_glue(methods: list[str], means: dict) -> None:
     fig.savefig(HERE / "glue.png", dpi=120)
 
 
-SECTIONS = {"memory": memory_section, "memory-minilm": lambda: memory_section("minilm"), "support": support_section, "prune": prune_section, "gpt2xl": gpt2xl_section,
+SECTIONS = {"memory": memory_section, "memory-minilm": lambda: memory_section("minilm"), "memory-peer": peer_section, "support": support_section, "prune": prune_section, "gpt2xl": gpt2xl_section,
             "glue": glue_section, "sst2-short": sst2_short_section}
 
 
