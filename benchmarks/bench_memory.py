@@ -11,7 +11,7 @@ in two concurrent plain processes, one core each, no DeepSpeed, no communication
 `LoRAConfig` on q and v (base weights sharded by the layer, ZeRO-2), against DSEE on ZeRO-3, on
 GPT-2-medium's size in LLaMA's shape (OptimizedLinear replaces nn.Linear only, not GPT-2's
 Conv1D), seq 128, batch 2; both in bf16, the only dtype OptimizedLinear builds, so it needs bf16
-hardware (a GPU, or a CPU with AVX-512 bf16 or AMX).
+hardware: a CPU with AVX-512 bf16 or AMX (peak RSS is host memory).
 
 Each method runs as its own 2-rank `deepspeed` job (peak RSS is per process); one JSON line per
 method (and the floor) is printed and appended to benchmarks/results/memory.jsonl (or --out),
@@ -46,12 +46,12 @@ SIZES = {  # memory_worker.py flags of each benchmarked setting
 }
 
 
-def native_bf16() -> bool:
-    """Whether bf16 runs on this hardware rather than emulated (DeepSpeed's CPU accelerator
+def native_bf16_cpu() -> bool:
+    """Whether this CPU runs bf16 itself rather than emulating it (DeepSpeed's CPU accelerator
     answers yes on every CPU): timing emulation would say nothing about either method."""
     import torch
 
-    return torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
@@ -82,8 +82,13 @@ def main() -> None:
         p.error("--quick runs its own tiny model: drop --model")
     if args.allocator == "jemalloc" and ctypes.util.find_library("jemalloc") is None:
         sys.exit("--allocator jemalloc: libjemalloc is not installed: apt-get install libjemalloc2")
-    if args.model == "medium-llama" and not native_bf16():
-        sys.exit("--model medium-llama times bf16, and this CPU has no AVX-512 bf16 or AMX (it would time emulation): run it on such a CPU or a GPU")
+    if args.model == "medium-llama":  # host RSS and CPU time: the GPU check (scripts/gpu_check.sh) times GPUs
+        import torch
+
+        if torch.cuda.is_available():
+            sys.exit("--model medium-llama compares host memory and CPU time: run it on a CPU-only machine")
+        if not native_bf16_cpu():
+            sys.exit("--model medium-llama times bf16, and this CPU has no AVX-512 bf16 or AMX (it would time emulation): run it on such a CPU")
     size = SIZES["quick" if args.quick else args.model or "gpt2-medium"]
     methods = PEER_METHODS if args.model == "medium-llama" else METHODS
     scratch = Path(tempfile.mkdtemp()) / "memory.jsonl"

@@ -1,4 +1,5 @@
-"""One method on one 2-rank ZeRO-3 engine: per-rank peak RSS, s/step, bytes moved per step.
+"""One method on one 2-rank engine (ZeRO-3; ZeRO-2 for optimized_linear): per-rank peak RSS,
+s/step, bytes moved per step.
 
 Started by bench_memory.py under the deepspeed launcher; rank 0 appends one JSON line to --out.
 `--method floor` is the compute floor of data parallelism instead: this rank's DSEE work in a
@@ -79,7 +80,7 @@ p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--rank", type=int, default=16)
 p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs; CPUs with AVX-512 bf16)")
 p.add_argument("--no_comms_log", action="store_true", help="time without DeepSpeed's comms logger (it synchronises the device after every collective); traffic is then not reported")
-p.add_argument("--ds_config", help="the engine's DeepSpeed config file (batch, precision and logging set here); default: ZeRO-3 with DeepSpeed's usual settings")
+p.add_argument("--ds_config", help="the engine's DeepSpeed config file (batch, precision and logging set here); default: ZeRO-3 with DeepSpeed's usual settings (ZeRO-2 for optimized_linear)")
 p.add_argument("--profile", help="write where rank 0's timed steps spend their time (torch.profiler, self CPU time by kind of op) to this JSON file")
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
@@ -109,7 +110,7 @@ dtype = torch.bfloat16 if args.bf16 else torch.float32
 if recipe:
     model = build_model(recipe.model, recipe.task, ds_config=ds_config, dtype=dtype, num_labels=2)
     config, targets = model.config, recipe.dsee.targets
-elif args.model in LLAMA_SIZES:  # GPT-2's vocabulary, for GPT-2's embedding size
+elif args.model in LLAMA_SIZES:  # GPT-2's vocabulary (llama-7b keeps its own)
     config, targets = builtin_config(f"builtin:{args.model}", vocab_size=50257), ["q_proj", "v_proj"]
     model = build_model(config, "lm", ds_config=None if args.method == "optimized_linear" else ds_config, dtype=dtype)
 else:
@@ -127,6 +128,10 @@ elif args.method == "peft_lora":
 elif args.method == "optimized_linear":
     apply_optimized_linear(model, adapters, world)
 trainable, total = count_parameters(model)
+if args.method == "optimized_linear":  # count_parameters sees this rank's shard of each sharded base weight
+    from deepspeed.linear.optimized_linear import LoRAOptimizedLinear
+
+    total += sum(m.input_dim * m.output_dim - m.weight.numel() for m in model.modules() if isinstance(m, LoRAOptimizedLinear))
 if floor:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 else:
@@ -177,7 +182,8 @@ if floor:  # no process group: this process's own line
 gathered = [None] * world
 on_device = accelerator.device_name() != "cpu"
 peak_device_mb = accelerator.max_memory_allocated() / 2**20 if on_device else None
-dist.all_gather_object(gathered, {"peak_mb": peak_mb, "peak_device_mb": peak_device_mb, "s_per_step": statistics.median(times), "all_gather": bytes_per_step("all_gather"), "reduce_scatter": bytes_per_step("reduce_scatter")})
+dist.all_gather_object(gathered, {"peak_mb": peak_mb, "peak_device_mb": peak_device_mb, "s_per_step": statistics.median(times), "all_gather": bytes_per_step("all_gather"), "reduce_scatter": bytes_per_step("reduce_scatter"),
+                                "reduce": bytes_per_step("reduce")})
 if rank == 0:
     line = {
         "method": args.method, "model": args.model, "params": total, "trainable_params": trainable, "world_size": world, "seq": args.seq, "micro_batch": args.batch,
@@ -187,6 +193,8 @@ if rank == 0:
         "peak_device_mb": [round(g["peak_device_mb"], 1) for g in gathered] if on_device else None, "bf16": args.bf16,
         "all_gather_mb_per_step": None if args.no_comms_log else round(gathered[0]["all_gather"] / 2**20, 2),
         "reduce_scatter_mb_per_step": None if args.no_comms_log else round(gathered[0]["reduce_scatter"] / 2**20, 3),
+        # every reduction (ZeRO-2 reduces gradients with all-reduce or reduce, ZeRO-3 with reduce-scatter)
+        "reductions_mb_per_step": None if args.no_comms_log else round(gathered[0]["reduce"] / 2**20, 3),
     }
     with open(args.out, "a") as f:
         f.write(json.dumps(line) + "\n")

@@ -40,19 +40,18 @@ def newest_memory_run(model: str) -> list[dict]:
 
 
 def memory_columns(r: dict) -> list:
-    return [r["method"], f"{r['trainable_params']:,}", " / ".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"]), f"{r['s_per_step']:.2f}", r.get("all_gather_mb_per_step", "—"),
-            r.get("reduce_scatter_mb_per_step", "—")]
+    return [r["method"], f"{r['trainable_params']:,}", " / ".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"]), f"{r['s_per_step']:.2f}", r.get("all_gather_mb_per_step", "—")]
 
 
-MEMORY_HEADER = ["method", "trainable", "peak RSS MB (rank 0 / 1)", "s/step (median)", "all-gather MB/step", "reduce-scatter MB/step"]
+MEMORY_HEADER = ["method", "trainable", "peak RSS MB (rank 0 / 1)", "s/step (median)", "all-gather MB/step"]
 
 
 def memory_section(model: str = "gpt2-medium") -> str:
     rows = newest_memory_run(model)
     if not rows:
         return "_not run yet_"
-    body = [memory_columns(r) + [r.get("s_per_step_vs_floor", "—"), r.get("peak_vs_peft_lora", "—")] for r in rows]
-    header = MEMORY_HEADER + ["s/step ÷ floor", "peak ÷ PEFT LoRA"]
+    body = [memory_columns(r) + [r.get("reduce_scatter_mb_per_step", "—"), r.get("s_per_step_vs_floor", "—"), r.get("peak_vs_peft_lora", "—")] for r in rows]
+    header = MEMORY_HEADER + ["reduce-scatter MB/step", "s/step ÷ floor", "peak ÷ PEFT LoRA"]
     if model != "gpt2-medium":
         return table(body, header)
     _plot_memory(rows)
@@ -64,8 +63,8 @@ def peer_section() -> str:
     rows = newest_memory_run("medium-llama")
     if not rows:
         return "_not run yet_"
-    body = [memory_columns(r) + [r.get("dsee_speed_ratio", "—"), r.get("dsee_peak_ratio", "—")] for r in rows]
-    return table(body, MEMORY_HEADER + ["DSEE s/step ÷ this", "DSEE peak ÷ this"])
+    body = [memory_columns(r) + [r.get("reductions_mb_per_step", "—"), r.get("dsee_speed_ratio", "—"), r.get("dsee_peak_ratio", "—")] for r in rows]
+    return table(body, MEMORY_HEADER + ["reductions MB/step (all kinds)", "DSEE s/step ÷ this", "DSEE peak ÷ this"])
 
 
 def support_section() -> str:

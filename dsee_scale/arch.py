@@ -92,7 +92,8 @@ def _out(module: nn.Module) -> int:
 GPT2_SIZES = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}  # hidden, layers, heads
 # hidden, layers, heads, FFN: LLaMA-7B's shape (6.7B parameters); the smallest LLaMA whose
 # weight shards ZeRO-Infinity sends to NVMe at 2 ranks (DeepSpeed swaps only shards of >= 1 MB);
-# GPT-2-medium's size in LLaMA's shape (3 FFN matrices of 2816 hold what GPT-2's 2 of 4096 do).
+# GPT-2-medium's blocks in LLaMA's shape (3 FFN matrices of 2816 hold what GPT-2's 2 of 4096 do;
+# LLaMA's untied output layer adds a vocabulary × hidden matrix).
 LLAMA_SIZES = {"llama-7b": (4096, 32, 32, 11008), "small-llama": (768, 2, 12, 2048), "medium-llama": (1024, 24, 16, 2816)}
 
 

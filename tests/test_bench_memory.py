@@ -1,6 +1,7 @@
 """benchmarks/bench_memory.py's peer row: DeepSpeed's OptimizedLinear LoRA beside DSEE, same model,
 same targets, bf16 (memory_worker.py on 2 real ranks), and the refusal to time bf16 emulation."""
 import json
+import subprocess
 import sys
 
 import pytest
@@ -17,11 +18,18 @@ def test_bf16_counts_as_native_only_with_avx512_bf16_or_amx(monkeypatch, avx512_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert bench_memory.native_bf16() == native
+    assert bench_memory.native_bf16_cpu() == native
     if not native:
         monkeypatch.setattr(sys, "argv", ["bench_memory.py", "--model", "medium-llama"])
         with pytest.raises(SystemExit, match="no AVX-512 bf16 or AMX"):
             bench_memory.main()
+
+
+def test_the_peer_row_is_refused_on_a_gpu_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["bench_memory.py", "--model", "medium-llama"])
+    with pytest.raises(SystemExit, match="compares host memory and CPU time"):
+        bench_memory.main()
 
 
 @pytest.mark.multiproc
@@ -36,6 +44,8 @@ def test_optimized_linear_row_shards_the_targets_and_trains_the_same_lora_as_dse
     layers, width, rank = 2, 768, 16
     assert peer["trainable_params"] == layers * 2 * rank * (width + width)  # A and B of q and v, nothing else
     assert dsee["trainable_params"] - peer["trainable_params"] == layers * 2 * 64  # DSEE adds S's 64 entries per matrix
+    assert dsee["params"] - peer["params"] == layers * 2 * 64  # the whole model counted, sharded weights too
+    assert peer["reductions_mb_per_step"] > 0 and peer["reduce_scatter_mb_per_step"] == 0  # ZeRO-2 all-reduces its gradients
     # each forward gathers the q and v weights from their halves: bf16, sent by each rank
     assert peer["all_gather_mb_per_step"] >= layers * 2 * width * width * 2 / 2 / 2**20
     assert all(row["bf16"] and row["s_per_step"] > 0 for row in (peer, dsee))
@@ -43,6 +53,6 @@ def test_optimized_linear_row_shards_the_targets_and_trains_the_same_lora_as_dse
 
 @pytest.mark.parametrize("flags", [["--model", "small-llama"], ["--model", "gpt2-medium", "--bf16"]])
 def test_optimized_linear_needs_bf16_and_a_llama_model(tmp_path, flags):
-    proc = bench_memory.subprocess.run([sys.executable, "benchmarks/memory_worker.py", "--method", "optimized_linear", *flags, "--out", tmp_path / "x"],
-                                       cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "benchmarks/memory_worker.py", "--method", "optimized_linear", *flags, "--out", tmp_path / "x"],
+                          cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and "needs --bf16 and a LLaMA model" in proc.stderr

@@ -66,7 +66,7 @@ def test_bench_glue_runs_only_missing_cells_and_stops_at_the_stop_file(tmp_path,
 
 def test_peer_table_is_the_newest_medium_llama_run_with_dsee_over_optimized_linear(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
-    row = {"trainable_params": 1, "peak_rss_mb_per_rank": [1000.0, 1000.0], "s_per_step": 2.0, "all_gather_mb_per_step": 1.0, "reduce_scatter_mb_per_step": 0.0}
+    row = {"trainable_params": 1, "peak_rss_mb_per_rank": [1000.0, 1000.0], "s_per_step": 2.0, "all_gather_mb_per_step": 1.0, "reduce_scatter_mb_per_step": 0.0, "reductions_mb_per_step": 3.0}
     rows = [{**row, "model": "medium-llama", "run_id": "old", "method": "optimized_linear", "dsee_speed_ratio": 9.0},
             {**row, "model": "gpt2-medium", "run_id": "other", "method": "dsee"},
             {**row, "model": "medium-llama", "run_id": "new", "method": "optimized_linear", "dsee_speed_ratio": 0.8, "dsee_peak_ratio": 1.1},
@@ -74,4 +74,4 @@ def test_peer_table_is_the_newest_medium_llama_run_with_dsee_over_optimized_line
     (tmp_path / "memory.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     body = report.peer_section().splitlines()
     assert body[0].endswith("| DSEE s/step ÷ this | DSEE peak ÷ this |")
-    assert body[2:] == ["| optimized_linear | 1 | 1000 / 1000 | 2.00 | 1.0 | 0.0 | 0.8 | 1.1 |", "| dsee | 1 | 1000 / 1000 | 2.00 | 1.0 | 0.0 | — | — |"]
+    assert body[2:] == ["| optimized_linear | 1 | 1000 / 1000 | 2.00 | 1.0 | 3.0 | 0.8 | 1.1 |", "| dsee | 1 | 1000 / 1000 | 2.00 | 1.0 | 3.0 | — | — |"]
