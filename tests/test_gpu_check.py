@@ -4,19 +4,28 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 from conftest import ROOT
-from launch_utils import free_port
+from launch_utils import RUNTIME_ABORT, free_port
 
 pytestmark = pytest.mark.multiproc
 
 
-def test_gpu_check_cpu_mode_runs_every_check_and_reloads_exports_exactly(tmp_path):
+def gpu_check_cpu_mode(out) -> subprocess.CompletedProcess:
     env = {**os.environ, "PY": sys.executable, "MASTER_PORT": str(free_port())}
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_gpu_check_cpu_mode_runs_every_check_and_reloads_exports_exactly(tmp_path):
+    out, proc = tmp_path, gpu_check_cpu_mode(tmp_path)
+    if proc.returncode != 0 and RUNTIME_ABORT in proc.stdout + proc.stderr:  # as launch_utils.launch: once more, loudly
+        warnings.warn(f"gpu_check.sh: a rank aborted; running once more. Its output:\n{(proc.stdout + proc.stderr)[-4000:]}", stacklevel=1)
+        out = tmp_path / "again"
+        proc = gpu_check_cpu_mode(out)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    checks = {line["check"]: line for line in map(json.loads, (tmp_path / "gpu_check.jsonl").read_text().splitlines())}
+    checks = {line["check"]: line for line in map(json.loads, (out / "gpu_check.jsonl").read_text().splitlines())}
     assert set(checks) == {"gpt2_prune50_export_reload", "bert_structured_export_reload", "gpt2_2of4_export_reload", "speed"}
     gpt2, bert, speed = checks["gpt2_prune50_export_reload"], checks["bert_structured_export_reload"], checks["speed"]
     assert gpt2["reload_ok"] and gpt2["max_abs_logit_diff"] <= 1e-5 and gpt2["sparsity"] == gpt2["final_sparsity"] == 0.5
