@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import ROOT
@@ -78,6 +79,21 @@ def host_env(host: str | None) -> dict:
 RUNTIME_ABORT = "terminate called without an active exception"
 
 
+def once_more_on_abort(start: Callable[[int], subprocess.CompletedProcess], what: str) -> subprocess.CompletedProcess:
+    """start(attempt), and once more if a rank aborted at interpreter exit with no frame of ours.
+    Scripts that kept their process group to the end did so in 3 of 30 launches under load (now
+    ended by engine.end_process_group_at_exit), but ranks that end it still abort now and then
+    (launch/train.py once, tests/dist/structured_tiny.py once, in two suite runs of 2026-12-02),
+    cause not found. The second launch is loud (the warning carries the rank's stacks); a second
+    abort fails the test."""
+    proc = start(0)
+    output = proc.stdout + proc.stderr
+    if proc.returncode == 0 or RUNTIME_ABORT not in output:
+        return proc
+    warnings.warn(f"{what}: a rank aborted; launching once more. Its output:\n{output[-4000:]}", stacklevel=3)
+    return start(1)
+
+
 def launch(launcher: str, script: str, args: list, timeout: int = 300, nproc: int = 2, env: dict | None = None, host: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run script under launcher ("deepspeed", "torchrun", "mpirun", or "ranks": started directly)
     with nproc ranks; host simulates another kind of CPU host."""
@@ -85,25 +101,16 @@ def launch(launcher: str, script: str, args: list, timeout: int = 300, nproc: in
     # float sums that a thread count can reorder then agree to the last bit across launchers.
     # PYTHONFAULTHANDLER: a rank that dies on a signal prints every thread's Python stack.
     full_env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **host_env(host), **(env or {})}
-    for attempt in range(2):
+
+    def start(attempt: int) -> subprocess.CompletedProcess:
+        run_args = [str(a) for a in args]
+        if attempt and script == "launch/train.py" and "--resume" not in run_args:
+            run_args.append("--overwrite")  # the aborted run's folder is there
         if launcher == "ranks":
-            proc = spawn_ranks(script, [str(a) for a in args], nproc, full_env, cwd, timeout)
-        else:
-            cmd = launcher_command(launcher, script, nproc) + [str(a) for a in args]
-            proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-        output = proc.stdout + proc.stderr
-        if proc.returncode == 0 or RUNTIME_ABORT not in output or attempt == 1:
-            break
-        # A rank aborting at interpreter exit with no frame of ours. Scripts that kept their
-        # process group to the end did so in 3 of 30 launches under load (now ended by
-        # engine.end_process_group_at_exit), but ranks that end it still abort now and then
-        # (launch/train.py once, tests/dist/structured_tiny.py once, in two suite runs of
-        # 2026-12-02), cause not found. Launch once more, loudly (the warning carries the rank's
-        # stacks); a second abort fails the test.
-        warnings.warn(f"{launcher} {script}: a rank aborted; launching once more. Its output:\n{output[-4000:]}", stacklevel=2)
-        if script == "launch/train.py" and "--resume" not in args:
-            args = [*args, "--overwrite"]  # the aborted run's folder is there
-    return proc
+            return spawn_ranks(script, run_args, nproc, full_env, cwd, timeout)
+        return subprocess.run(launcher_command(launcher, script, nproc) + run_args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+    return once_more_on_abort(start, f"{launcher} {script}")
 
 
 def run_launcher(launcher: str, script: str, args: list, **options) -> str:

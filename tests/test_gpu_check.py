@@ -4,11 +4,11 @@ import json
 import os
 import subprocess
 import sys
-import warnings
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from launch_utils import RUNTIME_ABORT, free_port
+from launch_utils import free_port, once_more_on_abort
 
 pytestmark = pytest.mark.multiproc
 
@@ -19,12 +19,9 @@ def gpu_check_cpu_mode(out) -> subprocess.CompletedProcess:
 
 
 def test_gpu_check_cpu_mode_runs_every_check_and_reloads_exports_exactly(tmp_path):
-    out, proc = tmp_path, gpu_check_cpu_mode(tmp_path)
-    if proc.returncode != 0 and RUNTIME_ABORT in proc.stdout + proc.stderr:  # as launch_utils.launch: once more, loudly
-        warnings.warn(f"gpu_check.sh: a rank aborted; running once more. Its output:\n{(proc.stdout + proc.stderr)[-4000:]}", stacklevel=1)
-        out = tmp_path / "again"
-        proc = gpu_check_cpu_mode(out)
+    proc = once_more_on_abort(lambda attempt: gpu_check_cpu_mode(tmp_path / f"attempt{attempt}"), "gpu_check.sh --cpu")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    out = Path(proc.args[-1])  # the folder of the attempt that ran to the end
     checks = {line["check"]: line for line in map(json.loads, (out / "gpu_check.jsonl").read_text().splitlines())}
     assert set(checks) == {"gpt2_prune50_export_reload", "bert_structured_export_reload", "gpt2_2of4_export_reload", "speed"}
     gpt2, bert, speed = checks["gpt2_prune50_export_reload"], checks["bert_structured_export_reload"], checks["speed"]
