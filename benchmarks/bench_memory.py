@@ -76,6 +76,7 @@ def main() -> None:
                    help="gpt2-medium (the default); minilm: the step of launch/recipes/minilm-sst2.yaml (its model, sequence, batch and ds_config); medium-llama: DSEE vs DeepSpeed's OptimizedLinear LoRA in bf16")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.jsonl"))
     p.add_argument("--allocator", choices=sorted(ALLOCATORS), default="glibc", help="glibc with a fixed mmap threshold, or jemalloc preloaded (apt-get install libjemalloc2)")
+    p.add_argument("--master_port", type=int, default=29700, help="the first method's rendezvous port; each next method takes the next one")
     p.add_argument("--profile", metavar="DIR", help="also profile each method's timed steps (rank 0): DIR/profile_<method>.json, self time by kind of op (the profiler slows the steps)")
     args = p.parse_args()
     if args.quick and args.model:
@@ -95,7 +96,7 @@ def main() -> None:
     env = {**os.environ, **ALLOCATORS[args.allocator], "PYTHONPATH": str(ROOT)}  # the same allocator for every method and the floor
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     for method in methods:
-        cmd = [deepspeed, "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", str(29700 + methods.index(method)), "benchmarks/memory_worker.py", "--method", method, "--out", str(scratch), *size]
+        cmd = [deepspeed, "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", str(args.master_port + methods.index(method)), "benchmarks/memory_worker.py", "--method", method, "--out", str(scratch), *size]
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             cmd += ["--profile", str(Path(args.profile, f"profile_{method}.json"))]

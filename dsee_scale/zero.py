@@ -286,32 +286,73 @@ def partition_new_parameters(module: nn.Module, ds_config: dict | None) -> None:
     deepspeed.zero.Init(module=module, config_dict_or_path=_config_for_dtype(ds_config, dtype), dtype=None)
 
 
-class _FetchThroughSharedMemory:
-    """deepspeed.comm as ZeRO-3's parameter code sees it, except that its all-gathers of CPU
-    tensors over the whole world (every weight fetch) are sums in DeepSpeed's shared-memory
-    kernel: each rank puts its shard in an output filled with -0.0, the identity of IEEE
-    addition, so the sum is the gathered weight bit for bit (but for the sign of a zero among a
-    buffer's last < 8 elements, which the kernel's scalar tail sums from +0.0). Anything else
-    goes to deepspeed.comm unchanged."""
+FETCH_CHUNK_BYTES = 16 << 20  # per half of each rank's /dev/shm buffer
 
-    def __init__(self, comm, world: int, rank: int, kernel_level: int) -> None:
-        self._comm, self._world, self._rank, self._kernel_level = comm, world, rank, kernel_level
+
+class _FetchThroughSharedMemory:
+    """deepspeed.comm as ZeRO-3's parameter code sees it, except that its all-gathers and sums of
+    CPU tensors over the whole world (every weight fetch) go through shared memory: each rank
+    copies its part into its own /dev/shm buffer and, after a barrier, reads its peers' parts out
+    of theirs, bit for bit. Data moves in chunks through two halves of each buffer, used in turn:
+    a rank writes a half again only after the next chunk's barrier, which its peers reach once
+    they have read it. Anything else goes to deepspeed.comm unchanged. Collective to create."""
+
+    def __init__(self, comm, world: int, rank: int, chunk_bytes: int = FETCH_CHUNK_BYTES) -> None:
+        self._comm, self._world, self._rank, self._chunk = comm, world, rank, chunk_bytes
+        nonce = torch.randint(2**62, (1,), device="cpu")  # host: names this instance's files, broadcast over gloo
+        torch.distributed.broadcast(nonce, src=0)
+        path = [f"/dev/shm/dsee_fetch_{nonce.item()}_{r}" for r in range(world)]
+        own = self._map(path[rank])
+        torch.distributed.barrier()  # every buffer exists
+        self._buffers = [own if r == rank else self._map(path[r]) for r in range(world)]
+        torch.distributed.barrier()  # every rank has mapped every buffer: the names can go (tmpfs is RAM)
+        os.unlink(path[rank])
+        self._turn = 0
+
+    def _map(self, path: str) -> torch.Tensor:
+        return torch.from_file(path, shared=True, size=2 * self._chunk, dtype=torch.uint8)
 
     def __getattr__(self, name: str):
         return getattr(self._comm, name)
 
+    def _whole_world_cpu(self, *tensors: torch.Tensor, group) -> bool:
+        return (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+                and (group is None or self._comm.get_world_size(group=group) == self._world))
+
+    def _exchange(self, own: torch.Tensor) -> Iterator[tuple[slice, int, torch.Tensor]]:
+        """Each chunk of this rank's bytes `own`, as (its place, a peer, that peer's chunk)."""
+        for start in range(0, own.numel(), self._chunk):
+            place = slice(start, min(start + self._chunk, own.numel()))
+            half = self._chunk * (self._turn % 2)
+            self._turn += 1
+            self._buffers[self._rank][half: half + place.stop - start].copy_(own[place])
+            torch.distributed.barrier()  # not deepspeed.comm's: its comms logger would time ~180 a step
+            for peer in range(self._world):
+                if peer != self._rank:
+                    yield place, peer, self._buffers[peer][half: half + place.stop - start]
+
     def allgather_fn(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group=None, async_op: bool = False, **kwargs):
-        n = input_tensor.numel()
-        in_kernel = (output_tensor.device.type == "cpu" and output_tensor.is_contiguous() and output_tensor.numel() == n * self._world
-                     and input_tensor.dtype == output_tensor.dtype and (group is None or self._comm.get_world_size(group=group) == self._world)
-                     and (output_tensor.dtype == torch.float32 or (output_tensor.dtype == torch.bfloat16 and self._kernel_level >= 2)))
-        if not in_kernel:
+        if not (self._whole_world_cpu(output_tensor, input_tensor, group=group) and input_tensor.dtype == output_tensor.dtype
+                and output_tensor.numel() == input_tensor.numel() * self._world):
             return self._comm.allgather_fn(output_tensor, input_tensor, group=group, async_op=async_op, **kwargs)
-        flat = output_tensor.view(-1)
-        flat[: self._rank * n].fill_(-0.0)  # x + -0.0 is x, bit for bit, -0.0 too
-        flat[(self._rank + 1) * n:].fill_(-0.0)
-        flat[self._rank * n: (self._rank + 1) * n].copy_(input_tensor.reshape(-1))
-        torch.ops.deepspeed.inference_all_reduce_(flat)
+        shard = input_tensor.view(-1).view(torch.uint8)
+        out = output_tensor.view(-1).view(torch.uint8).view(self._world, -1)
+        for place, peer, chunk in self._exchange(shard):
+            out[peer, place].copy_(chunk)
+        if out[self._rank].data_ptr() != shard.data_ptr():  # ZeRO-3 gathers in place: its input is the output's own slice
+            out[self._rank].copy_(shard)
+        return _Done() if async_op else None
+
+    def all_reduce(self, tensor: torch.Tensor, op=None, group=None, async_op: bool = False, **kwargs):
+        """ZeRO-3's fetch by all-reduce (stage3_use_all_reduce_for_fetch_params), the only sum in
+        its parameter code: every rank's buffer is zeros but for its own shards, so the sum is
+        the bitwise OR, -0.0 kept."""
+        if not (self._whole_world_cpu(tensor, group=group) and op in (None, self._comm.ReduceOp.SUM)):
+            op = self._comm.ReduceOp.SUM if op is None else op
+            return self._comm.all_reduce(tensor, op=op, group=group, async_op=async_op, **kwargs)
+        flat = tensor.view(-1).view(torch.uint8)
+        for place, _, chunk in self._exchange(flat):
+            flat[place].bitwise_or_(chunk)
         return _Done() if async_op else None
 
 
@@ -326,23 +367,34 @@ def fetch_through_shared_memory() -> bool:
     """On CPU ranks that share one machine, ZeRO-3 fetches weights through shared memory.
 
     gloo's all-gather goes through TCP, one copy per hop, with the kernel's work on the ranks'
-    own cores; DeepSpeed's shared-memory all-reduce (built for its CPU inference) sums 48 MB
-    in 18 ms on 2 ranks here where gloo's all-gather takes 95 ms. DeepSpeed 0.19.8 reaches the
-    kernel only from inference, so ZeRO-3's module-level `dist` is wrapped (a DeepSpeed without
-    these names keeps gloo). DeepSpeed's comms logger does not see these fetches. Returns
-    whether the shared-memory path is on.
+    own cores (48 MB in 95 ms on 2 ranks here); through shared memory a shard is copied in once
+    and out once per peer. DeepSpeed 0.19.8 has no shared-memory all-gather on CPU, so ZeRO-3's
+    module-level `dist` is wrapped (a DeepSpeed without these names keeps gloo).
+    With 2 ranks ZeRO-3 also fetches by all-reduce unless a config says otherwise
+    (stage3_use_all_reduce_for_fetch_params, a process-wide default from here on): it leaves the
+    weights where they were gathered, where its coalesced all-gather copies them into a fresh
+    buffer once more. A sum moves each rank's whole buffer to every peer, so with more ranks it
+    moves more than the all-gather and its copy together. Collective: every rank calls it.
+    DeepSpeed's comms logger does not see these fetches. Returns whether the path is on.
     """
     import deepspeed.comm as comm
     from deepspeed.runtime.zero import partition_parameters
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     if isinstance(partition_parameters.dist, _FetchThroughSharedMemory):
         return True
-    backend = getattr(comm.comm, "cdb", None)
-    level = getattr(backend, "shm_vector_kernel_level", 0)
     world = comm.get_world_size()
-    local = world > 1 and int(os.environ.get("LOCAL_SIZE", 0)) == world  # DeepSpeed's kernel maps its peers only then
-    if not (local and level >= 1 and getattr(backend, "shm_comm_op", None) is not None and hasattr(torch.ops.deepspeed, "inference_all_reduce_")
-            and partition_parameters.dist is comm and hasattr(comm, "allgather_fn")):
+    local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 0)  # deepspeed's launcher / torchrun
+    if not (world > 1 and local_size == world and partition_parameters.dist is comm and hasattr(comm, "allgather_fn")):
         return False
-    partition_parameters.dist = _FetchThroughSharedMemory(comm, world, comm.get_rank(), level)
+    # tmpfs writes past its size are SIGBUS, not errors: every rank must see room for all buffers
+    room = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
+    fits = torch.tensor([int(room is not None and room.f_bavail * room.f_frsize > 4 * world * FETCH_CHUNK_BYTES)], device="cpu")  # host: a gloo flag
+    torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN)
+    if not fits.item():
+        return False
+    partition_parameters.dist = _FetchThroughSharedMemory(comm, world, comm.get_rank())
+    if world == 2:
+        DeepSpeedZeroConfig.model_fields["use_all_reduce_for_fetch_params"].default = True
+        DeepSpeedZeroConfig.model_rebuild(force=True)
     return True

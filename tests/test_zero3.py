@@ -1,7 +1,9 @@
 """ZeRO-3 with 2 real CPU ranks: equivalence with one plain process, shards, optimizer state,
 checkpoint resume, HF export. Each launch is a real `deepspeed --num_gpus 2` job (gloo)."""
+import inspect
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -146,11 +148,35 @@ def test_adapter_only_checkpoint_is_under_one_percent_of_full(tmp_path):
 
 
 def test_weights_fetched_through_shared_memory_equal_gloos_bit_for_bit(tmp_path):
-    """On CPU ranks of one machine ZeRO-3 fetches through DeepSpeed's shared-memory kernel
+    """On CPU ranks of one machine ZeRO-3 fetches through shared memory
     (zero.fetch_through_shared_memory): every gathered weight, padded shards and -0.0 included,
-    and a DSEE run's losses equal gloo's."""
+    also when shards pass in many small chunks, and a DSEE run's losses equal gloo's."""
     run_launcher("ranks", "tests/dist/shm_fetch.py", [tmp_path])
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["installed"] and result["odd_sizes"] > 0 and result["fetches_in_step"] > 0
-    assert result["bitwise_equal"] and result["negative_zero_kept"]
-    assert result["losses"][0] == result["losses"][1]
+    assert result["installed"] and result["odd_sizes"] > 0 and result["largest_shard_in_chunks"] > 100
+    # 2 ranks fetch coalesced weights by all-reduce by default (single weights still all-gather),
+    # and the bytes went through shared memory, not gloo
+    assert result["fetch_by_all_reduce_is_default"] and result["default_fetches"]["all_reduce"] > 0
+    assert result["exchanged_chunks"]["default_step"] >= sum(result["default_fetches"].values())
+    assert result["exchanged_chunks"]["in_chunks"] > 2 * result["largest_shard_in_chunks"]
+    assert all(result["bitwise_equal"].values()) and all(result["negative_zero_kept"].values()) and result["bf16_bitwise_equal"], result
+    default, by_all_gather, gloo = result["losses"]
+    assert default == by_all_gather == gloo
+
+
+def test_zero3_sums_only_in_its_fetch_by_all_reduce():
+    """zero._FetchThroughSharedMemory sums by bitwise OR, which is right only for ZeRO-3's fetch
+    by all-reduce (every slot zeros but on its owner): a DeepSpeed whose parameter code sums
+    anything else through `dist.all_reduce` must fail here, not train on wrong weights."""
+    from deepspeed.runtime.zero import partition_parameters
+
+    import deepspeed.comm
+    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator, stage3
+
+    source = inspect.getsource(partition_parameters)
+    calls = re.findall(r"dist\.all_reduce\((.*)\)", source)
+    assert calls == ["flat_tensor, group=ds_process_group, async_op=True", "modified_flag, op=dist.ReduceOp.MAX, group=self.params[0].ds_process_group"]
+    assert len(re.findall(r"\bdist\.all_reduce\b", source)) == 2  # no other reference (wrapped, multi-line)
+    # these star-import partition_parameters: they must keep their own deepspeed.comm, as they do
+    # when imported before the wrapper is installed
+    assert all(module.dist is deepspeed.comm for module in (parameter_offload, partitioned_param_coordinator, stage3))

@@ -1,0 +1,67 @@
+"""What a ZeRO-3 weight fetch costs on CPU ranks of one machine, by way of fetching: gloo's
+all-gather, DeepSpeed's shared-memory all-reduce kernel (each rank's shard in a buffer filled with
+-0.0, dsee_scale's fetch until 2026-12-02) and dsee_scale's own exchange through /dev/shm; each
+into a fresh buffer per fetch, as ZeRO-3 allocates them, and into one reused buffer.
+
+    MALLOC_MMAP_THRESHOLD_=131072 deepspeed --num_gpus 2 --bind_cores_to_rank benchmarks/bench_fetch.py [--quick]
+
+GPT-2-medium's four weight shapes (c_attn, c_fc, attn c_proj, wte), three times each, fp32; best
+of 4 rounds after one. Rank 0 prints one JSON line per way and buffer and appends it to
+benchmarks/results/fetch.jsonl (or --out).
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import deepspeed.comm as comm
+import torch
+from deepspeed.runtime.zero import partition_parameters
+
+from dsee_scale.engine import init_distributed
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+p.add_argument("--quick", action="store_true", help="two small weights: a smoke run")
+p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fetch.jsonl"))
+args, _ = p.parse_known_args()  # deepspeed's launcher adds --local_rank
+SHAPES = [1000 * 8, 3 * 4096] if args.quick else [1024 * 3072, 1024 * 4096, 1024 * 1024, 50257 * 1024] * 3
+
+init_distributed()  # installs dsee_scale's exchange as ZeRO-3's `dist` where every rank is on this machine
+rank, world = comm.get_rank(), comm.get_world_size()
+own_exchange = partition_parameters.dist
+if own_exchange is comm:
+    raise SystemExit("the shared-memory fetch is off: launch every rank on this machine with deepspeed's launcher")
+
+
+def kernel_sum(out: torch.Tensor, shard: torch.Tensor) -> None:
+    """The fetch before: a sum in DeepSpeed's kernel, the peers' parts -0.0 (x + -0.0 is x)."""
+    n = shard.numel()
+    out[: rank * n].fill_(-0.0)
+    out[(rank + 1) * n:].fill_(-0.0)
+    out[rank * n: (rank + 1) * n].copy_(shard)
+    torch.ops.deepspeed.inference_all_reduce_(out)
+
+
+WAYS = {
+    "gloo all-gather": lambda out, shard: comm.allgather_fn(out, shard),
+    "DeepSpeed all-reduce kernel": kernel_sum,
+    "own exchange": lambda out, shard: own_exchange.allgather_fn(out, shard),
+}
+shards = {n: torch.randn(n // world) for n in set(SHAPES)}
+reused = {n: torch.empty(n) for n in set(SHAPES)}
+run_id = time.strftime("%Y%m%dT%H%M%S")
+for way, fetch in WAYS.items():
+    for fresh in (True, False):
+        rounds = []
+        for _ in range(5):
+            comm.barrier()
+            tic = time.perf_counter()
+            for n in SHAPES:
+                fetch(torch.empty(n) if fresh else reused[n], shards[n])
+            rounds.append(time.perf_counter() - tic)
+        if rank == 0:
+            line = json.dumps({"way": way, "buffer": "fresh" if fresh else "reused", "gb_gathered": round(sum(SHAPES) * 4 / 1e9, 2), "quick": args.quick,
+                               "s_best": round(min(rounds[1:]), 5), "s_rounds": [round(r, 5) for r in rounds[1:]], "run_id": run_id})
+            print(line, flush=True)
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
