@@ -1,7 +1,8 @@
 """What a ZeRO-3 weight fetch costs on CPU ranks of one machine, by way of fetching: gloo's
 all-gather, DeepSpeed's shared-memory all-reduce kernel (each rank's shard in a buffer filled with
--0.0, dsee_scale's fetch until 2026-12-02) and dsee_scale's own exchange through /dev/shm; each
-into a fresh buffer per fetch, as ZeRO-3 allocates them, and into one reused buffer.
+-0.0, dsee_scale's fetch until 2026-12-02) and dsee_scale's own exchange through /dev/shm, as an
+all-gather and as the all-reduce (bitwise OR) that 2-rank ZeRO-3 now fetches coalesced weights
+by; each into a fresh buffer per fetch, as ZeRO-3 allocates them, and into one reused buffer.
 
     MALLOC_MMAP_THRESHOLD_=131072 deepspeed --num_gpus 2 --bind_cores_to_rank benchmarks/bench_fetch.py [--quick]
 
@@ -11,11 +12,13 @@ benchmarks/results/fetch.jsonl (or --out).
 """
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import deepspeed.comm as comm
 import torch
+from deepspeed.comm import comm as ds_backend
 from deepspeed.runtime.zero import partition_parameters
 
 from dsee_scale.engine import init_distributed
@@ -42,11 +45,29 @@ def kernel_sum(out: torch.Tensor, shard: torch.Tensor) -> None:
     torch.ops.deepspeed.inference_all_reduce_(out)
 
 
+def or_reduce(out: torch.Tensor, shard: torch.Tensor) -> None:
+    """ZeRO-3's fetch by all-reduce: zeros but for this rank's shard, summed (here: OR-ed)."""
+    out.zero_()
+    out.view(world, -1)[rank].copy_(shard)
+    own_exchange.all_reduce(out)
+
+
+def kernel_ready() -> bool:
+    """DeepSpeed maps its kernel's peers only under its own launcher, and only runs it on a CPU it builds it for."""
+    backend = getattr(ds_backend, "cdb", None)
+    return (getattr(backend, "shm_vector_kernel_level", 0) >= 1 and getattr(backend, "shm_comm_op", None) is not None
+            and hasattr(torch.ops.deepspeed, "inference_all_reduce_") and os.environ.get("LOCAL_SIZE") == str(world))
+
+
 WAYS = {
     "gloo all-gather": lambda out, shard: comm.allgather_fn(out, shard),
     "DeepSpeed all-reduce kernel": kernel_sum,
-    "own exchange": lambda out, shard: own_exchange.allgather_fn(out, shard),
+    "own exchange, all-gather": lambda out, shard: own_exchange.allgather_fn(out, shard),
+    "own exchange, all-reduce (OR)": or_reduce,
 }
+if not kernel_ready():
+    print("DeepSpeed's shared-memory kernel is not available here (its op, a CPU it supports, deepspeed's launcher): not timed", flush=True)
+    del WAYS["DeepSpeed all-reduce kernel"]
 shards = {n: torch.randn(n // world) for n in set(SHAPES)}
 reused = {n: torch.empty(n) for n in set(SHAPES)}
 run_id = time.strftime("%Y%m%dT%H%M%S")

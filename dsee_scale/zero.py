@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import secrets
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -299,9 +300,10 @@ class _FetchThroughSharedMemory:
 
     def __init__(self, comm, world: int, rank: int, chunk_bytes: int = FETCH_CHUNK_BYTES) -> None:
         self._comm, self._world, self._rank, self._chunk = comm, world, rank, chunk_bytes
-        nonce = torch.randint(2**62, (1,), device="cpu")  # host: names this instance's files, broadcast over gloo
-        torch.distributed.broadcast(nonce, src=0)
-        path = [f"/dev/shm/dsee_fetch_{nonce.item()}_{r}" for r in range(world)]
+        from dsee_scale import dist
+
+        nonce = dist.broadcast(torch.tensor([secrets.randbits(62)], device="cpu"), src=0).item()  # host: names this instance's files
+        path = [f"/dev/shm/dsee_fetch_{nonce}_{r}" for r in range(world)]
         own = self._map(path[rank])
         torch.distributed.barrier()  # every buffer exists
         self._buffers = [own if r == rank else self._map(path[r]) for r in range(world)]
@@ -366,10 +368,11 @@ class _Done:
 def fetch_through_shared_memory() -> bool:
     """On CPU ranks that share one machine, ZeRO-3 fetches weights through shared memory.
 
-    gloo's all-gather goes through TCP, one copy per hop, with the kernel's work on the ranks'
-    own cores (48 MB in 95 ms on 2 ranks here); through shared memory a shard is copied in once
-    and out once per peer. DeepSpeed 0.19.8 has no shared-memory all-gather on CPU, so ZeRO-3's
-    module-level `dist` is wrapped (a DeepSpeed without these names keeps gloo).
+    gloo's all-gather goes through TCP, one copy per hop, with the operating system's work on the
+    ranks' own cores (48 MB in 95 ms on 2 ranks here); through shared memory a shard is copied in
+    once and out once per peer. DeepSpeed 0.19.8 has no shared-memory all-gather on CPU, so
+    ZeRO-3's module-level `dist` is wrapped (a DeepSpeed whose partition_parameters has no `dist`
+    or comm no `allgather_fn` keeps gloo).
     With 2 ranks ZeRO-3 also fetches by all-reduce unless a config says otherwise
     (stage3_use_all_reduce_for_fetch_params, a process-wide default from here on): it leaves the
     weights where they were gathered, where its coalesced all-gather copies them into a fresh
@@ -381,17 +384,19 @@ def fetch_through_shared_memory() -> bool:
     from deepspeed.runtime.zero import partition_parameters
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
+    from dsee_scale import dist
+
     if isinstance(partition_parameters.dist, _FetchThroughSharedMemory):
         return True
     world = comm.get_world_size()
-    local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 0)  # deepspeed's launcher / torchrun
-    if not (world > 1 and local_size == world and partition_parameters.dist is comm and hasattr(comm, "allgather_fn")):
+    if not (world > 1 and dist.local_world_size() == world and partition_parameters.dist is comm and hasattr(comm, "allgather_fn")):
         return False
-    # tmpfs writes past its size are SIGBUS, not errors: every rank must see room for all buffers
+    # tmpfs writes past its size are SIGBUS, not errors: every rank must see room for all the
+    # buffers (2 chunks per rank), twice over, as other runs may share the machine's /dev/shm
     room = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
-    fits = torch.tensor([int(room is not None and room.f_bavail * room.f_frsize > 4 * world * FETCH_CHUNK_BYTES)], device="cpu")  # host: a gloo flag
-    torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN)
-    if not fits.item():
+    free = room.f_bavail * room.f_frsize if room else 0
+    fits = torch.tensor([int(free > 2 * (2 * world * FETCH_CHUNK_BYTES))], device="cpu")  # host: a gloo flag
+    if not dist.all_reduce(fits, op="min").item():
         return False
     partition_parameters.dist = _FetchThroughSharedMemory(comm, world, comm.get_rank())
     if world == 2:

@@ -68,13 +68,14 @@ def counted(name: str, fn):
     return lambda *a, **k: fetches.append(name) or fn(*a, **k)
 
 
+SMALL_CHUNK = 24  # bytes: 6 fp32 values
 fetches = []
 shared_memory.allgather_fn, shared_memory.all_reduce = counted("all_gather", shared_memory.allgather_fn), counted("all_reduce", shared_memory.all_reduce)
 default_step = step_loss(by_all_reduce=None)
 default_fetches, fetches[:] = fetches[:], []
 turns_in_default_step = shared_memory._turn
 shm = {"all_gather": gather_all(shared_memory), "all_reduce": reduce_all(shared_memory),
-       "all_gather_in_chunks": gather_all(in_chunks := zero._FetchThroughSharedMemory(deepspeed.comm, world, rank, chunk_bytes=24)),  # 6 fp32 values a chunk
+       "all_gather_in_chunks": gather_all(in_chunks := zero._FetchThroughSharedMemory(deepspeed.comm, world, rank, chunk_bytes=SMALL_CHUNK)),
        "all_reduce_in_chunks": reduce_all(in_chunks)}
 bf16_through_shm = gather_all(shared_memory, torch.bfloat16)
 shm_losses = [default_step, step_loss(by_all_reduce=False)]
@@ -87,7 +88,7 @@ result = {
     "exchanged_chunks": {"default_step": turns_in_default_step, "in_chunks": in_chunks._turn},  # through shared memory, not gloo
     "bf16_bitwise_equal": all(torch.equal(bf16_through_shm[n].view(torch.int16), through_gloo[n].bfloat16().view(torch.int16)) for n in through_gloo),
     "bitwise_equal": {way: all(torch.equal(got[n].view(torch.int32), through_gloo[n].view(torch.int32)) for n in through_gloo) for way, got in shm.items()},
-    "largest_shard_in_chunks": max(p.ds_tensor.numel() for p in model.parameters()) * 4 // 24,
+    "largest_shard_in_chunks": max(p.ds_tensor.numel() for p in model.parameters()) * 4 // SMALL_CHUNK,
     "odd_sizes": sum(1 for p in model.parameters() if p.ds_numel % world),
     "negative_zero_kept": {way: bool(torch.signbit(got["transformer.h.0.ln_1.bias"][:3]).all()) for way, got in shm.items()},
     "losses": [*shm_losses, gloo_losses],
