@@ -37,6 +37,7 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
     from dsee_scale import DSEEConfig, apply_dsee, count_parameters, save_adapter
+    from dsee_scale.engine import unlink_shm_buffers
     from dsee_scale.export import export_hf
 
     # Accelerate picks no backend for DeepSpeed on CPU: configure its state with ours first.
@@ -51,6 +52,9 @@ def main() -> None:
         deepspeed=ds_config, bf16=False, fp16=False, seed=42, remove_unused_columns=True,
         accelerator_config={"use_configured_state": True},
     )
+    if torch.distributed.is_initialized():  # DeepSpeed's CPU collectives made their /dev/shm buffers with it
+        torch.distributed.barrier()  # every rank has mapped every peer's: the names can go (tmpfs is RAM)
+        unlink_shm_buffers()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = datasets.load_dataset("csv", data_files={"train": args.train_file, "eval": args.eval_file}, delimiter="\t", quoting=3)
     if args.max_train_samples:

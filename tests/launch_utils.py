@@ -22,12 +22,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_ranks(script: str, args: list[str], nproc: int, env: dict, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+def spawn_ranks(script: str, args: list[str], nproc: int, env: dict, cwd: Path, timeout: int, port: str | None = None) -> subprocess.CompletedProcess:
     """The ranks started directly with the environment launchers give them (torchrun's contract;
     LOCAL_SIZE as DeepSpeed's launcher sets it). No launcher process: DeepSpeed's costs ~8 s of
     imports per launch, most of a small test. As launchers do, when a rank fails the others are
-    killed; the job's code is the first failure's. test_launchers shows the launchers equal."""
-    port, procs, logs = str(free_port()), [], []
+    killed; the job's code is the first failure's. test_launchers shows the launchers equal.
+    `port`: the rendezvous port, for a test that looks for what the run left behind; else a free one."""
+    port, procs, logs = port or str(free_port()), [], []
     for rank in range(nproc):
         world = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         logs.append(tempfile.TemporaryFile(mode="w+"))
@@ -107,7 +108,7 @@ def launch(launcher: str, script: str, args: list, timeout: int = 300, nproc: in
         if attempt and script == "launch/train.py" and "--resume" not in run_args:
             run_args.append("--overwrite")  # the aborted run's folder is there
         if launcher == "ranks":
-            return spawn_ranks(script, run_args, nproc, full_env, cwd, timeout)
+            return spawn_ranks(script, run_args, nproc, full_env, cwd, timeout, port=(env or {}).get("MASTER_PORT"))
         return subprocess.run(launcher_command(launcher, script, nproc) + run_args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
     return once_more_on_abort(start, f"{launcher} {script}")

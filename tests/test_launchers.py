@@ -1,5 +1,6 @@
 """launch/train.py under every launcher: 2 real CPU ranks train, prune, re-tune and export;
 the export is re-evaluated in this (plain) process and must give the metric the run reported."""
+import glob
 import json
 import os
 import shutil
@@ -109,8 +110,10 @@ def test_hf_trainer_with_apply_dsee_under_zero3(tmp_path):
     train, dev = tmp_path / "train.tsv", tmp_path / "dev.tsv"
     train.write_text("".join((SHARED_DATA / "sst2" / "train.tsv").read_text().splitlines(keepends=True)[:129]))
     dev.write_text("".join((SHARED_DATA / "sst2" / "test.tsv").read_text().splitlines(keepends=True)[:49]))
-    out = tmp_path / "out"
-    run_launcher("ranks", "launch/hf_trainer_example.py", ["--model", minilm_dir(), "--train_file", train, "--eval_file", dev, "--output_dir", out, "--max_steps", 4])
+    out, port = tmp_path / "out", str(free_port())
+    run_launcher("ranks", "launch/hf_trainer_example.py", ["--model", minilm_dir(), "--train_file", train, "--eval_file", dev, "--output_dir", out, "--max_steps", 4],
+                 env={"MASTER_PORT": port})
+    assert not glob.glob(f"/dev/shm/deepspeed_*_{port}_*")  # DeepSpeed's CPU collectives' buffers (69 MB each, RAM) are gone
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2
     assert result["trainable"] == 6 * 2 * (8 * (384 + 384) + 64) + 384 * 2 + 2
