@@ -38,7 +38,6 @@ def init_distributed(timeout_min: float = 30.0) -> None:
     if get_accelerator().device_name() != "cpu":  # one device per rank before the first collective (Ω's broadcasts)
         get_accelerator().set_device(dist.local_rank())
     else:
-        dist.barrier()  # every rank has mapped every peer's buffer (DeepSpeed's shm_initialize)
         unlink_shm_buffers()
         if zero.fetch_through_shared_memory() and dist.is_main():
             log.info("ZeRO-3 fetches weights through shared memory")
@@ -63,7 +62,9 @@ def unlink_shm_buffers() -> None:
     """DeepSpeed's CPU shared-memory collectives create a 69 MB /dev/shm buffer per rank and run
     (tmpfs: it is RAM) and never remove it; a killed run left them behind (19 GB after one test
     suite). Once every rank has mapped them, the names can go: the memory stays mapped while the
-    ranks live and is freed with the last of them, however it ends."""
+    ranks live and is freed with the last of them, however it ends. Collective: every rank calls it
+    once the process group (and with it DeepSpeed's shm_initialize) is up."""
+    dist.barrier()  # every rank has mapped every peer's buffer
     pattern = f"/dev/shm/deepspeed_*_{os.environ.get('MASTER_ADDR', '*')}_{os.environ.get('MASTER_PORT', '*')}_{dist.rank()}"
     for path in glob.glob(pattern):
         with contextlib.suppress(OSError):

@@ -53,7 +53,6 @@ def main() -> None:
         accelerator_config={"use_configured_state": True},
     )
     if torch.distributed.is_initialized():  # DeepSpeed's CPU collectives made their /dev/shm buffers with it
-        torch.distributed.barrier()  # every rank has mapped every peer's: the names can go (tmpfs is RAM)
         unlink_shm_buffers()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = datasets.load_dataset("csv", data_files={"train": args.train_file, "eval": args.eval_file}, delimiter="\t", quoting=3)
