@@ -15,7 +15,10 @@ hardware: a CPU with AVX-512 bf16 or AMX (peak RSS is host memory).
 
 Each method runs as its own 2-rank `deepspeed` job (peak RSS is per process); one JSON line per
 method (and the floor) is printed and appended to benchmarks/results/memory.jsonl (or --out),
-all with one run_id, each with s/step ÷ the floor's and peak RSS ÷ PEFT LoRA's.
+all with one run_id, each with s/step ÷ the floor's and peak RSS ÷ PEFT LoRA's. On one machine
+the ranks read frozen weights whole from shared memory (zero.share_frozen_weights), so RSS counts
+them in each rank: peak PSS splits shared pages between the ranks. "dsee_gathered" is DSEE with
+ZeRO-3 fetching the frozen weights itself, the baseline of that change.
 """
 import argparse
 import ctypes.util
@@ -28,7 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("full", "peft_lora", "dsee")
+METHODS = ("full", "peft_lora", "dsee", "dsee_gathered")
+# rows that run another method's worker with flags: DSEE as ZeRO-3 alone fetches the frozen weights
+VARIANTS = {"dsee_gathered": ("dsee", ["--no_share_frozen_weights"])}
 PEER_METHODS = ("optimized_linear", "dsee")  # --model medium-llama
 # glibc's default mmap threshold grows with freed blocks and keeps gathered layers resident; a
 # fixed threshold returns them to the OS, at the price of a page fault per page of every fetch.
@@ -66,6 +71,7 @@ def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
     ranks = sorted((json.loads(line) for line in scratch.read_text().splitlines()), key=lambda r: r["rank"])
     return {"method": "floor", "model": ranks[0]["model"], "params": ranks[0]["params"], "trainable_params": ranks[0]["trainable_params"], "world_size": 2,
             "seq": ranks[0]["seq"], "micro_batch": ranks[0]["micro_batch"], "peak_rss_mb_per_rank": [r["peak_mb"] for r in ranks],
+            "peak_pss_mb_per_rank": [r["peak_pss_mb"] for r in ranks],
             "s_per_step": round(max(r["s_per_step"] for r in ranks), 4)}
 
 
@@ -95,15 +101,18 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp()) / "memory.jsonl"
     env = {**os.environ, **ALLOCATORS[args.allocator], "PYTHONPATH": str(ROOT)}  # the same allocator for every method and the floor
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    lines = []
     for method in methods:
-        cmd = [deepspeed, "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", str(args.master_port + methods.index(method)), "benchmarks/memory_worker.py", "--method", method, "--out", str(scratch), *size]
+        worker, flags = VARIANTS.get(method, (method, []))
+        cmd = [deepspeed, "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", str(args.master_port + methods.index(method)), "benchmarks/memory_worker.py",
+               "--method", worker, *flags, "--out", str(scratch), *size]
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             cmd += ["--profile", str(Path(args.profile, f"profile_{method}.json"))]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{method} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-    lines = [json.loads(line) for line in scratch.read_text().splitlines()]
+        lines.append({**json.loads(scratch.read_text().splitlines()[-1]), "method": method})
     if methods == METHODS:  # the floor is DSEE's fp32 work: no floor for the bf16 comparison
         lines.append(floor(size, env, args.profile))
     by_method = {line["method"]: line for line in lines}

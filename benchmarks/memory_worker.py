@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsee_scale import DSEEConfig, apply_dsee, count_parameters  # noqa: E402
+from dsee_scale import DSEEConfig, apply_dsee, count_parameters, zero  # noqa: E402
 from dsee_scale.arch import LLAMA_SIZES  # noqa: E402
 from dsee_scale.baselines import apply_peft_lora  # noqa: E402
 from dsee_scale.config import train_config_from_argv  # noqa: E402
@@ -82,6 +82,7 @@ p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GP
 p.add_argument("--no_comms_log", action="store_true", help="time without DeepSpeed's comms logger (it synchronises the device after every collective); traffic is then not reported")
 p.add_argument("--ds_config", help="the engine's DeepSpeed config file (batch, precision and logging set here); default: ZeRO-3 with DeepSpeed's usual settings (ZeRO-2 for optimized_linear)")
 p.add_argument("--profile", help="write where rank 0's timed steps spend their time (torch.profiler, self CPU time by kind of op) to this JSON file")
+p.add_argument("--no_share_frozen_weights", action="store_true", help="ZeRO-3 gathers frozen weights at every use, as without dsee_scale's shared-memory weights (create_engine's share_frozen)")
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
 if args.method == "optimized_linear" and not (args.bf16 and args.model in LLAMA_SIZES):
@@ -100,8 +101,8 @@ else:
     rank, world = dist.get_rank(), dist.get_world_size()
 ds_config = None
 if not floor:
-    zero = {"stage": 2} if args.method == "optimized_linear" else {"stage": 3, "stage3_param_persistence_threshold": 100000, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7, "stage3_prefetch_bucket_size": 5e7}
-    ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else {"zero_optimization": zero}
+    zero_config = {"stage": 2} if args.method == "optimized_linear" else {"stage": 3, "stage3_param_persistence_threshold": 100000, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7, "stage3_prefetch_bucket_size": 5e7}
+    ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else {"zero_optimization": zero_config}
     ds_config.update({
         "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1, "train_batch_size": args.batch * world, "steps_per_print": 10**9,
         "comms_logger": {"enabled": not args.no_comms_log, "verbose": False, "prof_all": True, "debug": False}, "bf16": {"enabled": args.bf16},
@@ -135,7 +136,7 @@ if args.method == "optimized_linear":  # count_parameters sees this rank's shard
 if floor:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 else:
-    engine = create_engine(model, ds_config, lr=1e-4)
+    engine = create_engine(model, ds_config, lr=1e-4, share_frozen=not args.no_share_frozen_weights)
 generator = torch.Generator().manual_seed(rank)
 times = []
 from deepspeed.accelerator import get_accelerator  # noqa: E402
@@ -173,21 +174,33 @@ def bytes_per_step(name_part: str) -> float:
     return total_bytes / args.steps
 
 
+def shared_mb() -> float:
+    """What this process's RSS counts of memory it shares with its peers, less its share of it
+    (Rss - Pss): weights in /dev/shm, shared-memory buffers, library code. They are mapped and
+    read from the first step on, so peak RSS less this is the peak proportional set size: the
+    process's memory with shared pages split between their users, which sums to the machine's."""
+    fields = dict(line.split()[:2] for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+    return (int(fields["Rss:"]) - int(fields["Pss:"])) / 1024
+
+
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak_pss_mb = peak_mb - shared_mb()
 if floor:  # no process group: this process's own line
     with open(args.out, "a") as f:
-        f.write(json.dumps({"method": "floor", "rank": rank, "peak_mb": round(peak_mb, 1), "s_per_step": statistics.median(times), "params": total,
+        f.write(json.dumps({"method": "floor", "rank": rank, "peak_mb": round(peak_mb, 1), "peak_pss_mb": round(peak_pss_mb, 1), "s_per_step": statistics.median(times), "params": total,
                             "trainable_params": trainable, "seq": args.seq, "micro_batch": args.batch, "model": args.model}) + "\n")
     sys.exit(0)
 gathered = [None] * world
 on_device = accelerator.device_name() != "cpu"
 peak_device_mb = accelerator.max_memory_allocated() / 2**20 if on_device else None
-dist.all_gather_object(gathered, {"peak_mb": peak_mb, "peak_device_mb": peak_device_mb, "s_per_step": statistics.median(times), "all_gather": bytes_per_step("all_gather"), "reduce_scatter": bytes_per_step("reduce_scatter"),
+dist.all_gather_object(gathered, {"peak_mb": peak_mb, "peak_pss_mb": peak_pss_mb, "peak_device_mb": peak_device_mb, "s_per_step": statistics.median(times), "all_gather": bytes_per_step("all_gather"), "reduce_scatter": bytes_per_step("reduce_scatter"),
                                 "reduce": bytes_per_step("reduce")})
 if rank == 0:
     line = {
         "method": args.method, "model": args.model, "params": total, "trainable_params": trainable, "world_size": world, "seq": args.seq, "micro_batch": args.batch,
         "peak_rss_mb_per_rank": [round(g["peak_mb"], 1) for g in gathered],
+        "peak_pss_mb_per_rank": [round(g["peak_pss_mb"], 1) for g in gathered],
+        "share_frozen_weights": not args.no_share_frozen_weights, "shared_frozen_weights": sum(map(zero.shares_memory, model.parameters())),
         "s_per_step": round(max(g["s_per_step"] for g in gathered), 4),
         "tokens_per_s": round(world * args.batch * args.seq / max(g["s_per_step"] for g in gathered), 1),
         "peak_device_mb": [round(g["peak_device_mb"], 1) for g in gathered] if on_device else None, "bf16": args.bf16,

@@ -40,10 +40,12 @@ def newest_memory_run(model: str) -> list[dict]:
 
 
 def memory_columns(r: dict) -> list:
-    return [r["method"], f"{r['trainable_params']:,}", " / ".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"]), f"{r['s_per_step']:.2f}", r.get("all_gather_mb_per_step", "—")]
+    per_rank = [" / ".join(f"{x:.0f}" for x in r[key]) if key in r else "—" for key in ("peak_rss_mb_per_rank", "peak_pss_mb_per_rank")]
+    return [r["method"], f"{r['trainable_params']:,}", *per_rank, f"{r['s_per_step']:.2f}", r.get("all_gather_mb_per_step", "—")]
 
 
-MEMORY_HEADER = ["method", "trainable", "peak RSS MB (rank 0 / 1)", "s/step (median)", "all-gather MB/step"]
+# PSS: shared pages (weights in /dev/shm, shm buffers, libraries) split between the ranks
+MEMORY_HEADER = ["method", "trainable", "peak RSS MB (rank 0 / 1)", "peak PSS MB (rank 0 / 1)", "s/step (median)", "all-gather MB/step"]
 
 
 def memory_section(model: str = "gpt2-medium") -> str:
@@ -157,8 +159,12 @@ def _plot_memory(rows) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar([r["method"] for r in rows], [max(r["peak_rss_mb_per_rank"]) for r in rows])
-    ax.set_ylabel("peak RSS per rank (MB)")
+    at = range(len(rows))
+    ax.bar([x - 0.2 for x in at], [max(r["peak_rss_mb_per_rank"]) for r in rows], width=0.4, label="RSS")
+    ax.bar([x + 0.2 for x in at], [max(r.get("peak_pss_mb_per_rank", [0])) for r in rows], width=0.4, label="PSS (shared pages split)")
+    ax.set_xticks(list(at), [r["method"] for r in rows], fontsize=8)
+    ax.set_ylabel("peak per rank (MB)")
+    ax.legend(fontsize=7)
     ax.set_title("GPT-2-medium, ZeRO-3, 2 CPU ranks")
     fig.tight_layout()
     fig.savefig(HERE / "memory.png", dpi=120)

@@ -192,6 +192,7 @@ class TrainConfig:
     gen_samples: int = field(default=32, metadata={"help": "LM with source||target data: examples generated for BLEU"})
     gen_max_new_tokens: int = field(default=40, metadata={"help": "tokens generated per example for BLEU"})
     gen_whole_model: bool = field(default=True, metadata={"help": "under ZeRO-3, gather the whole model on every rank for BLEU's generation when it fits in memory (checked first), so ranks generate independently; false: every token's forward fetches each layer, ranks in step (synced_gpus)"})
+    share_frozen_weights: bool = field(default=True, metadata={"help": "ZeRO-3 ranks on one CPU machine: each frozen weight's partitions lie side by side in /dev/shm, so every rank reads the weight whole with no fetch, and the machine still holds it once; false: ZeRO-3 gathers it at every use"})
     dsee: DSEEConfig = field(default_factory=DSEEConfig)
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(sparsity=0.5))
 

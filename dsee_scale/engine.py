@@ -71,12 +71,13 @@ def unlink_shm_buffers() -> None:
             os.unlink(path)
 
 
-def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):
+def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), share_frozen: bool = True):
     """deepspeed.initialize with a torch AdamW over the trainable parameters only.
 
     Frozen weights therefore get no gradient buffers, no fp32 master copy and no optimizer state;
-    adapters are kept whole on every rank (see zero.keep_whole). A torch AdamW needs no op
-    compile, unlike the config optimizer "AdamW" (FusedAdam) on CPU.
+    adapters are kept whole on every rank (see zero.keep_whole). With share_frozen, so are frozen
+    weights where the ranks share a CPU machine: one copy in shared memory, read by all
+    (zero.share_frozen_weights). A torch AdamW needs no op compile, unlike the config optimizer "AdamW" (FusedAdam) on CPU.
     """
     import deepspeed
 
@@ -96,6 +97,8 @@ def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: fl
         with _muon_not_imported():
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     zero.keep_whole(engine, adapter_parameters(model))
+    if zero.share_frozen_weights(model, share_new=share_frozen) and dist.is_main():
+        log.info("frozen weights are whole on every rank through shared memory, held once on this machine")
     return engine
 
 

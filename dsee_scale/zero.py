@@ -130,14 +130,20 @@ def edit_local_shard(param: torch.Tensor, fn) -> None:
     copy in step.
 
     Editing ds_tensor of a parameter that is currently whole (persistent or fetched) does not
-    change its full copy, so the same edit is made to that copy's slice too.
+    change its full copy, so the same edit is made to that copy's slice too (unless the copy is
+    a view of the weight's shared file). Collective for weights in shared memory.
     """
     start, stop = shard_range(param)
+    shared = shares_memory(param)
+    if shared:  # peers read this slice whenever they like: edit once every rank has stopped reading
+        torch.distributed.barrier()
     with shard_in_memory(param, modify=True):
         fn(local_shard(param), start)
-        if is_partitioned(param) and is_whole(param):
+        if is_whole(param) and not _views_its_file(param):
             param.data.view(-1)[start:stop].copy_(local_shard(param))
             _sync_whole_copy(param)
+    if shared:  # and read it again once every rank has edited
+        torch.distributed.barrier()
 
 
 def _sync_whole_copy(param: torch.Tensor) -> None:
@@ -163,8 +169,14 @@ def gathered(params: Sequence[torch.Tensor], modify: bool = False) -> Iterator[N
         return
     import deepspeed
 
+    if modify:  # a view of a shared file is every rank's copy: each rank edits a private one
+        for param in params:
+            if _views_its_file(param):
+                param.partition()
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
         yield
+    if modify and any(shares_memory(p) for p in params):  # peers read the slices written back from now on
+        torch.distributed.barrier()
 
 
 def whole_model_fits(module: nn.Module) -> bool:
@@ -177,7 +189,7 @@ def whole_model_fits(module: nn.Module) -> bool:
     if on_nvme_count(module):  # its whole copy would need a swap buffer per NVMe weight at once
         return False
     accelerator = get_accelerator()
-    need = sum(full_numel(p) * full_dtype(p).itemsize for p in module.parameters())
+    need = sum(full_numel(p) * full_dtype(p).itemsize for p in module.parameters() if not shares_memory(p))  # shared: whole already
     sharing = dist.local_world_size() if accelerator.device_name() == "cpu" else 1  # a CPU host's memory serves all its ranks
     fits = need * sharing <= 0.8 * accelerator.available_memory()
     return bool(dist.all_reduce(torch.tensor([int(fits)], device=next(module.parameters()).device), op="min").item())
@@ -193,8 +205,11 @@ def whole_model(engine) -> Iterator[None]:
     if offload is None:  # not ZeRO-3: the model is whole already
         yield
         return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
     module = offload.module
     engine.empty_partition_cache()  # nothing prefetched or half-released from the last forward
+    _view_whole([p for p in module.parameters() if shares_memory(p)], ZeroParamStatus.AVAILABLE)
     with gathered(list(module.parameters())):
         for param in module.parameters():
             param.ds_active_sub_modules.clear()
@@ -300,10 +315,7 @@ class _FetchThroughSharedMemory:
 
     def __init__(self, comm, world: int, rank: int, chunk_bytes: int = FETCH_CHUNK_BYTES) -> None:
         self._comm, self._world, self._rank, self._chunk = comm, world, rank, chunk_bytes
-        from dsee_scale import dist
-
-        nonce = dist.broadcast(torch.tensor([secrets.randbits(62)], device="cpu"), src=0).item()  # host: names this instance's files
-        path = [f"/dev/shm/dsee_fetch_{nonce}_{r}" for r in range(world)]
+        path = [f"/dev/shm/dsee_fetch_{_shm_nonce()}_{r}" for r in range(world)]
         own = self._map(path[rank])
         torch.distributed.barrier()  # every buffer exists
         self._buffers = [own if r == rank else self._map(path[r]) for r in range(world)]
@@ -391,15 +403,136 @@ def fetch_through_shared_memory() -> bool:
     world = comm.get_world_size()
     if not (world > 1 and dist.local_world_size() == world and partition_parameters.dist is comm and hasattr(comm, "allgather_fn")):
         return False
-    # tmpfs writes past its size are SIGBUS, not errors: every rank must see room for all the
-    # buffers (2 chunks per rank), twice over, as other runs may share the machine's /dev/shm
-    room = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
-    free = room.f_bavail * room.f_frsize if room else 0
-    fits = torch.tensor([int(free > 2 * (2 * world * FETCH_CHUNK_BYTES))], device="cpu")  # host: a gloo flag
-    if not dist.all_reduce(fits, op="min").item():
+    if not _shm_room_everywhere(2 * world * FETCH_CHUNK_BYTES):  # 2 chunks per rank
         return False
     partition_parameters.dist = _FetchThroughSharedMemory(comm, world, comm.get_rank())
     if world == 2:
         DeepSpeedZeroConfig.model_fields["use_all_reduce_for_fetch_params"].default = True
         DeepSpeedZeroConfig.model_rebuild(force=True)
     return True
+
+
+def _shm_room_everywhere(size: int) -> bool:
+    """Whether /dev/shm has room for `size` bytes, twice over, on every rank (collective): tmpfs
+    writes past its size are SIGBUS, not errors, and other runs may share the machine's."""
+    from dsee_scale import dist
+
+    room = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
+    free = room.f_bavail * room.f_frsize if room else 0
+    return bool(dist.all_reduce(torch.tensor([int(free > 2 * size)], device="cpu"), op="min").item())  # host: a gloo flag
+
+
+def _shm_nonce() -> int:
+    """A random number from rank 0 (collective), naming one call's /dev/shm files."""
+    from dsee_scale import dist
+
+    return dist.broadcast(torch.tensor([secrets.randbits(62)], device="cpu"), src=0).item()  # host: over gloo
+
+
+def shares_memory(param: torch.Tensor) -> bool:
+    """A frozen weight whose partitions lie side by side in one /dev/shm file (share_frozen_weights)."""
+    return hasattr(param, "ds_shared_whole")
+
+
+def _views_its_file(param: torch.Tensor) -> bool:
+    """A shared weight that is whole as a view of its file (not as a private gather)."""
+    return shares_memory(param) and is_whole(param) and param.data.data_ptr() == param.ds_shared_whole.data_ptr()
+
+
+def _shareable(param: torch.Tensor, world: int) -> bool:
+    import torch.distributed as tdist
+
+    tensor = param.ds_tensor
+    return (not param.requires_grad and not param.ds_persist and not shares_memory(param) and tensor.device.type == "cpu"
+            and getattr(tensor, "final_location", None) is None and not hasattr(tensor, "ds_quant_scale")
+            and getattr(param, "ds_zero_param_process_group", None) is None  # no hpZ secondary partitions
+            and tdist.get_world_size(group=param.ds_process_group) == world)
+
+
+def share_frozen_weights(module: nn.Module, share_new: bool = True) -> int:
+    """On CPU ranks that share one machine, each frozen weight's ZeRO-3 partitions lie side by
+    side in one /dev/shm file: rank r's shard is the file's r-th slice, written by rank r alone,
+    so the file is the whole weight. ZeRO-3's fetch makes it a view of that file: no copy, no
+    collective waiting for a peer, and the machine holds each weight once, as the partitions did.
+    Only frozen weights: a peer's slice is read at any time, so the writes (edit_local_shard,
+    gathered(modify=True)) are collective and fenced by barriers, and none may happen in a step;
+    DeepSpeed's own writers (engine.load_checkpoint of module weights, offload_states) are not
+    fenced, and dsee_scale does not call them. Shared weights count against
+    stage3_max_live_parameters until the step ends (ZeRO-3 keeps them fetched), which stops its
+    prefetch of what is not shared: trainable weights, whole already if adapters.
+    With share_new=False nothing more is shared, but ZeRO-3's fetch is still wrapped for every
+    parameter once any is shared (a rank's fetch of a module goes through whichever of its
+    parameters comes first in a set, so all must fetch alike). Collective; returns how many
+    weights this call shared (none where /dev/shm lacks room on a rank)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from dsee_scale import dist
+
+    _wrap_fetches(module)
+    world = dist.world_size()
+    if not share_new or world < 2 or dist.local_world_size() != world or get_accelerator().device_name() != "cpu":  # a GPU fetches onto itself
+        return 0
+    params = [p for p in module.parameters() if is_partitioned(p) and _shareable(p, world)]
+    ids = sum(p.ds_id for p in params)
+    agreed = dist.all_reduce(torch.tensor([len(params), -len(params), ids, -ids], device="cpu"), op="min")  # host: gloo integers
+    if not (params and agreed[0] == -agreed[1] and agreed[2] == -agreed[3]):  # every rank the same weights
+        return 0
+    if not _shm_room_everywhere(sum(p.ds_numel_aligned * p.ds_tensor.dtype.itemsize for p in params)):
+        return 0
+    rank, nonce = dist.rank(), _shm_nonce()
+    paths = [f"/dev/shm/dsee_weights_{nonce}_{i}" for i in range(len(params))]
+    wholes = [torch.from_file(path, shared=True, size=p.ds_numel_aligned, dtype=p.ds_tensor.dtype) for path, p in zip(paths, params)]
+    dist.barrier()  # every file exists at its full size and is mapped everywhere: the names can go (tmpfs is RAM)
+    for path in paths[rank::world]:
+        os.unlink(path)
+    for param, whole in zip(params, wholes):
+        size = param.ds_tensor.ds_numel
+        own = whole.narrow(0, rank * size, size)
+        own.copy_(param.ds_tensor.data)
+        param.ds_tensor.data = own
+        param.ds_shared_whole = whole
+        param.ds_persist = True  # kept from forward to backward (free: a view); ZeRO-3 still releases it at each step
+    _wrap_fetches(module)
+    dist.barrier()  # every slice written before anyone reads a peer's
+    return len(params)
+
+
+def _wrap_fetches(module: nn.Module) -> None:
+    """Wrap ZeRO-3's fetch of every partitioned parameter not wrapped yet, once any is shared."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if not any(shares_memory(p) for p in module.parameters()):
+        return
+    for param in module.parameters():
+        if is_partitioned(param) and not hasattr(param, "ds_gather_unshared"):
+            param.ds_gather_unshared = param.all_gather_coalesced
+            param.all_gather_coalesced = _fetch_shared_first(param.ds_gather_unshared, ZeroParamStatus)
+
+
+def _view_whole(params: Sequence[torch.Tensor], status) -> None:
+    """Released shared weights become whole as views of their files, in ZeRO-3 status `status`."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for param in params:
+        if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+            raise RuntimeError(f"expected a released parameter: {param.ds_summary()}")
+        param.data = param.ds_shared_whole.narrow(0, 0, param.ds_numel).view(param.ds_shape)
+        param.ds_status = status
+
+
+def _fetch_shared_first(gather, status):
+    """ZeRO-3's fetch (partition_parameters' all_gather_coalesced, called by its coordinator through
+    one of a module's parameters): shared weights become views at once, the rest go to `gather`."""
+    from deepspeed.runtime.zero.partition_parameters import AllReduceCoalescedHandle, MultipleAllGatherHandles
+
+    def all_gather_coalesced(params, safe_mode: bool = False, quantize: bool = False):
+        params = list(params)
+        shared = [p for p in params if shares_memory(p)]
+        _view_whole(shared, status.INFLIGHT)  # as ZeRO-3 leaves them for its handle's wait
+        rest = [p for p in params if not shares_memory(p)]
+        handles = [AllReduceCoalescedHandle(_Done(), shared)] if shared else []
+        if rest or not shared:
+            handles.append(gather(rest, safe_mode=safe_mode, quantize=quantize))
+        return MultipleAllGatherHandles(handles)
+
+    return all_gather_coalesced

@@ -49,6 +49,9 @@ def test_optimized_linear_row_shards_the_targets_and_trains_the_same_lora_as_dse
     # each forward gathers the q and v weights from their halves: bf16, sent by each rank
     assert peer["all_gather_mb_per_step"] >= layers * 2 * width * width * 2 / 2 / 2**20
     assert all(row["bf16"] and row["s_per_step"] > 0 for row in (peer, dsee))
+    # PSS splits shared pages (DSEE's frozen weights in /dev/shm, libraries) between the ranks
+    assert all(0 < pss < rss for row in (peer, dsee) for pss, rss in zip(row["peak_pss_mb_per_rank"], row["peak_rss_mb_per_rank"]))
+    assert peer["shared_frozen_weights"] == 0 and dsee["shared_frozen_weights"] == layers * 7 + 2  # ZeRO-2 partitions nothing; every frozen matrix and both embeddings
 
 
 @pytest.mark.parametrize("flags", [["--model", "small-llama"], ["--model", "gpt2-medium", "--bf16"]])

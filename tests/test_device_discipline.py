@@ -24,8 +24,9 @@ ALLOWED_CPU = {
     ("support.py", "grebsmo_sparse_part"): "the seeded CPU generator for those probes",
     ("support.py", "random_support"): "random Ω from the seeded CPU generator",
     ("checkpoint.py", "_step_like"): "torch's AdamW keeps its step count on the host",
-    ("zero.py", "__init__"): "the shared-memory fetch's file name, broadcast over gloo (CPU ranks only)",
-    ("zero.py", "fetch_through_shared_memory"): "whether /dev/shm has room on every rank, agreed over gloo (CPU ranks only)",
+    ("zero.py", "_shm_room_everywhere"): "whether /dev/shm has room on every rank, agreed over gloo (CPU ranks only)",
+    ("zero.py", "_shm_nonce"): "a /dev/shm file name, broadcast over gloo (CPU ranks only)",
+    ("zero.py", "share_frozen_weights"): "which weights every rank would share, agreed over gloo (CPU ranks only)",
 }
 
 

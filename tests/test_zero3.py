@@ -178,3 +178,17 @@ def test_zero3_sums_only_in_its_fetch_by_all_reduce():
     # these star-import partition_parameters: they must keep their own deepspeed.comm, as they do
     # when imported before the wrapper is installed
     assert all(module.dist is deepspeed.comm for module in (parameter_offload, partitioned_param_coordinator, stage3))
+
+
+def test_frozen_weights_shared_in_memory_train_as_zero3s_own_fetch(tmp_path):
+    """On CPU ranks of one machine frozen weights lie once in shared memory, whole for every rank
+    (zero.share_frozen_weights): losses equal ZeRO-3 fetching them itself, bit for bit, and the
+    writes to them land once and are seen by every rank."""
+    run_launcher("ranks", "tests/dist/shared_weights.py", [tmp_path])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["frozen"] > 0 and result["shared"] == result["frozen"] and result["trainable_shared"] == 0 and result["odd_sizes"] > 0
+    assert len(result["mapped_files"]) >= result["frozen"] and all(name.endswith("(deleted)") for name in result["mapped_files"]), result["mapped_files"]
+    assert result["mixed_group"] and result["shard_is_own_slice"] and result["losses_equal"] and result["fetch_is_view"]
+    assert result["modify_lands_once"]
+    assert result["peer_edits_seen"] == [[7.0], [8.0]]
+    assert result["whole_model_equal"]

@@ -58,7 +58,7 @@ def step_loss(by_all_reduce: bool | None) -> list[float]:
     step_config = config if by_all_reduce is None else {**config, "zero_optimization": {**config["zero_optimization"], "stage3_use_all_reduce_for_fetch_params": by_all_reduce}}
     copy = build_model(tiny_config("gpt2", vocab_size=129, n_embd=33, n_head=3), "lm", ds_config=step_config)
     apply_dsee(copy, DSEEConfig(rank=4, nnz=8, support="magnitude"), ds_config=step_config)
-    engine = create_engine(copy, step_config, lr=1e-2)
+    engine = create_engine(copy, step_config, lr=1e-2, share_frozen=False)  # every weight fetched through the exchange
     losses = train_steps(engine, 2, "lm", rank, world)
     engine.destroy()
     return losses
