@@ -396,12 +396,10 @@ def fetch_through_shared_memory() -> bool:
     from deepspeed.runtime.zero import partition_parameters
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from dsee_scale import dist
-
     if isinstance(partition_parameters.dist, _FetchThroughSharedMemory):
         return True
     world = comm.get_world_size()
-    if not (world > 1 and dist.local_world_size() == world and partition_parameters.dist is comm and hasattr(comm, "allgather_fn")):
+    if not (_ranks_share_one_machine() and partition_parameters.dist is comm and hasattr(comm, "allgather_fn")):
         return False
     if not _shm_room_everywhere(2 * world * FETCH_CHUNK_BYTES):  # 2 chunks per rank
         return False
@@ -410,6 +408,13 @@ def fetch_through_shared_memory() -> bool:
         DeepSpeedZeroConfig.model_fields["use_all_reduce_for_fetch_params"].default = True
         DeepSpeedZeroConfig.model_rebuild(force=True)
     return True
+
+
+def _ranks_share_one_machine() -> bool:
+    """More than one rank, all on this machine (the launcher's local world size is the world)."""
+    from dsee_scale import dist
+
+    return dist.world_size() > 1 and dist.local_world_size() == dist.world_size()
 
 
 def _shm_room_everywhere(size: int) -> bool:
@@ -469,9 +474,9 @@ def share_frozen_weights(module: nn.Module, share_new: bool = True) -> int:
     from dsee_scale import dist
 
     _wrap_fetches(module)
-    world = dist.world_size()
-    if not share_new or world < 2 or dist.local_world_size() != world or get_accelerator().device_name() != "cpu":  # a GPU fetches onto itself
+    if not (share_new and _ranks_share_one_machine() and get_accelerator().device_name() == "cpu"):  # a GPU fetches onto itself
         return 0
+    world = dist.world_size()
     params = [p for p in module.parameters() if is_partitioned(p) and _shareable(p, world)]
     ids = sum(p.ds_id for p in params)
     agreed = dist.all_reduce(torch.tensor([len(params), -len(params), ids, -ids], device="cpu"), op="min")  # host: gloo integers
@@ -499,14 +504,12 @@ def share_frozen_weights(module: nn.Module, share_new: bool = True) -> int:
 
 def _wrap_fetches(module: nn.Module) -> None:
     """Wrap ZeRO-3's fetch of every partitioned parameter not wrapped yet, once any is shared."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
     if not any(shares_memory(p) for p in module.parameters()):
         return
     for param in module.parameters():
         if is_partitioned(param) and not hasattr(param, "ds_gather_unshared"):
             param.ds_gather_unshared = param.all_gather_coalesced
-            param.all_gather_coalesced = _fetch_shared_first(param.ds_gather_unshared, ZeroParamStatus)
+            param.all_gather_coalesced = _fetch_shared_first(param.ds_gather_unshared)
 
 
 def _view_whole(params: Sequence[torch.Tensor], status) -> None:
@@ -520,15 +523,15 @@ def _view_whole(params: Sequence[torch.Tensor], status) -> None:
         param.ds_status = status
 
 
-def _fetch_shared_first(gather, status):
+def _fetch_shared_first(gather):
     """ZeRO-3's fetch (partition_parameters' all_gather_coalesced, called by its coordinator through
     one of a module's parameters): shared weights become views at once, the rest go to `gather`."""
-    from deepspeed.runtime.zero.partition_parameters import AllReduceCoalescedHandle, MultipleAllGatherHandles
+    from deepspeed.runtime.zero.partition_parameters import AllReduceCoalescedHandle, MultipleAllGatherHandles, ZeroParamStatus
 
     def all_gather_coalesced(params, safe_mode: bool = False, quantize: bool = False):
         params = list(params)
         shared = [p for p in params if shares_memory(p)]
-        _view_whole(shared, status.INFLIGHT)  # as ZeRO-3 leaves them for its handle's wait
+        _view_whole(shared, ZeroParamStatus.INFLIGHT)  # as ZeRO-3 leaves them for its handle's wait
         rest = [p for p in params if not shares_memory(p)]
         handles = [AllReduceCoalescedHandle(_Done(), shared)] if shared else []
         if rest or not shared:
