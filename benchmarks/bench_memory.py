@@ -2,8 +2,8 @@
 against the compute floor of data parallelism on this box (method "floor": each rank's DSEE work
 in two concurrent plain processes, one core each, no DeepSpeed, no communication).
 
-    python benchmarks/bench_memory.py            # GPT-2-medium config, seq 128, batch 2, 2 ranks, 10 steps (~16 min)
-    python benchmarks/bench_memory.py --model minilm   # the SST-2 recipes' step: MiniLM-L6, seq 64, batch 16, zero3.json (~3 min)
+    python benchmarks/bench_memory.py            # GPT-2-medium config, seq 128, batch 2, 2 ranks, 10 steps (~21 min)
+    python benchmarks/bench_memory.py --model minilm   # the SST-2 recipes' step: MiniLM-L6, seq 64, batch 16, zero3.json (~4 min)
     python benchmarks/bench_memory.py --quick    # tiny GPT-2, 2 steps: a smoke run (< 60 s)
     python benchmarks/bench_memory.py --model medium-llama   # DSEE vs DeepSpeed's OptimizedLinear LoRA, bf16
 
@@ -18,7 +18,8 @@ method (and the floor) is printed and appended to benchmarks/results/memory.json
 all with one run_id, each with s/step ÷ the floor's and peak RSS ÷ PEFT LoRA's. On one machine
 the ranks read frozen weights whole from shared memory (zero.share_frozen_weights), so RSS counts
 them in each rank: peak PSS splits shared pages between the ranks. "dsee_gathered" is DSEE with
-ZeRO-3 fetching the frozen weights itself, the baseline of that change.
+ZeRO-3 fetching the frozen weights itself, the baseline of that change; "dsee_layer_hooks" is DSEE
+with ZeRO-3's hooks on every layer rather than on each transformer block (zero.hook_per_block).
 """
 import argparse
 import ctypes.util
@@ -31,10 +32,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("full", "peft_lora", "dsee", "dsee_gathered")
-# rows that run another method's worker with flags: DSEE as ZeRO-3 alone fetches the frozen weights
-VARIANTS = {"dsee_gathered": ("dsee", ["--no_share_frozen_weights"])}
-PEER_METHODS = ("optimized_linear", "dsee")  # --model medium-llama
+METHODS = ("full", "peft_lora", "dsee", "dsee_gathered", "dsee_layer_hooks")
+# rows that run another method's worker with flags: DSEE as ZeRO-3 alone fetches the frozen
+# weights, DSEE with ZeRO-3's hooks on every layer instead of each block
+VARIANTS = {"dsee_gathered": ("dsee", ["--no_share_frozen_weights"]), "dsee_layer_hooks": ("dsee", ["--no_hook_per_block"])}
+PEER_METHODS = ("optimized_linear", "dsee", "dsee_layer_hooks")  # --model medium-llama
 # glibc's default mmap threshold grows with freed blocks and keeps gathered layers resident; a
 # fixed threshold returns them to the OS, at the price of a page fault per page of every fetch.
 # jemalloc reuses freed extents and returns idle ones after a second (dirty_decay_ms).

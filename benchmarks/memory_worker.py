@@ -83,6 +83,7 @@ p.add_argument("--no_comms_log", action="store_true", help="time without DeepSpe
 p.add_argument("--ds_config", help="the engine's DeepSpeed config file (batch, precision and logging set here); default: ZeRO-3 with DeepSpeed's usual settings (ZeRO-2 for optimized_linear)")
 p.add_argument("--profile", help="write where rank 0's timed steps spend their time (torch.profiler, self CPU time by kind of op) to this JSON file")
 p.add_argument("--no_share_frozen_weights", action="store_true", help="ZeRO-3 gathers frozen weights at every use, as without dsee_scale's shared-memory weights (create_engine's share_frozen)")
+p.add_argument("--no_hook_per_block", action="store_true", help="ZeRO-3 hooks every layer, not each transformer block as a whole (create_engine's hook_per_block)")
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
 if args.method == "optimized_linear" and not (args.bf16 and args.model in LLAMA_SIZES):
@@ -136,7 +137,7 @@ if args.method == "optimized_linear":  # count_parameters sees this rank's shard
 if floor:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 else:
-    engine = create_engine(model, ds_config, lr=1e-4, share_frozen=not args.no_share_frozen_weights)
+    engine = create_engine(model, ds_config, lr=1e-4, share_frozen=not args.no_share_frozen_weights, hook_per_block=not args.no_hook_per_block)
 generator = torch.Generator().manual_seed(rank)
 times = []
 from deepspeed.accelerator import get_accelerator  # noqa: E402
@@ -200,7 +201,7 @@ if rank == 0:
         "method": args.method, "model": args.model, "params": total, "trainable_params": trainable, "world_size": world, "seq": args.seq, "micro_batch": args.batch,
         "peak_rss_mb_per_rank": [round(g["peak_mb"], 1) for g in gathered],
         "peak_pss_mb_per_rank": [round(g["peak_pss_mb"], 1) for g in gathered],
-        "share_frozen_weights": not args.no_share_frozen_weights, "shared_frozen_weights": sum(map(zero.shares_memory, model.parameters())),
+        "share_frozen_weights": not args.no_share_frozen_weights, "hook_per_block": not args.no_hook_per_block, "shared_frozen_weights": sum(map(zero.shares_memory, model.parameters())),
         "s_per_step": round(max(g["s_per_step"] for g in gathered), 4),
         "tokens_per_s": round(world * args.batch * args.seq / max(g["s_per_step"] for g in gathered), 1),
         "peak_device_mb": [round(g["peak_device_mb"], 1) for g in gathered] if on_device else None, "bf16": args.bf16,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: the systems benchmarks, one after another (they share the 2 cores), then
-# RESULTS.md's tables. Measured on 2 CPU cores: memory 16 min, support 5 min, prune 4 min,
-# GPT-2-XL 8.5 min, fetch 1 min: about 35 min in all. Accuracy runs through launch/train.py and takes hours
+# RESULTS.md's tables. Measured on 2 CPU cores: memory 21 min, support 5 min, prune 4 min,
+# GPT-2-XL 8.5 min, fetch 1 min: about 40 min in all. Accuracy runs through launch/train.py and takes hours
 # here (about 15 min per run): `python benchmarks/bench_glue.py` (RESULTS.md has each command).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -69,6 +69,13 @@ def arch_of(model: nn.Module) -> Arch:
     return ARCHS[model_type(model)]
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a model of a family dsee_scale knows, PEFT's wrapper looked
+    through; none for another model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return arch_of(base).blocks(base) if model_type(base) in ARCHS else []
+
+
 def attention_layers(model: nn.Module) -> list[Attention]:
     arch = arch_of(model)
     return [arch.attention(block) for block in arch.blocks(model)]

@@ -193,6 +193,7 @@ class TrainConfig:
     gen_max_new_tokens: int = field(default=40, metadata={"help": "tokens generated per example for BLEU"})
     gen_whole_model: bool = field(default=True, metadata={"help": "under ZeRO-3, gather the whole model on every rank for BLEU's generation when it fits in memory (checked first), so ranks generate independently; false: every token's forward fetches each layer, ranks in step (synced_gpus)"})
     share_frozen_weights: bool = field(default=True, metadata={"help": "ZeRO-3 ranks on one CPU machine: each frozen weight's partitions lie side by side in /dev/shm, so every rank reads the weight whole with no fetch, and the machine still holds it once; false: ZeRO-3 gathers it at every use"})
+    zero3_hook_per_block: bool = field(default=True, metadata={"help": "where frozen weights are shared (share_frozen_weights: ZeRO-3 CPU ranks on one machine, weights not on NVMe), ZeRO-3 hooks each transformer block as a whole (DeepSpeed's leaf modules): one fetch and one gradient reduction per block instead of hooks on each of its layers and tensors; false: hooks per layer"})
     dsee: DSEEConfig = field(default_factory=DSEEConfig)
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(sparsity=0.5))
 

@@ -14,8 +14,10 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from dsee_scale import dist, zero
+from dsee_scale import arch, dist, zero
 from dsee_scale.inject import adapter_parameters
+from dsee_scale.models import is_zero3
+from dsee_scale.validate import nvme_offload
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +73,24 @@ def unlink_shm_buffers() -> None:
             os.unlink(path)
 
 
-def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), share_frozen: bool = True):
+def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), share_frozen: bool = True,
+                  hook_per_block: bool = True):
     """deepspeed.initialize with a torch AdamW over the trainable parameters only.
 
     Frozen weights therefore get no gradient buffers, no fp32 master copy and no optimizer state;
     adapters are kept whole on every rank (see zero.keep_whole). With share_frozen, so are frozen
     weights where the ranks share a CPU machine: one copy in shared memory, read by all
-    (zero.share_frozen_weights). A torch AdamW needs no op compile, unlike the config optimizer "AdamW" (FusedAdam) on CPU.
+    (zero.share_frozen_weights). There, with hook_per_block, ZeRO-3 hooks each transformer block
+    rather than each layer in it (zero.hook_per_block). A torch AdamW needs no op compile, unlike the config optimizer "AdamW" (FusedAdam) on CPU.
     """
     import deepspeed
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: call apply_dsee first")
+    per_block = hook_per_block and share_frozen and is_zero3(ds_config) and not nvme_offload(ds_config) and zero.can_share_frozen_weights()
+    if per_block:  # (weights on NVMe are not shared)
+        zero.hook_per_block(arch.blocks(model))
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if "optimizer" in ds_config:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
@@ -99,6 +106,9 @@ def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: fl
     zero.keep_whole(engine, adapter_parameters(model))
     if zero.share_frozen_weights(model, share_new=share_frozen) and dist.is_main():
         log.info("frozen weights are whole on every rank through shared memory, held once on this machine")
+    if per_block and not any(map(zero.shares_memory, model.parameters())) and dist.is_main():
+        log.warning("frozen weights could not be shared (too little room in /dev/shm?), so ZeRO-3 fetches them a block at a time, "
+                    "which holds more memory than per layer: set zero3_hook_per_block to false, or free /dev/shm")
     return engine
 
 

@@ -4,6 +4,7 @@ import types
 import deepspeed
 import pytest
 import torch
+from deepspeed.utils import z3_leaf_module
 from torch import nn
 
 from dsee_scale import zero
@@ -16,3 +17,34 @@ def test_keep_whole_refuses_a_deepspeed_without_its_persistence_internals():
     with pytest.raises(RuntimeError, match=f"deepspeed {deepspeed.__version__}"):
         zero.keep_whole(engine, [param])
     zero.keep_whole(engine, [nn.Parameter(torch.zeros(3))])  # nothing partitioned: nothing to do
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, hidden_states):
+        return self.linear(hidden_states)
+
+
+def test_hook_per_block_gives_the_blocks_input_a_gradient_or_refuses_a_block_without_one():
+    """ZeRO-3 reduces a leaf block's gradients from a full backward hook, which would fire before
+    they exist if no positional input needed a gradient: the input is made to need one, and a
+    block called with its hidden states as a keyword is refused (the fix named). A block with no
+    frozen weight (full fine-tuning) is left alone."""
+    block, trained = _Block(), _Block()
+    block.linear.weight.requires_grad_(False)  # frozen, as DSEE leaves it; the bias trains
+    zero.hook_per_block([block, block, trained])  # block twice: one input hook
+    assert z3_leaf_module(block) and len(block._forward_pre_hooks) == 1
+    assert not z3_leaf_module(trained) and not trained._forward_pre_hooks
+    frozen_input = torch.randn(2, 4)
+    seen = []
+    block.register_forward_pre_hook(lambda _module, args: seen.append(bool(args) and args[0].requires_grad))
+    block(frozen_input).sum().backward()
+    assert seen == [True] and not frozen_input.requires_grad  # a detached copy needs it; the caller's tensor is untouched
+    with torch.no_grad():
+        block(hidden_states=frozen_input)  # no gradients, nothing to reduce
+    assert seen == [True, False]
+    with pytest.raises(RuntimeError, match="hidden states as the first positional argument.*zero3_hook_per_block"):
+        block(hidden_states=frozen_input)

@@ -192,3 +192,19 @@ def test_frozen_weights_shared_in_memory_train_as_zero3s_own_fetch(tmp_path):
     assert result["modify_lands_once"]
     assert result["peer_edits_seen"] == [[7.0], [8.0]]
     assert result["whole_model_equal"]
+
+
+def test_hooks_per_block_train_as_hooks_per_layer(tmp_path):
+    """Where frozen weights are shared, ZeRO-3 hooks whole transformer blocks (zero.hook_per_block)
+    and trains as with its hooks on every layer, for GPT-2, BERT and LLaMA, with activation
+    checkpointing and gradient accumulation; the first block, fed by frozen embeddings, gets its
+    gradients too. Where ZeRO-3 fetches the weights, or nothing is frozen, its hooks stay on every layer."""
+    run_launcher("ranks", "tests/dist/block_hooks.py", [tmp_path])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert set(result) == {"gpt2", "gpt2_fetched", "gpt2_full", "gpt2_checkpointed", "gpt2_accumulating", "bert_cls", "llama"}
+    for name, case in result.items():
+        assert case["loss_diff"] <= 1e-6 and case["trained_diff"] <= 1e-6, (name, case)
+        per_layer = case["hooked_per_layer"]
+        assert per_layer["blocks"] == case["blocks"] and per_layer["in_blocks"] > 0, (name, case)
+        per_block = per_layer if name in ("gpt2_fetched", "gpt2_full") else {"blocks": case["blocks"], "in_blocks": 0}
+        assert case["hooked_per_block"] == per_block, (name, case)

@@ -24,7 +24,7 @@ def engine_of(share: bool):
     model = build_model(tiny_config("gpt2", vocab_size=129, n_embd=33, n_head=3), "lm", ds_config=config)  # 129: odd sizes, padded shards
     apply_dsee(model, DSEEConfig(rank=4, nnz=8, support="magnitude"), ds_config=config)
     model.transformer.ln_f.bias.requires_grad_(True)  # trainable, partitioned: ln_f's fetch mixes shared and gathered weights
-    return model, create_engine(model, config, lr=1e-2, share_frozen=share)
+    return model, create_engine(model, config, lr=1e-2, share_frozen=share, hook_per_block=False)  # sharing alone: hooks per block are tests/dist/block_hooks.py's
 
 
 def whole(param: torch.Tensor) -> torch.Tensor:
