@@ -93,7 +93,7 @@ class Recipe:
         if saved and saved[0]["plan"]:
             self.plan = saved[0]["plan"]
             remove(self.model, *_plan_tensors(self.plan, zero.shard_device(next(self.model.parameters()))), self.ds_config)
-        self.engine = create_engine(self.model, self.ds_config, lr=cfg.lr, weight_decay=cfg.weight_decay, share_frozen=cfg.share_frozen_weights, hook_per_block=cfg.zero3_hook_per_block)
+        self.engine = self._create_engine()
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.accum = self.engine.gradient_accumulation_steps()
         trainable, total = count_parameters(self.model)
@@ -103,6 +103,10 @@ class Recipe:
         elif cfg.resume:
             log.info("no checkpoint in %s: starting from the beginning", self.ckpt_dir)
         self.metrics = run_folder.MetricsWriter(self.run_dir) if dist.is_main() else None
+
+    def _create_engine(self):
+        return create_engine(self.model, self.ds_config, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                             share_frozen=self.cfg.share_frozen_weights, hook_per_block=self.cfg.zero3_hook_per_block)
 
     def _load_data(self) -> None:
         """Rank 0 loads and tokenizes first; the other ranks then read datasets' cache of it."""
@@ -280,7 +284,7 @@ class Recipe:
             self.summary["structured"], self.plan = structured_prune(self.model, p, calibration, self.ds_config, ctx=self.cfg.max_length, engine=self.engine)
             # Parameter shapes changed: a fresh engine (and optimizer) for re-tuning.
             self.engine.destroy()
-            self.engine = create_engine(self.model, self.ds_config, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, share_frozen=self.cfg.share_frozen_weights, hook_per_block=self.cfg.zero3_hook_per_block)
+            self.engine = self._create_engine()
             self.timings["structured_s"] = time.time() - tic
         if p.pattern or p.sparsity > 0:
             tic = time.time()
