@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from dsee_scale import DSEEConfig, apply_dsee, count_parameters, zero  # noqa: E402
 from dsee_scale.arch import LLAMA_SIZES  # noqa: E402
@@ -80,7 +81,7 @@ p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--rank", type=int, default=16)
 p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs; CPUs with AVX-512 bf16)")
 p.add_argument("--no_comms_log", action="store_true", help="time without DeepSpeed's comms logger (it synchronises the device after every collective); traffic is then not reported")
-p.add_argument("--ds_config", help="the engine's DeepSpeed config file (batch, precision and logging set here); default: ZeRO-3 with DeepSpeed's usual settings (ZeRO-2 for optimized_linear)")
+p.add_argument("--ds_config", help="the engine's DeepSpeed config file (batch, precision and logging set here); default: the shipped one, ds_configs/zero3.json or zero3_bf16.json (zero2*.json for optimized_linear), or the recipe's")
 p.add_argument("--profile", help="write where rank 0's timed steps spend their time (torch.profiler, self CPU time by kind of op) to this JSON file")
 p.add_argument("--no_share_frozen_weights", action="store_true", help="ZeRO-3 gathers frozen weights at every use, as without dsee_scale's shared-memory weights (create_engine's share_frozen)")
 p.add_argument("--no_hook_per_block", action="store_true", help="ZeRO-3 hooks every layer, not each transformer block as a whole (create_engine's hook_per_block)")
@@ -92,7 +93,9 @@ if args.method == "optimized_linear" and not (args.bf16 and args.model in LLAMA_
 recipe = train_config_from_argv(["--config", RECIPE_MODELS[args.model]]) if args.model in RECIPE_MODELS else None
 args.seq = args.seq or (recipe.max_length if recipe else 128)
 args.batch = args.batch or (recipe.micro_batch_size if recipe else 2)
-args.ds_config = args.ds_config or (recipe.ds_config if recipe else None)
+args.ds_config = args.ds_config or (recipe.ds_config if recipe else None) or str(
+    ROOT / "ds_configs" / f"zero{2 if args.method == 'optimized_linear' else 3}{'_bf16' if args.bf16 else ''}.json")
+ds_config = json.loads(Path(args.ds_config).read_text())
 
 floor = args.method == "floor"
 if floor:
@@ -100,10 +103,10 @@ if floor:
 else:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-ds_config = None
-if not floor:
-    zero_config = {"stage": 2} if args.method == "optimized_linear" else {"stage": 3, "stage3_param_persistence_threshold": 100000, "stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 5e7, "stage3_prefetch_bucket_size": 5e7}
-    ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else {"zero_optimization": zero_config}
+clip = ds_config.get("gradient_clipping", 0.0)  # the floor clips as the engine does
+if floor:
+    ds_config = None
+else:
     ds_config.update({
         "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1, "train_batch_size": args.batch * world, "steps_per_print": 10**9,
         "comms_logger": {"enabled": not args.no_comms_log, "verbose": False, "prof_all": True, "debug": False}, "bf16": {"enabled": args.bf16},
@@ -135,13 +138,15 @@ if args.method == "optimized_linear":  # count_parameters sees this rank's shard
 
     total += sum(m.input_dim * m.output_dim - m.weight.numel() for m in model.modules() if isinstance(m, LoRAOptimizedLinear))
 if floor:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable_params, lr=1e-4)
 else:
     engine = create_engine(model, ds_config, lr=1e-4, share_frozen=not args.no_share_frozen_weights, hook_per_block=not args.no_hook_per_block)
 generator = torch.Generator().manual_seed(rank)
 times = []
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.comm import comm as ds_comm  # noqa: E402
+from deepspeed.utils import z3_leaf_module  # noqa: E402
 
 accelerator = get_accelerator()
 
@@ -157,6 +162,8 @@ for step in range(args.warmup + args.steps):
     tic = time.perf_counter()
     if floor:
         model(input_ids=ids, labels=labels).loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(trainable_params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     else:
@@ -202,6 +209,7 @@ if rank == 0:
         "peak_rss_mb_per_rank": [round(g["peak_mb"], 1) for g in gathered],
         "peak_pss_mb_per_rank": [round(g["peak_pss_mb"], 1) for g in gathered],
         "share_frozen_weights": not args.no_share_frozen_weights, "hook_per_block": not args.no_hook_per_block, "shared_frozen_weights": sum(map(zero.shares_memory, model.parameters())),
+        "blocks_hooked_whole": sum(map(z3_leaf_module, model.modules())), "ds_config": os.path.relpath(args.ds_config, ROOT),
         "s_per_step": round(max(g["s_per_step"] for g in gathered), 4),
         "tokens_per_s": round(world * args.batch * args.seq / max(g["s_per_step"] for g in gathered), 1),
         "peak_device_mb": [round(g["peak_device_mb"], 1) for g in gathered] if on_device else None, "bf16": args.bf16,
