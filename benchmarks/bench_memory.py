@@ -1,6 +1,7 @@
 """Memory and speed of full fine-tuning, PEFT LoRA and DSEE on the same ZeRO-3 engine config
-(the shipped default, ds_configs/zero3.json; zero3_bf16.json and zero2_bf16.json in bf16), against the compute floor of data parallelism on this box (method "floor": each rank's DSEE work
-in two concurrent plain processes, one core each, no DeepSpeed, no communication).
+(the shipped default, ds_configs/zero3.json; zero2.json for OptimizedLinear; bf16 set by the
+run), against the compute floor of data parallelism on this box (method "floor": each rank's
+DSEE work in two concurrent plain processes, one core each, no DeepSpeed, no communication).
 
     python benchmarks/bench_memory.py            # GPT-2-medium config, seq 128, batch 2, 2 ranks, 10 steps (~21 min)
     python benchmarks/bench_memory.py --model minilm   # the SST-2 recipes' step: MiniLM-L6, seq 64, batch 16, zero3.json (~4 min)

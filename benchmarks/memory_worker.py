@@ -81,7 +81,7 @@ p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--rank", type=int, default=16)
 p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs; CPUs with AVX-512 bf16)")
 p.add_argument("--no_comms_log", action="store_true", help="time without DeepSpeed's comms logger (it synchronises the device after every collective); traffic is then not reported")
-p.add_argument("--ds_config", help="the engine's DeepSpeed config file (batch, precision and logging set here); default: the shipped one, ds_configs/zero3.json or zero3_bf16.json (zero2*.json for optimized_linear), or the recipe's")
+p.add_argument("--ds_config", help="the engine's DeepSpeed config file (batch, precision and logging set here); default: the recipe's, or the shipped default ds_configs/zero3.json (zero2.json for optimized_linear)")
 p.add_argument("--profile", help="write where rank 0's timed steps spend their time (torch.profiler, self CPU time by kind of op) to this JSON file")
 p.add_argument("--no_share_frozen_weights", action="store_true", help="ZeRO-3 gathers frozen weights at every use, as without dsee_scale's shared-memory weights (create_engine's share_frozen)")
 p.add_argument("--no_hook_per_block", action="store_true", help="ZeRO-3 hooks every layer, not each transformer block as a whole (create_engine's hook_per_block)")
@@ -94,7 +94,7 @@ recipe = train_config_from_argv(["--config", RECIPE_MODELS[args.model]]) if args
 args.seq = args.seq or (recipe.max_length if recipe else 128)
 args.batch = args.batch or (recipe.micro_batch_size if recipe else 2)
 args.ds_config = args.ds_config or (recipe.ds_config if recipe else None) or str(
-    ROOT / "ds_configs" / f"zero{2 if args.method == 'optimized_linear' else 3}{'_bf16' if args.bf16 else ''}.json")
+    ROOT / "ds_configs" / f"zero{2 if args.method == 'optimized_linear' else 3}.json")  # the CPU defaults; --bf16 sets the precision
 ds_config = json.loads(Path(args.ds_config).read_text())
 
 floor = args.method == "floor"
