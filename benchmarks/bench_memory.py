@@ -73,7 +73,8 @@ def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
         sys.exit("the floor processes failed")
     ranks = sorted((json.loads(line) for line in scratch.read_text().splitlines()), key=lambda r: r["rank"])
     return {"method": "floor", "model": ranks[0]["model"], "params": ranks[0]["params"], "trainable_params": ranks[0]["trainable_params"], "world_size": 2,
-            "seq": ranks[0]["seq"], "micro_batch": ranks[0]["micro_batch"], "peak_rss_mb_per_rank": [r["peak_mb"] for r in ranks],
+            "seq": ranks[0]["seq"], "micro_batch": ranks[0]["micro_batch"], "ds_config": ranks[0]["ds_config"], "gradient_clipping": ranks[0]["gradient_clipping"],
+            "peak_rss_mb_per_rank": [r["peak_mb"] for r in ranks],
             "peak_pss_mb_per_rank": [r["peak_pss_mb"] for r in ranks],
             "s_per_step": round(max(r["s_per_step"] for r in ranks), 4)}
 

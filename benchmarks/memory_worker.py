@@ -93,9 +93,11 @@ if args.method == "optimized_linear" and not (args.bf16 and args.model in LLAMA_
 recipe = train_config_from_argv(["--config", RECIPE_MODELS[args.model]]) if args.model in RECIPE_MODELS else None
 args.seq = args.seq or (recipe.max_length if recipe else 128)
 args.batch = args.batch or (recipe.micro_batch_size if recipe else 2)
-args.ds_config = args.ds_config or (recipe.ds_config if recipe else None) or str(
-    ROOT / "ds_configs" / f"zero{2 if args.method == 'optimized_linear' else 3}.json")  # the CPU defaults; --bf16 sets the precision
-ds_config = json.loads(Path(args.ds_config).read_text())
+config_file = Path(args.ds_config or (recipe.ds_config if recipe else f"ds_configs/zero{2 if args.method == 'optimized_linear' else 3}.json"))  # the CPU defaults; --bf16 sets the precision
+if not (config_file.is_absolute() or config_file.exists()):  # recipes name it from the repository root
+    config_file = ROOT / config_file
+file_config = json.loads(config_file.read_text())
+clip = float(file_config.get("gradient_clipping") or 0)  # the floor clips as the engine does
 
 floor = args.method == "floor"
 if floor:
@@ -103,14 +105,11 @@ if floor:
 else:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-clip = ds_config.get("gradient_clipping", 0.0)  # the floor clips as the engine does
-if floor:
-    ds_config = None
-else:
-    ds_config.update({
-        "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1, "train_batch_size": args.batch * world, "steps_per_print": 10**9,
-        "comms_logger": {"enabled": not args.no_comms_log, "verbose": False, "prof_all": True, "debug": False}, "bf16": {"enabled": args.bf16},
-    })
+ds_config = None if floor else {
+    **file_config, "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1, "train_batch_size": args.batch * world, "steps_per_print": 10**9,
+    "comms_logger": {"enabled": not args.no_comms_log, "verbose": False, "prof_all": True, "debug": False}, "bf16": {"enabled": args.bf16},
+}
+config_name = os.path.relpath(config_file.resolve(), ROOT)
 dtype = torch.bfloat16 if args.bf16 else torch.float32
 if recipe:
     model = build_model(recipe.model, recipe.task, ds_config=ds_config, dtype=dtype, num_labels=2)
@@ -196,7 +195,7 @@ peak_pss_mb = peak_mb - shared_mb()
 if floor:  # no process group: this process's own line
     with open(args.out, "a") as f:
         f.write(json.dumps({"method": "floor", "rank": rank, "peak_mb": round(peak_mb, 1), "peak_pss_mb": round(peak_pss_mb, 1), "s_per_step": statistics.median(times), "params": total,
-                            "trainable_params": trainable, "seq": args.seq, "micro_batch": args.batch, "model": args.model}) + "\n")
+                            "trainable_params": trainable, "seq": args.seq, "micro_batch": args.batch, "model": args.model, "ds_config": config_name, "gradient_clipping": clip}) + "\n")
     sys.exit(0)
 gathered = [None] * world
 on_device = accelerator.device_name() != "cpu"
@@ -209,7 +208,7 @@ if rank == 0:
         "peak_rss_mb_per_rank": [round(g["peak_mb"], 1) for g in gathered],
         "peak_pss_mb_per_rank": [round(g["peak_pss_mb"], 1) for g in gathered],
         "share_frozen_weights": not args.no_share_frozen_weights, "hook_per_block": not args.no_hook_per_block, "shared_frozen_weights": sum(map(zero.shares_memory, model.parameters())),
-        "blocks_hooked_whole": sum(map(z3_leaf_module, model.modules())), "ds_config": os.path.relpath(args.ds_config, ROOT),
+        "z3_leaf_modules": sum(map(z3_leaf_module, model.modules())), "ds_config": config_name, "gradient_clipping": clip,  # leaf modules: blocks hooked whole
         "s_per_step": round(max(g["s_per_step"] for g in gathered), 4),
         "tokens_per_s": round(world * args.batch * args.seq / max(g["s_per_step"] for g in gathered), 1),
         "peak_device_mb": [round(g["peak_device_mb"], 1) for g in gathered] if on_device else None, "bf16": args.bf16,

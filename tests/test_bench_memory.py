@@ -1,6 +1,8 @@
 """benchmarks/bench_memory.py's peer row: DeepSpeed's OptimizedLinear LoRA beside DSEE, same model,
-same targets, bf16 (memory_worker.py on 2 real ranks), and the refusal to time bf16 emulation."""
+same targets, bf16 (memory_worker.py on 2 real ranks), and the refusal to time bf16 emulation; the
+floor's engine settings."""
 import json
+import os
 import subprocess
 import sys
 
@@ -54,7 +56,8 @@ def test_optimized_linear_row_shards_the_targets_and_trains_the_same_lora_as_dse
     assert peer["shared_frozen_weights"] == 0 and dsee["shared_frozen_weights"] == layers * 7 + 2  # ZeRO-2 partitions nothing; every frozen matrix and both embeddings
     # the shipped engine configs, and ZeRO-3 hooking each block whole (leaf modules)
     assert (peer["ds_config"], dsee["ds_config"]) == ("ds_configs/zero2.json", "ds_configs/zero3.json")
-    assert (peer["blocks_hooked_whole"], dsee["blocks_hooked_whole"]) == (0, layers)
+    assert (peer["z3_leaf_modules"], dsee["z3_leaf_modules"]) == (0, layers)
+    assert peer["gradient_clipping"] == dsee["gradient_clipping"] == 1.0
 
 
 @pytest.mark.parametrize("flags", [["--model", "small-llama"], ["--model", "gpt2-medium", "--bf16"]])
@@ -62,3 +65,15 @@ def test_optimized_linear_needs_bf16_and_a_llama_model(tmp_path, flags):
     proc = subprocess.run([sys.executable, "benchmarks/memory_worker.py", "--method", "optimized_linear", *flags, "--out", tmp_path / "x"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and "needs --bf16 and a LLaMA model" in proc.stderr
+
+
+def test_the_floor_clips_as_the_shipped_config_says_wherever_it_is_started(tmp_path):
+    # one plain process, started outside the repository: the default config is found from its root
+    out = tmp_path / "floor.jsonl"
+    proc = subprocess.run([sys.executable, ROOT / "benchmarks" / "memory_worker.py", "--method", "floor", "--model", "tiny", "--seq", "16", "--batch", "2",
+                           "--steps", "1", "--warmup", "1", "--rank", "4", "--out", out],
+                          cwd=tmp_path, env={**os.environ, "RANK": "0", "WORLD_SIZE": "1", "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert (row["method"], row["ds_config"], row["gradient_clipping"]) == ("floor", "ds_configs/zero3.json", 1.0)
+    assert row["s_per_step"] > 0 and 0 < row["trainable_params"] < row["params"]
