@@ -91,6 +91,8 @@ def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: fl
     per_block = hook_per_block and share_frozen and is_zero3(ds_config) and not nvme_offload(ds_config) and zero.can_share_frozen_weights()
     if per_block:  # (weights on NVMe are not shared)
         zero.hook_per_block(arch.blocks(model))
+    else:  # a model's earlier engine may have hooked it per block
+        zero.hook_per_layer(arch.blocks(model))
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if "optimizer" in ds_config:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)

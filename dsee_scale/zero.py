@@ -444,6 +444,16 @@ def hook_per_block(blocks: Sequence[nn.Module]) -> None:
             block.dsee_input_hook = block.register_forward_pre_hook(_input_needs_grad)
 
 
+def hook_per_layer(blocks: Sequence[nn.Module]) -> None:
+    """Undo hook_per_block on a model that gets another engine (ZeRO-3 fetching its weights, or
+    hooks per layer asked for); leaf modules set by anyone else stay."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    for block in blocks:
+        if hasattr(block, "dsee_input_hook"):
+            set_z3_leaf_module(block, False)
+
+
 def _input_needs_grad(block: nn.Module, args: tuple):
     """DeepSpeed reduces a leaf block's gradients in a full backward hook, and torch fires that hook
     before the block's own gradients exist when no positional input needs a gradient (the first

@@ -4,7 +4,7 @@ import types
 import deepspeed
 import pytest
 import torch
-from deepspeed.utils import z3_leaf_module
+from deepspeed.utils import set_z3_leaf_module, z3_leaf_module
 from torch import nn
 
 from dsee_scale import zero
@@ -48,3 +48,17 @@ def test_hook_per_block_gives_the_blocks_input_a_gradient_or_refuses_a_block_wit
     assert seen == [True, False]
     with pytest.raises(RuntimeError, match="hidden states as the first positional argument.*zero3_hook_per_block"):
         block(hidden_states=frozen_input)
+
+
+def test_hook_per_layer_undoes_hook_per_block_only():
+    """A second engine on the same model, fetching its weights, must not inherit hooks per block
+    from the first; a leaf module someone else set (a MoE layer, say) stays one."""
+    ours, theirs = _Block(), _Block()
+    ours.linear.weight.requires_grad_(False)
+    zero.hook_per_block([ours])
+    set_z3_leaf_module(theirs, True)
+    zero.hook_per_layer([ours, theirs])
+    assert not z3_leaf_module(ours) and z3_leaf_module(theirs)
+    ours(torch.randn(2, 4)).sum().backward()  # the input hook is inert once the block is not a leaf
+    zero.hook_per_block([ours])  # and hooks per block can come back
+    assert z3_leaf_module(ours) and len(ours._forward_pre_hooks) == 1
