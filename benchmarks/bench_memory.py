@@ -16,7 +16,9 @@ hardware: a CPU with AVX-512 bf16 or AMX (peak RSS is host memory).
 
 Each method runs as its own 2-rank `deepspeed` job (peak RSS is per process); one JSON line per
 method (and the floor) is printed and appended to benchmarks/results/memory.jsonl (or --out),
-all with one run_id, each with s/step ÷ the floor's and peak RSS ÷ PEFT LoRA's. On one machine
+all with one run_id, each with s/step ÷ the floor's and peak RSS ÷ PEFT LoRA's. `--repeats N`
+launches every method and the floor N times, interleaved, and reports each one's median launch
+(launches of one method drift on this box by more than the methods differ). On one machine
 the ranks read frozen weights whole from shared memory (zero.share_frozen_weights), so RSS counts
 them in each rank: peak PSS splits shared pages between the ranks. "dsee_gathered" is DSEE with
 ZeRO-3 fetching the frozen weights itself, the baseline of that change; "dsee_layer_hooks" is DSEE
@@ -26,6 +28,7 @@ import argparse
 import ctypes.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +82,32 @@ def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
             "s_per_step": round(max(r["s_per_step"] for r in ranks), 4)}
 
 
+def launch(method: str, size: list[str], env: dict, port: int, profile: str | None = None) -> dict:
+    """One 2-rank `deepspeed` job of the method (a row of METHODS or PEER_METHODS): its line."""
+    worker, flags = VARIANTS.get(method, (method, []))
+    out = Path(tempfile.mkdtemp()) / "memory.jsonl"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", str(port), "benchmarks/memory_worker.py",
+           "--method", worker, *flags, "--out", str(out), *size]
+    if profile:
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        cmd += ["--profile", str(Path(profile, f"profile_{method}.json"))]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{method} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return {**json.loads(out.read_text().splitlines()[-1]), "method": method}
+
+
+def combine(launches: list[dict]) -> dict:
+    """One method's row from its launches: the median launch's s/step, the highest peaks."""
+    row = {**launches[0], "s_per_step": round(statistics.median(line["s_per_step"] for line in launches), 4),
+           "s_per_step_launches": [line["s_per_step"] for line in launches]}
+    for peaks in ("peak_rss_mb_per_rank", "peak_pss_mb_per_rank"):
+        row[peaks] = [max(rank) for rank in zip(*(line[peaks] for line in launches))]
+    if "tokens_per_s" in row:
+        row["tokens_per_s"] = round(row["world_size"] * row["micro_batch"] * row["seq"] / row["s_per_step"], 1)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -86,9 +115,12 @@ def main() -> None:
                    help="gpt2-medium (the default); minilm: the step of launch/recipes/minilm-sst2.yaml (its model, sequence, batch and ds_config); medium-llama: DSEE vs DeepSpeed's OptimizedLinear LoRA in bf16")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.jsonl"))
     p.add_argument("--allocator", choices=sorted(ALLOCATORS), default="glibc", help="glibc with a fixed mmap threshold, or jemalloc preloaded (apt-get install libjemalloc2)")
-    p.add_argument("--master_port", type=int, default=29700, help="the first method's rendezvous port; each next method takes the next one")
+    p.add_argument("--master_port", type=int, default=29700, help="the first launch's rendezvous port; each next launch takes the next one")
     p.add_argument("--profile", metavar="DIR", help="also profile each method's timed steps (rank 0): DIR/profile_<method>.json, self time by kind of op (the profiler slows the steps)")
+    p.add_argument("--repeats", type=int, default=1, help="launches of each method and of the floor, interleaved; rows report the median launch")
     args = p.parse_args()
+    if args.repeats < 1 or (args.profile and args.repeats > 1):
+        p.error("--repeats: 1 or more, and 1 with --profile (one profile per method)")
     if args.quick and args.model:
         p.error("--quick runs its own tiny model: drop --model")
     if args.allocator == "jemalloc" and ctypes.util.find_library("jemalloc") is None:
@@ -102,23 +134,13 @@ def main() -> None:
             sys.exit("--model medium-llama times bf16, and this CPU has no AVX-512 bf16 or AMX (it would time emulation): run it on such a CPU")
     size = SIZES["quick" if args.quick else args.model or "gpt2-medium"]
     methods = PEER_METHODS if args.model == "medium-llama" else METHODS
-    scratch = Path(tempfile.mkdtemp()) / "memory.jsonl"
     env = {**os.environ, **ALLOCATORS[args.allocator], "PYTHONPATH": str(ROOT)}  # the same allocator for every method and the floor
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    lines = []
-    for method in methods:
-        worker, flags = VARIANTS.get(method, (method, []))
-        cmd = [deepspeed, "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", str(args.master_port + methods.index(method)), "benchmarks/memory_worker.py",
-               "--method", worker, *flags, "--out", str(scratch), *size]
-        if args.profile:
-            Path(args.profile).mkdir(parents=True, exist_ok=True)
-            cmd += ["--profile", str(Path(args.profile, f"profile_{method}.json"))]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{method} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-        lines.append({**json.loads(scratch.read_text().splitlines()[-1]), "method": method})
-    if methods == METHODS:  # the floor is DSEE's fp32 work: no floor for the bf16 comparison
-        lines.append(floor(size, env, args.profile))
+    rows = methods + (("floor",) if methods == METHODS else ())  # the floor is DSEE's fp32 work: no floor for the bf16 comparison
+    launches = {row: [] for row in rows}
+    for repeat in range(args.repeats):  # interleaved: drift over the run reaches every row alike
+        for i, row in enumerate(rows):
+            launches[row].append(floor(size, env, args.profile) if row == "floor" else launch(row, size, env, args.master_port + repeat * len(rows) + i, args.profile))
+    lines = [combine(launches[row]) for row in rows]
     by_method = {line["method"]: line for line in lines}
     dsee, run_id = by_method["dsee"], time.strftime("%Y%m%dT%H%M%S")
     for line in lines:

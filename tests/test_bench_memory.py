@@ -77,3 +77,42 @@ def test_the_floor_clips_as_the_shipped_config_says_wherever_it_is_started(tmp_p
     row = json.loads(out.read_text())
     assert (row["method"], row["ds_config"], row["gradient_clipping"]) == ("floor", "ds_configs/zero3.json", 1.0)
     assert row["s_per_step"] > 0 and 0 < row["trainable_params"] < row["params"]
+
+
+def test_a_method_row_reports_its_median_launch_and_highest_peaks():
+    launches = [{"method": "dsee", "world_size": 2, "micro_batch": 2, "seq": 128, "s_per_step": s, "tokens_per_s": 0.0,
+                 "peak_rss_mb_per_rank": rss, "peak_pss_mb_per_rank": pss}
+                for s, rss, pss in [(4.8, [10, 12], [5, 6]), (4.2, [11, 9], [7, 4]), (4.5, [9, 9], [5, 5])]]
+    row = bench_memory.combine(launches)
+    assert row["s_per_step"] == 4.5 and row["s_per_step_launches"] == [4.8, 4.2, 4.5]
+    assert row["peak_rss_mb_per_rank"] == [11, 12] and row["peak_pss_mb_per_rank"] == [7, 6]
+    assert row["tokens_per_s"] == round(2 * 2 * 128 / 4.5, 1)
+
+
+def test_repeats_interleave_the_launches_and_every_row_shares_the_run(monkeypatch, tmp_path):
+    order = []
+
+    def line(method: str, s: float) -> dict:
+        order.append(method)
+        return {"method": method, "world_size": 2, "micro_batch": 2, "seq": 32, "s_per_step": s,
+                "peak_rss_mb_per_rank": [100.0, 100.0], "peak_pss_mb_per_rank": [50.0, 50.0]}
+
+    monkeypatch.setattr(bench_memory, "launch", lambda method, size, env, port, profile: line(method, 2.0 + len(order) / 100))
+    monkeypatch.setattr(bench_memory, "floor", lambda size, env, profile: line("floor", 1.0 + len(order) / 100))
+    out = tmp_path / "memory.jsonl"
+    monkeypatch.setattr(sys, "argv", ["bench_memory.py", "--quick", "--repeats", "3", "--out", str(out)])
+    bench_memory.main()
+    rows = [*bench_memory.METHODS, "floor"]
+    assert order == rows * 3
+    lines = {line["method"]: line for line in map(json.loads, out.read_text().splitlines())}
+    assert list(lines) == rows and len({line["run_id"] for line in lines.values()}) == 1
+    assert all(len(line["s_per_step_launches"]) == 3 for line in lines.values())
+    assert lines["dsee"]["s_per_step"] == lines["dsee"]["s_per_step_launches"][1]  # launches 3, 9, 15: times rise through the run
+    assert lines["dsee"]["s_per_step_vs_floor"] == round(lines["dsee"]["s_per_step"] / lines["floor"]["s_per_step"], 3)
+
+
+@pytest.mark.parametrize("flags", [["--repeats", "0"], ["--repeats", "2", "--profile", "p"]])
+def test_repeats_must_be_positive_and_single_when_profiling(monkeypatch, flags):
+    monkeypatch.setattr(sys, "argv", ["bench_memory.py", "--quick", *flags])
+    with pytest.raises(SystemExit):
+        bench_memory.main()
