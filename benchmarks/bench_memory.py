@@ -79,7 +79,8 @@ def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
             "seq": ranks[0]["seq"], "micro_batch": ranks[0]["micro_batch"], "ds_config": ranks[0]["ds_config"], "gradient_clipping": ranks[0]["gradient_clipping"],
             "peak_rss_mb_per_rank": [r["peak_mb"] for r in ranks],
             "peak_pss_mb_per_rank": [r["peak_pss_mb"] for r in ranks],
-            "s_per_step": round(max(r["s_per_step"] for r in ranks), 4)}
+            "s_per_step": round(max(r["s_per_step"] for r in ranks), 4),
+            **{f"{key}_per_step_per_rank": [round(r["cpu_per_step"][key], 3) for r in ranks] for key in ("user_s", "sys_s", "minor_faults")}}
 
 
 def launch(method: str, size: list[str], env: dict, port: int, profile: str | None = None) -> dict:

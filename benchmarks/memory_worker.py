@@ -153,6 +153,7 @@ profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CP
 for step in range(args.warmup + args.steps):
     if step == args.warmup:
         ds_comm.comms_logger.comms_dict.clear()
+        usage_before = resource.getrusage(resource.RUSAGE_SELF)
         if profiler:
             profiler.start()
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator)
@@ -171,6 +172,11 @@ for step in range(args.warmup + args.steps):
     accelerator.synchronize()  # GPU work is asynchronous: the step ends when the device is done
     if step >= args.warmup:
         times.append(time.perf_counter() - tic)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+# where a step's time goes besides computing: the kernel (page faults of fresh allocations, copies
+# through sockets and shared memory) and faults themselves, per timed step, this process's threads
+cpu = {"user_s": (usage.ru_utime - usage_before.ru_utime) / args.steps, "sys_s": (usage.ru_stime - usage_before.ru_stime) / args.steps,
+       "minor_faults": (usage.ru_minflt - usage_before.ru_minflt) / args.steps}
 if profiler:
     profiler.stop()
     write_profile(profiler, args.steps, sum(times) / len(times), args.profile)
@@ -195,12 +201,12 @@ peak_pss_mb = peak_mb - shared_mb()
 if floor:  # no process group: this process's own line
     with open(args.out, "a") as f:
         f.write(json.dumps({"method": "floor", "rank": rank, "peak_mb": round(peak_mb, 1), "peak_pss_mb": round(peak_pss_mb, 1), "s_per_step": statistics.median(times), "params": total,
-                            "trainable_params": trainable, "seq": args.seq, "micro_batch": args.batch, "model": args.model, "ds_config": config_name, "gradient_clipping": clip}) + "\n")
+                            "trainable_params": trainable, "seq": args.seq, "micro_batch": args.batch, "model": args.model, "ds_config": config_name, "gradient_clipping": clip, "cpu_per_step": cpu}) + "\n")
     sys.exit(0)
 gathered = [None] * world
 on_device = accelerator.device_name() != "cpu"
 peak_device_mb = accelerator.max_memory_allocated() / 2**20 if on_device else None
-dist.all_gather_object(gathered, {"peak_mb": peak_mb, "peak_pss_mb": peak_pss_mb, "peak_device_mb": peak_device_mb, "s_per_step": statistics.median(times), "all_gather": bytes_per_step("all_gather"), "reduce_scatter": bytes_per_step("reduce_scatter"),
+dist.all_gather_object(gathered, {"peak_mb": peak_mb, "peak_pss_mb": peak_pss_mb, "peak_device_mb": peak_device_mb, "s_per_step": statistics.median(times), "cpu": cpu, "all_gather": bytes_per_step("all_gather"), "reduce_scatter": bytes_per_step("reduce_scatter"),
                                 "reduce": bytes_per_step("reduce")})
 if rank == 0:
     line = {
@@ -210,6 +216,7 @@ if rank == 0:
         "share_frozen_weights": not args.no_share_frozen_weights, "hook_per_block": not args.no_hook_per_block, "shared_frozen_weights": sum(map(zero.shares_memory, model.parameters())),
         "z3_leaf_modules": sum(map(z3_leaf_module, model.modules())), "ds_config": config_name, "gradient_clipping": clip,  # leaf modules: blocks hooked whole
         "s_per_step": round(max(g["s_per_step"] for g in gathered), 4),
+        **{f"{key}_per_step_per_rank": [round(g["cpu"][key], 3) for g in gathered] for key in ("user_s", "sys_s", "minor_faults")},
         "tokens_per_s": round(world * args.batch * args.seq / max(g["s_per_step"] for g in gathered), 1),
         "peak_device_mb": [round(g["peak_device_mb"], 1) for g in gathered] if on_device else None, "bf16": args.bf16,
         "all_gather_mb_per_step": None if args.no_comms_log else round(gathered[0]["all_gather"] / 2**20, 2),

@@ -41,11 +41,13 @@ def newest_memory_run(model: str) -> list[dict]:
 
 def memory_columns(r: dict) -> list:
     per_rank = [" / ".join(f"{x:.0f}" for x in r[key]) if key in r else "—" for key in ("peak_rss_mb_per_rank", "peak_pss_mb_per_rank")]
-    return [r["method"], f"{r['trainable_params']:,}", *per_rank, f"{r['s_per_step']:.2f}", r.get("all_gather_mb_per_step", "—")]
+    launches = r.get("s_per_step_launches", [])
+    s_per_step = f"{r['s_per_step']:.2f}" + (f" ({', '.join(f'{s:.2f}' for s in launches)})" if len(launches) > 1 else "")
+    return [r["method"], f"{r['trainable_params']:,}", *per_rank, s_per_step, r.get("all_gather_mb_per_step", "—")]
 
 
 # PSS: shared pages (weights in /dev/shm, shm buffers, libraries) split between the ranks
-MEMORY_HEADER = ["method", "trainable", "peak RSS MB (rank 0 / 1)", "peak PSS MB (rank 0 / 1)", "s/step (median)", "all-gather MB/step"]
+MEMORY_HEADER = ["method", "trainable", "peak RSS MB (rank 0 / 1)", "peak PSS MB (rank 0 / 1)", "s/step (median; each launch with --repeats)", "all-gather MB/step"]
 
 
 def memory_section(model: str = "gpt2-medium") -> str:

@@ -81,7 +81,8 @@ def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: fl
     adapters are kept whole on every rank (see zero.keep_whole). With share_frozen, so are frozen
     weights where the ranks share a CPU machine: one copy in shared memory, read by all
     (zero.share_frozen_weights). There, with hook_per_block, ZeRO-3 hooks each transformer block
-    rather than each layer in it (zero.hook_per_block). A torch AdamW needs no op compile, unlike the config optimizer "AdamW" (FusedAdam) on CPU.
+    rather than each layer in it (zero.hook_per_block). Linear layers whose weights all stay whole
+    skip ZeRO-3's re-fetching linear (zero.torch_linear_where_whole). A torch AdamW needs no op compile, unlike the config optimizer "AdamW" (FusedAdam) on CPU.
     """
     import deepspeed
 
@@ -108,6 +109,8 @@ def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: fl
     zero.keep_whole(engine, adapter_parameters(model))
     if zero.share_frozen_weights(model, share_new=share_frozen) and dist.is_main():
         log.info("frozen weights are whole on every rank through shared memory, held once on this machine")
+    if is_zero3(ds_config) and zero.torch_linear_where_whole(model) and dist.is_main():
+        log.info("linear layers whose weights stay whole run through torch's own linear")
     if per_block and not any(map(zero.shares_memory, model.parameters())) and dist.is_main():
         log.warning("frozen weights could not be shared (too little room in /dev/shm?), so ZeRO-3 fetches them a block at a time, "
                     "which holds more memory than per layer: set zero3_hook_per_block to false, or free /dev/shm")

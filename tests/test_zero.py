@@ -62,3 +62,26 @@ def test_hook_per_layer_undoes_hook_per_block_only():
     ours(torch.randn(2, 4)).sum().backward()  # the input hook is inert once the block is not a leaf
     zero.hook_per_block([ours])  # and hooks per block can come back
     assert z3_leaf_module(ours) and len(ours._forward_pre_hooks) == 1
+
+
+def test_torch_linear_only_where_every_weight_stays_whole_and_back_when_not():
+    """A linear layer whose weights ZeRO-3 keeps whole (ds_persist: shared frozen weights, adapters,
+    small tensors) skips the re-fetching F.linear zero.Init installs; one with a released weight,
+    or a subclass with its own forward, keeps it; a layer that stops qualifying goes back."""
+    whole, released, plain = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 3, bias=False)
+    for i, param in enumerate([*whole.parameters(), *released.parameters()]):
+        param.ds_id, param.ds_persist = i, True
+    released.bias.ds_persist = False  # one released tensor is enough to need the re-fetch
+
+    class OwnForward(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = torch.nn.Sequential(whole, released, plain, OwnForward(3, 3))
+    x = torch.randn(2, 5, 4)
+    expected = whole(x)
+    assert zero.torch_linear_where_whole(model) == 2  # `plain` is not ZeRO's: whole by itself
+    assert [type(m) for m in model] == [zero.TorchLinear, torch.nn.Linear, zero.TorchLinear, OwnForward]
+    assert torch.equal(whole(x), expected) and isinstance(whole, torch.nn.Linear)
+    whole.weight.ds_persist = False
+    assert zero.torch_linear_where_whole(model) == 1 and type(whole) is torch.nn.Linear

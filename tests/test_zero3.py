@@ -192,6 +192,12 @@ def test_frozen_weights_shared_in_memory_train_as_zero3s_own_fetch(tmp_path):
     assert result["modify_lands_once"]
     assert result["peer_edits_seen"] == [[7.0], [8.0]]
     assert result["whole_model_equal"]
+    # GPT-2's one nn.Linear is its lm_head, tied to the shared embedding; LLaMA: 7 per block (q and v inside DSEE) and lm_head
+    layers = result["linear_layers"]
+    assert layers["gpt2_gathered"] == {"Linear": 1, "TorchLinear": 0} and layers["gpt2_shared"] == {"Linear": 0, "TorchLinear": 1}
+    assert layers["llama_gathered"] == {"Linear": 2 * 7 + 1, "TorchLinear": 0} and layers["llama_shared"] == {"Linear": 0, "TorchLinear": 2 * 7 + 1}
+    gathered, shared = result["llama_losses"]
+    assert len(shared) == 3 and shared == gathered
 
 
 def test_hooks_per_block_train_as_hooks_per_layer(tmp_path):

@@ -2,7 +2,9 @@
 every frozen partitioned weight is shared and its file's name is gone; a rank's shard is its
 slice of the file; DSEE steps give the losses of ZeRO-3's own fetch, bit for bit; a fetch is a view
 of the file; an edit of a whole weight under gathered(modify=True) lands once, not once per rank; each rank's
-edit_local_shard is seen by its peer; a forward under whole_model equals one with ZeRO-3's hooks."""
+edit_local_shard is seen by its peer; a forward under whole_model equals one with ZeRO-3's hooks;
+LLaMA's linear layers, all whole once frozen weights are shared, run through torch's own linear
+(zero.torch_linear_where_whole) to the same losses as ZeRO-3's re-fetching linear, bit for bit."""
 import json
 import sys
 from pathlib import Path
@@ -19,11 +21,13 @@ from dsee_scale.models import build_model, tiny_config  # noqa: E402
 rank, world, out, config = start(sys.argv[-1])
 
 
-def engine_of(share: bool):
+def engine_of(share: bool, kind: str = "gpt2"):
     torch.manual_seed(0)
-    model = build_model(tiny_config("gpt2", vocab_size=129, n_embd=33, n_head=3), "lm", ds_config=config)  # 129: odd sizes, padded shards
+    odd = {"n_embd": 33, "n_head": 3} if kind == "gpt2" else {"hidden_size": 36, "num_attention_heads": 3, "num_key_value_heads": 3}
+    model = build_model(tiny_config(kind, vocab_size=129, **odd), "lm", ds_config=config)  # 129: odd sizes, padded shards
     apply_dsee(model, DSEEConfig(rank=4, nnz=8, support="magnitude"), ds_config=config)
-    model.transformer.ln_f.bias.requires_grad_(True)  # trainable, partitioned: ln_f's fetch mixes shared and gathered weights
+    if kind == "gpt2":
+        model.transformer.ln_f.bias.requires_grad_(True)  # trainable, partitioned: ln_f's fetch mixes shared and gathered weights
     return model, create_engine(model, config, lr=1e-2, share_frozen=share, hook_per_block=False)  # sharing alone: hooks per block are tests/dist/block_hooks.py's
 
 
@@ -35,6 +39,21 @@ def whole(param: torch.Tensor) -> torch.Tensor:
 gathered_model, gathered_engine = engine_of(share=False)
 gathered_losses = train_steps(gathered_engine, 3, "lm", rank, world)
 gathered_engine.destroy()
+
+
+def linear_layers(model) -> dict[str, int]:
+    return {kind.__name__: sum(type(m) is kind for m in model.modules()) for kind in (torch.nn.Linear, zero.TorchLinear)}
+
+
+def llama_run(share: bool) -> tuple[dict[str, int], list[float]]:
+    """Linear layers by class, and the losses of 3 steps (the later ones depend on every gradient)."""
+    model, engine = engine_of(share, "llama")
+    losses = train_steps(engine, 3, "lm", rank, world)
+    engine.destroy()
+    return linear_layers(model), losses
+
+
+llama_gathered, llama_shared = llama_run(share=False), llama_run(share=True)
 
 model, engine = engine_of(share=True)
 frozen = [p for p in model.parameters() if zero.is_partitioned(p) and not p.requires_grad and p.ds_numel > 1]
@@ -50,6 +69,9 @@ losses = train_steps(engine, 3, "lm", rank, world)
 # share of the names: all gone (tmpfs is RAM until unlinked)
 result["mapped_files"] = [line.split(maxsplit=5)[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/dsee_weights_" in line]
 result["losses_equal"] = losses == gathered_losses
+result["linear_layers"] = {"gpt2_gathered": linear_layers(gathered_model), "gpt2_shared": linear_layers(model),
+                           "llama_gathered": llama_gathered[0], "llama_shared": llama_shared[0]}
+result["llama_losses"] = [llama_gathered[1], llama_shared[1]]
 weight = model.transformer.h[0].mlp.c_fc.weight
 before = whole(weight)
 weight.all_gather_coalesced([weight]).wait()  # ZeRO-3's fetch, as its hooks call it: a view of the file
