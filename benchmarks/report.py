@@ -33,9 +33,11 @@ def table(rows: list[list], header: list[str]) -> str:
 
 
 def newest_memory_run(model: str) -> list[dict]:
-    """The lines of the newest bench_memory.py run on `model` (older lines carry no run_id: the last three)."""
+    """The lines of the newest bench_memory.py run on `model` that compared methods, not DSEE and
+    the floor alone (--methods dsee); older lines carry no run_id: the last three."""
     rows = [r for r in lines("memory.jsonl") if r.get("model") == model]
-    newest = rows[-1].get("run_id") if rows else None
+    compared = [r for r in rows if r["method"] not in ("dsee", "floor")]
+    newest = compared[-1].get("run_id") if compared else None
     return [r for r in rows if newest and r.get("run_id") == newest] or rows[-3:]
 
 

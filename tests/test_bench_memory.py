@@ -116,3 +116,19 @@ def test_repeats_must_be_positive_and_single_when_profiling(monkeypatch, flags):
     monkeypatch.setattr(sys, "argv", ["bench_memory.py", "--quick", *flags])
     with pytest.raises(SystemExit):
         bench_memory.main()
+
+
+def test_methods_choose_the_rows_and_dsee_and_the_floor_always_run(monkeypatch, tmp_path):
+    order = []
+    monkeypatch.setattr(bench_memory, "launch", lambda method, size, env, port, profile: order.append(method) or
+                        {"method": method, "world_size": 2, "micro_batch": 2, "seq": 32, "s_per_step": 2.0, "peak_rss_mb_per_rank": [1.0, 1.0], "peak_pss_mb_per_rank": [1.0, 1.0]})
+    monkeypatch.setattr(bench_memory, "floor", lambda size, env, profile: order.append("floor") or
+                        {"method": "floor", "s_per_step": 1.6, "peak_rss_mb_per_rank": [1.0, 1.0], "peak_pss_mb_per_rank": [1.0, 1.0]})
+    monkeypatch.setattr(sys, "argv", ["bench_memory.py", "--quick", "--methods", "dsee_gathered", "--repeats", "2", "--out", str(tmp_path / "m.jsonl")])
+    bench_memory.main()
+    assert order == ["dsee", "dsee_gathered", "floor"] * 2
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [line["s_per_step_vs_floor"] for line in lines] == [1.25, 1.25, 1.0] and not any("peak_vs_peft_lora" in line for line in lines)
+    monkeypatch.setattr(sys, "argv", ["bench_memory.py", "--quick", "--methods", "optimized_linear"])
+    with pytest.raises(SystemExit):
+        bench_memory.main()

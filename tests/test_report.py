@@ -70,7 +70,8 @@ def test_peer_table_is_the_newest_medium_llama_run_with_dsee_over_optimized_line
     rows = [{**row, "model": "medium-llama", "run_id": "old", "method": "optimized_linear", "dsee_speed_ratio": 9.0},
             {**row, "model": "gpt2-medium", "run_id": "other", "method": "dsee"},
             {**row, "model": "medium-llama", "run_id": "new", "method": "optimized_linear", "dsee_speed_ratio": 0.8, "dsee_peak_ratio": 1.1},
-            {**row, "model": "medium-llama", "run_id": "new", "method": "dsee", "peak_pss_mb_per_rank": [600.0, 601.0], "s_per_step_launches": [2.1, 2.0, 1.9]}]  # older rows have no PSS
+            {**row, "model": "medium-llama", "run_id": "new", "method": "dsee", "peak_pss_mb_per_rank": [600.0, 601.0], "s_per_step_launches": [2.1, 2.0, 1.9]},
+            {**row, "model": "medium-llama", "run_id": "dsee-only", "method": "dsee"}]  # older rows have no PSS; a run of DSEE alone is not the table
     (tmp_path / "memory.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     body = report.peer_section().splitlines()
     assert body[0].endswith("| DSEE s/step ÷ this | DSEE peak ÷ this |")
