@@ -100,13 +100,13 @@ def launch(method: str, size: list[str], env: dict, port: int, profile: str | No
 
 
 def combine(launches: list[dict]) -> dict:
-    """One method's row from its launches: the median launch's s/step, the highest peaks."""
-    row = {**launches[0], "s_per_step": round(statistics.median(line["s_per_step"] for line in launches), 4),
-           "s_per_step_launches": [line["s_per_step"] for line in launches]}
-    for peaks in ("peak_rss_mb_per_rank", "peak_pss_mb_per_rank"):
-        row[peaks] = [max(rank) for rank in zip(*(line[peaks] for line in launches))]
-    if "tokens_per_s" in row:
-        row["tokens_per_s"] = round(row["world_size"] * row["micro_batch"] * row["seq"] / row["s_per_step"], 1)
+    """One method's row from its launches: the median launch (the lower of two middle ones), every
+    launch's s/step beside it, and the highest peaks of all."""
+    median = statistics.median_low(line["s_per_step"] for line in launches)
+    row = {**next(line for line in launches if line["s_per_step"] == median), "s_per_step_launches": [line["s_per_step"] for line in launches]}
+    for peaks in ("peak_rss_mb_per_rank", "peak_pss_mb_per_rank", "peak_device_mb"):
+        if row.get(peaks) is not None:
+            row[peaks] = [max(rank) for rank in zip(*(line[peaks] for line in launches))]
     return row
 
 

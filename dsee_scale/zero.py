@@ -485,8 +485,9 @@ def torch_linear_where_whole(module: nn.Module) -> int:
     step on CPU ranks. A layer whose weights ZeRO-3 keeps from forward to backward (shared frozen
     weights, adapters kept whole, parameters under the persistence threshold) has nothing to
     fetch again: it becomes a TorchLinear, which autograd serves natively, and goes back to
-    nn.Linear once it no longer qualifies. Exact subclasses only (others have their own forward);
-    returns how many layers are TorchLinear."""
+    nn.Linear once it no longer qualifies. Decided when called (create_engine): whatever releases a
+    kept weight later (a new engine's sharing, new partitions) must call it again, as create_engine
+    does. Exact nn.Linear only (subclasses have their own forward); returns how many are TorchLinear."""
     count = 0
     for layer in module.modules():
         if type(layer) in (nn.Linear, TorchLinear):

@@ -80,13 +80,13 @@ def test_the_floor_clips_as_the_shipped_config_says_wherever_it_is_started(tmp_p
 
 
 def test_a_method_row_reports_its_median_launch_and_highest_peaks():
-    launches = [{"method": "dsee", "world_size": 2, "micro_batch": 2, "seq": 128, "s_per_step": s, "tokens_per_s": 0.0,
-                 "peak_rss_mb_per_rank": rss, "peak_pss_mb_per_rank": pss}
-                for s, rss, pss in [(4.8, [10, 12], [5, 6]), (4.2, [11, 9], [7, 4]), (4.5, [9, 9], [5, 5])]]
-    row = bench_memory.combine(launches)
+    launches = [{"method": "dsee", "s_per_step": s, "sys_s_per_step_per_rank": [s / 4, s / 4], "peak_rss_mb_per_rank": rss, "peak_pss_mb_per_rank": pss}
+                for s, rss, pss in [(4.8, [10, 12], [5, 6]), (4.2, [11, 9], [7, 4]), (4.5, [9, 9], [5, 5]), (4.6, [9, 9], [5, 5])]]
+    row = bench_memory.combine(launches[:3])
     assert row["s_per_step"] == 4.5 and row["s_per_step_launches"] == [4.8, 4.2, 4.5]
+    assert row["sys_s_per_step_per_rank"] == [4.5 / 4, 4.5 / 4]  # every figure of one launch, the median one
     assert row["peak_rss_mb_per_rank"] == [11, 12] and row["peak_pss_mb_per_rank"] == [7, 6]
-    assert row["tokens_per_s"] == round(2 * 2 * 128 / 4.5, 1)
+    assert bench_memory.combine(launches)["s_per_step"] == 4.5  # an even count: the lower middle launch, not an average
 
 
 def test_repeats_interleave_the_launches_and_every_row_shares_the_run(monkeypatch, tmp_path):

@@ -64,7 +64,7 @@ def test_hook_per_layer_undoes_hook_per_block_only():
     assert z3_leaf_module(ours) and len(ours._forward_pre_hooks) == 1
 
 
-def test_torch_linear_only_where_every_weight_stays_whole_and_back_when_not():
+def test_torch_linear_only_where_every_weight_stays_whole_and_back_when_not(monkeypatch):
     """A linear layer whose weights ZeRO-3 keeps whole (ds_persist: shared frozen weights, adapters,
     small tensors) skips the re-fetching F.linear zero.Init installs; one with a released weight,
     or a subclass with its own forward, keeps it; a layer that stops qualifying goes back."""
@@ -82,6 +82,13 @@ def test_torch_linear_only_where_every_weight_stays_whole_and_back_when_not():
     expected = whole(x)
     assert zero.torch_linear_where_whole(model) == 2  # `plain` is not ZeRO's: whole by itself
     assert [type(m) for m in model] == [zero.TorchLinear, torch.nn.Linear, zero.TorchLinear, OwnForward]
-    assert torch.equal(whole(x), expected) and isinstance(whole, torch.nn.Linear)
+
+    def zero_init_linear(*args):  # stands in for what zero.Init makes of F.linear
+        raise AssertionError("F.linear called")
+
+    monkeypatch.setattr(torch.nn.functional, "linear", zero_init_linear)
+    assert torch.equal(whole(x), expected)  # torch's own linear, whatever F.linear now is
+    with pytest.raises(AssertionError, match="F.linear called"):
+        released(x)
     whole.weight.ds_persist = False
     assert zero.torch_linear_where_whole(model) == 1 and type(whole) is torch.nn.Linear
