@@ -66,37 +66,44 @@ def native_bf16_cpu() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def cpu_columns(ranks: list[dict]) -> dict:
+    """Each rank's CPU use per timed step (memory_worker.py's "cpu"), one column per figure."""
+    return {f"{key}_per_step_per_rank": [round(rank["cpu"][key], 3) for rank in ranks] for key in ("user_s", "sys_s", "minor_faults")}
+
+
 def floor(size: list[str], env: dict, profile: str | None = None) -> dict:
     """Both ranks' DSEE work at once in plain processes, each pinned to its own core with one
     thread (as --bind_cores_to_rank pins the ranks): what data parallelism costs without ZeRO-3."""
-    scratch = Path(tempfile.mkdtemp()) / "floor.jsonl"
-    procs = [subprocess.Popen(["taskset", "-c", str(rank), sys.executable, "benchmarks/memory_worker.py", "--method", "floor", "--out", str(scratch), *size,
-                              *(["--profile", str(Path(profile, "profile_floor.json"))] if profile else [])],
-                              cwd=ROOT, env={**env, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}) for rank in range(2)]
-    if any(proc.wait() != 0 for proc in procs):
-        sys.exit("the floor processes failed")
-    ranks = sorted((json.loads(line) for line in scratch.read_text().splitlines()), key=lambda r: r["rank"])
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch, "floor.jsonl")
+        procs = [subprocess.Popen(["taskset", "-c", str(rank), sys.executable, "benchmarks/memory_worker.py", "--method", "floor", "--out", str(out), *size,
+                                  *(["--profile", str(Path(profile, "profile_floor.json"))] if profile else [])],
+                                  cwd=ROOT, env={**env, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}) for rank in range(2)]
+        if any(proc.wait() != 0 for proc in procs):
+            sys.exit("the floor processes failed")
+        ranks = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["rank"])
     return {"method": "floor", "model": ranks[0]["model"], "params": ranks[0]["params"], "trainable_params": ranks[0]["trainable_params"], "world_size": 2,
             "seq": ranks[0]["seq"], "micro_batch": ranks[0]["micro_batch"], "ds_config": ranks[0]["ds_config"], "gradient_clipping": ranks[0]["gradient_clipping"],
             "peak_rss_mb_per_rank": [r["peak_mb"] for r in ranks],
             "peak_pss_mb_per_rank": [r["peak_pss_mb"] for r in ranks],
             "s_per_step": round(max(r["s_per_step"] for r in ranks), 4),
-            **{f"{key}_per_step_per_rank": [round(r["cpu_per_step"][key], 3) for r in ranks] for key in ("user_s", "sys_s", "minor_faults")}}
+            **cpu_columns(ranks)}
 
 
 def launch(method: str, size: list[str], env: dict, port: int, profile: str | None = None) -> dict:
     """One 2-rank `deepspeed` job of the method (a row of METHODS or PEER_METHODS): its line."""
     worker, flags = VARIANTS.get(method, (method, []))
-    out = Path(tempfile.mkdtemp()) / "memory.jsonl"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", str(port), "benchmarks/memory_worker.py",
-           "--method", worker, *flags, "--out", str(out), *size]
-    if profile:
-        Path(profile).mkdir(parents=True, exist_ok=True)
-        cmd += ["--profile", str(Path(profile, f"profile_{method}.json"))]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{method} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-    return {**json.loads(out.read_text().splitlines()[-1]), "method": method}
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch, "memory.jsonl")
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--bind_cores_to_rank", "--master_port", str(port), "benchmarks/memory_worker.py",
+               "--method", worker, *flags, "--out", str(out), *size]
+        if profile:
+            Path(profile).mkdir(parents=True, exist_ok=True)
+            cmd += ["--profile", str(Path(profile, f"profile_{method}.json"))]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{method} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        return {**json.loads(out.read_text().splitlines()[-1]), "method": method}
 
 
 def combine(launches: list[dict]) -> dict:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_memory import cpu_columns  # noqa: E402  (this file's folder is first on sys.path)
 from dsee_scale import DSEEConfig, apply_dsee, count_parameters, zero  # noqa: E402
 from dsee_scale.arch import LLAMA_SIZES  # noqa: E402
 from dsee_scale.baselines import apply_peft_lora  # noqa: E402
@@ -201,7 +202,7 @@ peak_pss_mb = peak_mb - shared_mb()
 if floor:  # no process group: this process's own line
     with open(args.out, "a") as f:
         f.write(json.dumps({"method": "floor", "rank": rank, "peak_mb": round(peak_mb, 1), "peak_pss_mb": round(peak_pss_mb, 1), "s_per_step": statistics.median(times), "params": total,
-                            "trainable_params": trainable, "seq": args.seq, "micro_batch": args.batch, "model": args.model, "ds_config": config_name, "gradient_clipping": clip, "cpu_per_step": cpu}) + "\n")
+                            "trainable_params": trainable, "seq": args.seq, "micro_batch": args.batch, "model": args.model, "ds_config": config_name, "gradient_clipping": clip, "cpu": cpu}) + "\n")
     sys.exit(0)
 gathered = [None] * world
 on_device = accelerator.device_name() != "cpu"
@@ -216,7 +217,7 @@ if rank == 0:
         "share_frozen_weights": not args.no_share_frozen_weights, "hook_per_block": not args.no_hook_per_block, "shared_frozen_weights": sum(map(zero.shares_memory, model.parameters())),
         "z3_leaf_modules": sum(map(z3_leaf_module, model.modules())), "ds_config": config_name, "gradient_clipping": clip,  # leaf modules: blocks hooked whole
         "s_per_step": round(max(g["s_per_step"] for g in gathered), 4),
-        **{f"{key}_per_step_per_rank": [round(g["cpu"][key], 3) for g in gathered] for key in ("user_s", "sys_s", "minor_faults")},
+        **cpu_columns(gathered),
         "tokens_per_s": round(world * args.batch * args.seq / max(g["s_per_step"] for g in gathered), 1),
         "peak_device_mb": [round(g["peak_device_mb"], 1) for g in gathered] if on_device else None, "bf16": args.bf16,
         "all_gather_mb_per_step": None if args.no_comms_log else round(gathered[0]["all_gather"] / 2**20, 2),
