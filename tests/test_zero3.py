@@ -91,6 +91,7 @@ def test_frozen_weights_stay_partitioned_unchanged_and_outside_the_optimizer(run
         assert report["frozen_checksum_before"] == report["frozen_checksum_after"] != 0.0
         assert report["optimizer_state_numel"] == 2 * report["trainable"] // 2
         assert report["adapters_whole"] and report["frozen_grads"] == 0
+        assert report["param_collectives_in_step"] == 1 < report["adapter_tensors"], report  # zero.keep_whole: one re-gather
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -49,6 +49,25 @@ engine = create_engine(model, config, lr=1e-2)
 if args.resume:
     engine.load_checkpoint(args.resume)
 
+
+
+def param_collectives(fn) -> int:
+    """How many collectives ZeRO-3's parameter code (its fetches and re-gathers) issues in fn()."""
+    from deepspeed.runtime.zero import partition_parameters
+
+    comm, calls = partition_parameters.dist, []
+    names = ("allgather_fn", "all_gather_into_tensor", "all_gather", "all_reduce")
+    saved = {name: getattr(comm, name) for name in names}
+    for name, call in saved.items():
+        setattr(comm, name, lambda *a, call=call, **k: (calls.append(1), call(*a, **k))[1])
+    try:
+        fn()
+    finally:
+        for name, call in saved.items():
+            setattr(comm, name, call)
+    return len(calls)
+
+
 frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
 frozen_sum = lambda: float(sum(zero.local_shard(p).double().sum() for p in frozen))  # noqa: E731
 report = {"world": world, "frozen_checksum_before": frozen_sum(), "losses": [], "vocab": model.config.vocab_size}
@@ -56,7 +75,11 @@ for step in range(args.start, args.start + args.steps):
     b = shard(batch(step, args.task), rank, world)
     loss = engine(**b).loss
     engine.backward(loss)
-    engine.step()
+    if step == args.start:  # the adapters are gathered again after the step: one collective, not one per tensor
+        report["param_collectives_in_step"] = param_collectives(engine.step)
+        report["adapter_tensors"] = 3 * len(dsee_layers(model))
+    else:
+        engine.step()
     mean = loss.detach().clone()
     dist.all_reduce(mean)
     report["losses"].append(mean.item() / world)
