@@ -9,7 +9,7 @@ import contextlib
 import copy
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -271,54 +271,58 @@ def keep_whole(engine, params: Sequence[torch.Tensor]) -> None:
     DeepSpeed 0.19.8 has no public way to make chosen parameters persistent: its
     stage3_param_persistence_threshold is one size limit for every parameter, frozen ones too.
     So they are marked as its own threshold marks them (ds_persist) and added to the ZeRO-3
-    optimizer's persistent_parameters, which it re-gathers after every step and checkpoint.
-    Both are private: a DeepSpeed without them is refused rather than left with gathers.
+    optimizer's persistent_parameters, which it re-gathers after every step and checkpoint; a
+    later engine on the same model gets them added again. Every parameter of that list, DeepSpeed's
+    own too, is then re-gathered in one collective (_regather_coalesced). Both are private: a
+    DeepSpeed without them is refused rather than left with gathers.
     """
-    params = [p for p in params if is_partitioned(p) and not getattr(p, "ds_persist", False)]
+    params = [p for p in params if is_partitioned(p)]
     registry = getattr(getattr(engine, "optimizer", None), "persistent_parameters", None)
-    if not params:
-        _gather_at_once(registry or [])
-        return
-    if registry is None or not all(hasattr(p, "ds_persist") for p in params):
+    if params and (registry is None or not all(hasattr(p, "ds_persist") for p in params)):
         import deepspeed
 
         raise RuntimeError(
             f"deepspeed {deepspeed.__version__} has no ZeRO-3 persistent_parameters / ds_persist: dsee_scale cannot keep "
             f"the adapters whole on every rank; use deepspeed 0.19.8 (constraints.txt)"
         )
-    for p in params:
+    registered = {id(p) for p in registry or []}
+    added = [p for p in params if id(p) not in registered]
+    for p in added:
         p.ds_persist = True
         registry.append(p)
-    _gather_at_once(registry)
-    params[0].all_gather(params)
+    _regather_coalesced(registry or [])
+    if added:
+        added[0].all_gather(added)
 
 
-def _gather_at_once(params: Sequence[torch.Tensor]) -> None:
+def _regather_coalesced(params: Sequence[torch.Tensor]) -> None:
     """ZeRO-3 gathers its persistent parameters again after every optimizer step with one
-    collective per tensor (stage 3's _post_step): with DSEE on GPT-2-medium's q and v, 266 gloo
-    all-gathers a step at ~1 ms each on CPU ranks, 2% of the step. Their synchronous all_gather
-    becomes one coalesced fetch per dtype (ZeRO-3's own, through shared memory where
-    fetch_through_shared_memory is on). Asynchronous gathers, hpZ's secondary partitions (stale
-    right after a step) and quantized weights keep DeepSpeed's gather."""
+    collective per tensor (stage 3's _post_step; on CPU ranks each a gloo round trip, see
+    RESULTS.md). Their synchronous all_gather is made one coalesced fetch per dtype."""
     for param in params:
         if not hasattr(param, "ds_gather_each"):
             param.ds_gather_each = param.all_gather
-            param.all_gather = _all_gather_at_once(param)
+            param.all_gather = _coalesced_all_gather(param)
 
 
-def _all_gather_at_once(param: torch.Tensor):
+def _coalesced_all_gather(param: torch.Tensor) -> Callable:
+    """`param`'s all_gather (DeepSpeed's `_all_gather` for a list led by `param`) as one ZeRO-3
+    fetch per dtype, by its own unwrapped all_gather_coalesced: a shared frozen weight in the
+    list gets a private copy, as from DeepSpeed's. Asynchronous gathers, hpZ's secondary
+    partitions (stale right after a step) and quantized weights keep DeepSpeed's path."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    def all_gather(param_list=None, async_op: bool = False, hierarchy: int = 0):
-        params = [param] if param_list is None else list(param_list)
+    def all_gather(param_list: Sequence[torch.Tensor] | None = None, async_op: bool = False, hierarchy: int = 0):
+        params = list(dict.fromkeys([param] if param_list is None else param_list))
         if async_op or any(getattr(p, "ds_secondary_tensor", None) is not None or hasattr(p.ds_tensor, "ds_quant_scale") for p in params):
             return param.ds_gather_each(param_list, async_op=async_op, hierarchy=hierarchy)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
             if p.ds_status == ZeroParamStatus.NOT_AVAILABLE:
-                by_dtype.setdefault(p.ds_tensor.dtype, []).append(p)
-        for released in by_dtype.values():  # the same order on every rank: the registry's
-            param.all_gather_coalesced(released).wait()
+                by_dtype.setdefault(full_dtype(p), []).append(p)
+        fetch = getattr(param, "ds_gather_unshared", param.all_gather_coalesced)
+        for released in by_dtype.values():  # in the list's order, the same on every rank
+            fetch(released).wait()
         return None
 
     return all_gather

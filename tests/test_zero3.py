@@ -21,6 +21,9 @@ from dsee_scale import DSEEConfig, apply_dsee, dsee_state_dict  # noqa: E402
 pytestmark = pytest.mark.multiproc
 SCRIPT = "tests/dist/zero3_tiny.py"
 KINDS = {"gpt2": "lm", "bert": "cls", "llama": "lm"}
+# DeepSpeed keeps the tiny models' small frozen tensors and the S values whole itself, beside
+# zero.keep_whole's A and B: both kinds in its re-gather after each step and checkpoint load
+PERSISTENCE = ["--persistence", 100]
 
 
 def reference_run(base: Path, task: str, steps: int):
@@ -50,7 +53,7 @@ def runs(request, tmp_path_factory):
         base = root / f"base_{kind}"
         tiny_model(kind, task).save_pretrained(base)
         out = root / f"run_{kind}"
-        args = ["--base", base, "--task", task, "--out", out, "--steps", 20, "--export"]
+        args = ["--base", base, "--task", task, "--out", out, "--steps", 20, "--export", *PERSISTENCE]
         if kind == "gpt2":
             args += ["--save", root / "ckpt20"]
         run_launcher("ranks", SCRIPT, args, host=request.param)
@@ -108,7 +111,7 @@ def test_exported_hf_folder_reloads_without_deepspeed(runs, kind):
 @pytest.mark.parametrize("runs", ["no-fp16"], indirect=True)  # one host is enough here: the suite's time
 def test_full_checkpoint_resume_continues_the_same_run(runs):
     root, base = runs["root"], runs["gpt2"]["base"]
-    common = ["--base", base, "--task", "lm"]
+    common = ["--base", base, "--task", "lm", *PERSISTENCE]
     run_launcher("ranks", SCRIPT, common + ["--out", root / "first10", "--steps", 10, "--save", root / "ckpt10"], host=runs["host"])
     run_launcher("ranks", SCRIPT, common + ["--out", root / "last10", "--steps", 10, "--start", 10, "--resume", root / "ckpt10"], host=runs["host"])
     first = json.loads((root / "first10" / "report_rank0.json").read_text())["losses"]

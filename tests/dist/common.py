@@ -1,6 +1,7 @@
 """Shared by the multi-process test drivers and their single-process references."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +38,39 @@ def ds_config(world: int, persistence: int = 0) -> dict:
         "steps_per_print": 1000000,
         "wall_clock_breakdown": False,
     }
+
+
+class _CountingComm:
+    """The communication module as ZeRO-3's parameter code sees it, counting collectives."""
+
+    COLLECTIVES = ("allgather_fn", "all_gather_into_tensor", "all_gather", "all_reduce")
+
+    def __init__(self, comm) -> None:
+        self.comm, self.calls = comm, 0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.comm, name)
+        if name not in self.COLLECTIVES:
+            return attr
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+def param_collectives(fn: Callable[[], object]) -> int:
+    """How many collectives ZeRO-3's parameter code (its fetches and re-gathers) issues in fn()."""
+    from deepspeed.runtime.zero import partition_parameters
+
+    comm = partition_parameters.dist
+    partition_parameters.dist = counting = _CountingComm(comm)
+    try:
+        fn()
+    finally:
+        partition_parameters.dist = comm
+    return counting.calls
 
 
 def start(out: str) -> tuple[int, int, Path, dict]:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import batch, eval_batch, shard, start  # noqa: E402
+from common import batch, eval_batch, param_collectives, shard, start  # noqa: E402
 
 from safetensors.torch import save_file  # noqa: E402
 
@@ -19,6 +19,7 @@ from dsee_scale import DSEEConfig, apply_dsee, count_parameters, dsee_layers, su
 from dsee_scale import zero  # noqa: E402
 from dsee_scale.engine import create_engine, optimizer_state_numel  # noqa: E402
 from dsee_scale.export import export_hf, save_adapter  # noqa: E402
+from dsee_scale.inject import adapter_parameters  # noqa: E402
 from dsee_scale.models import build_model  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -30,9 +31,11 @@ p.add_argument("--start", type=int, default=0, help="first step (with --resume)"
 p.add_argument("--resume", help="checkpoint folder to load first")
 p.add_argument("--save", help="write a full checkpoint here after the last step")
 p.add_argument("--export", action="store_true", help="export the merged model as an HF folder")
+p.add_argument("--persistence", type=int, default=0, help="stage3_param_persistence_threshold: parameters DeepSpeed itself keeps whole")
 args, _ = p.parse_known_args()  # launchers may add --local_rank
 
 rank, world, out, config = start(args.out)
+config["zero_optimization"]["stage3_param_persistence_threshold"] = args.persistence
 dsee = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="grebsmo", init="lora")
 if args.base.startswith("config:"):
     from transformers import GPT2Config
@@ -49,25 +52,6 @@ engine = create_engine(model, config, lr=1e-2)
 if args.resume:
     engine.load_checkpoint(args.resume)
 
-
-
-def param_collectives(fn) -> int:
-    """How many collectives ZeRO-3's parameter code (its fetches and re-gathers) issues in fn()."""
-    from deepspeed.runtime.zero import partition_parameters
-
-    comm, calls = partition_parameters.dist, []
-    names = ("allgather_fn", "all_gather_into_tensor", "all_gather", "all_reduce")
-    saved = {name: getattr(comm, name) for name in names}
-    for name, call in saved.items():
-        setattr(comm, name, lambda *a, call=call, **k: (calls.append(1), call(*a, **k))[1])
-    try:
-        fn()
-    finally:
-        for name, call in saved.items():
-            setattr(comm, name, call)
-    return len(calls)
-
-
 frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
 frozen_sum = lambda: float(sum(zero.local_shard(p).double().sum() for p in frozen))  # noqa: E731
 report = {"world": world, "frozen_checksum_before": frozen_sum(), "losses": [], "vocab": model.config.vocab_size}
@@ -77,7 +61,7 @@ for step in range(args.start, args.start + args.steps):
     engine.backward(loss)
     if step == args.start:  # the adapters are gathered again after the step: one collective, not one per tensor
         report["param_collectives_in_step"] = param_collectives(engine.step)
-        report["adapter_tensors"] = 3 * len(dsee_layers(model))
+        report["adapter_tensors"] = len(adapter_parameters(model))
     else:
         engine.step()
     mean = loss.detach().clone()
