@@ -59,7 +59,7 @@ for step in range(args.start, args.start + args.steps):
     b = shard(batch(step, args.task), rank, world)
     loss = engine(**b).loss
     engine.backward(loss)
-    if step == args.start:  # the adapters are gathered again after the step: one collective, not one per tensor
+    if step == args.start:  # persistent parameters (adapters, DeepSpeed's own) are gathered again after the step: one collective
         report["param_collectives_in_step"] = param_collectives(engine.step)
         report["adapter_tensors"] = len(adapter_parameters(model))
     else:
