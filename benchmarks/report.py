@@ -1,6 +1,6 @@
 """Tables and plots of benchmarks/RESULTS.md from the JSON lines in benchmarks/results/.
 
-    python benchmarks/report.py     # rewrites the generated tables of RESULTS.md and the PNGs
+    python benchmarks/report.py     # rewrites the generated tables of RESULTS.md (and README's GLUE table) and the PNGs
 
 The newest full (non --quick) run of each benchmark is reported; all lines are kept in the
 .jsonl files. Each table sits between `<!-- report.py: NAME -->` and `<!-- report.py: end NAME -->`
@@ -108,35 +108,99 @@ def glue_runs(task_filter) -> dict:
     return cells
 
 
+# The issue's targets, from the paper's claims: (method, against, most it may lose on average in points).
+GLUE_TARGETS = [("dsee", "peft_lora", 1.0), ("dsee_prune50", "dsee", 2.0), ("dsee_structured", "dsee", 2.0)]
+MIN_FLOPS_SAVED = 0.25  # the structured target holds only with at least this much saved
+
+
+def task_means(cells: dict) -> dict:
+    """(method, task) -> mean score in percent over the seeds the cell has."""
+    return {(method, task): statistics.mean(100 * r[GLUE_TASKS[task]] for r in runs.values()) for (task, method), runs in cells.items()}
+
+
+def glue_targets(cells: dict) -> list[list]:
+    """One row per target: the gap on each task, its average over the tasks both methods have, and the verdict."""
+    means, rows = task_means(cells), []
+    for method, against, allowed in GLUE_TARGETS:
+        gaps = {t: means[method, t] - means[against, t] for t in GLUE_TASKS if (method, t) in means and (against, t) in means}
+        if not gaps:
+            continue
+        average = statistics.mean(gaps.values())
+        misses = [f"missed by {-average - allowed:.2f} pt"] if average < -allowed else []
+        flops = [r["flops_saved"] for (_, m), runs in cells.items() if m == method for r in runs.values() if r.get("flops_saved") is not None]
+        if method == "dsee_structured" and (not flops or min(flops) < MIN_FLOPS_SAVED):
+            misses.append(f"FLOPs saved {100 * min(flops, default=0):.1f}% < {100 * MIN_FLOPS_SAVED:.0f}%")
+        verdict = "; ".join(misses) or "met"
+        if len(gaps) < len(GLUE_TASKS):
+            verdict += f" so far ({len(gaps)} of {len(GLUE_TASKS)} tasks)"
+        rows.append([f"{method} − {against} ≥ −{allowed:g}", *(f"{gaps[t]:+.2f}" if t in gaps else "—" for t in GLUE_TASKS), f"**{average:+.2f}**", verdict])
+    return rows
+
+
+def glue_costs(cells: dict, methods: list[str]) -> list[list]:
+    """Per method: what it trains, how sparse and how much cheaper its export is, and what a run took."""
+    rows = []
+    for method in methods:
+        runs = [r for (_, m), by_seed in cells.items() if m == method for r in by_seed.values()]
+        minutes = [r["wall_s"] / 60 for r in runs if r.get("wall_s")]
+        rows.append([method, span(runs, "trainable_pct", 1, 2), span(runs, "final_sparsity", 100, 1), span(runs, "flops_saved", 100, 1),
+                     f"{statistics.median(minutes):.0f} ({min(minutes):.0f}–{max(minutes):.0f})" if minutes else "—", len(runs)])
+    return rows
+
+
+def span(runs: list[dict], key: str, scale: float, digits: int) -> str:
+    """One value when the runs agree (as a method's trainable % does), else the range."""
+    values = [scale * r[key] for r in runs if r.get(key) is not None]
+    return "–".join(dict.fromkeys(f"{v:.{digits}f}" for v in (min(values), max(values)))) if values else "—"
+
+
 def mean_std(values: list[float]) -> str:
     std = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
     return f"{statistics.mean(values):.2f}{std}" + ("" if len(values) >= 3 else f" ({len(values)} seed{'s' * (len(values) > 1)})")
 
 
-def glue_section() -> str:
-    """The paper-style table: methods × GLUE tasks, mean ± std over seeds, and the average."""
+def glue_cells() -> tuple[dict, list[str]]:
+    """The GLUE cells and the methods they hold, in bench_glue's order."""
     from bench_glue import METHODS
 
     cells = glue_runs(lambda task: task in GLUE_TASKS)
-    if not cells:
-        return "_not run yet_"
-    methods = [m for m in METHODS if any((t, m) in cells for t in GLUE_TASKS)]
-    body, means = [], {}
+    return cells, [m for m in METHODS if any((t, m) in cells for t in GLUE_TASKS)]
+
+
+def glue_table(cells: dict, methods: list[str]) -> str:
+    """The paper-style table: methods × GLUE tasks, mean ± std over seeds, and the average once every task has the method."""
+    body, means = [], task_means(cells)
     for method in methods:
         row = [method]
         for task, metric in GLUE_TASKS.items():
             values = [100 * r[metric] for r in cells.get((task, method), {}).values()]
             row.append(mean_std(values) if values else "—")
-            if values:
-                means[method, task] = statistics.mean(values)
         complete = all((method, t) in means for t in GLUE_TASKS)
         row.append(f"{statistics.mean(means[method, t] for t in GLUE_TASKS):.2f}" if complete else "—")
         body.append(row)
-    _plot_glue(methods, means)
-    header = ["method", *[f"{t} ({m})" for t, m in GLUE_TASKS.items()], "average"]
+    return table(body, ["method", *[f"{t} ({m})" for t, m in GLUE_TASKS.items()], "average"])
+
+
+def glue_targets_table(cells: dict) -> str:
+    return table(glue_targets(cells), ["target (points, mean over tasks)", *GLUE_TASKS, "average", "verdict"])
+
+
+def glue_section() -> str:
+    """The table, how it ran, the plot, the targets and what each method costs."""
+    cells, methods = glue_cells()
+    if not cells:
+        return "_not run yet_"
+    _plot_glue(methods, task_means(cells))
     modes = sorted({(r.get("nproc", 2), r.get("jobs", 1)) for cell in cells.values() for r in cell.values()})
     how = "; ".join(f"{nproc} rank{'s' * (nproc > 1)} per run, {jobs} run{'s' * (jobs > 1)} at once" for nproc, jobs in modes)
-    return table(body, header) + f"\n\nRuns: {how}.\n\n![GLUE dev scores](glue.png)"
+    costs = table(glue_costs(cells, methods), ["method", "trainable %", "final sparsity %", "FLOPs saved %", "wall min per run, median (range)", "runs"])
+    return "\n\n".join([glue_table(cells, methods), f"Runs: {how}.", "![GLUE dev scores](glue.png)", glue_targets_table(cells), costs])
+
+
+def glue_headline() -> str:
+    """README's copy: the table and the targets."""
+    cells, methods = glue_cells()
+    return "\n\n".join([glue_table(cells, methods), glue_targets_table(cells)]) if cells else "_not run yet_"
 
 
 def sst2_short_section() -> str:
@@ -192,29 +256,30 @@ def _plot_glue(methods: list[str], means: dict) -> None:
     fig.savefig(HERE / "glue.png", dpi=120)
 
 
+README_SECTIONS = {"glue": glue_headline}
 SECTIONS = {"memory": memory_section, "memory-minilm": lambda: memory_section("minilm"), "memory-peer": peer_section, "support": support_section, "prune": prune_section, "gpt2xl": gpt2xl_section,
             "glue": glue_section, "sst2-short": sst2_short_section}
 
 
-def replace_block(text: str, name: str, body: str) -> str:
+def replace_block(text: str, name: str, body: str, where: str = "RESULTS.md") -> str:
     start, end = f"<!-- report.py: {name} -->", f"<!-- report.py: end {name} -->"
     if start not in text or end not in text:
-        raise SystemExit(f"RESULTS.md has no {start} ... {end} block: add the two lines where the {name} table belongs")
+        raise SystemExit(f"{where} has no {start} ... {end} block: add the two lines where the {name} table belongs")
     head, _, rest = text.partition(start)
     if end not in rest:
-        raise SystemExit(f"RESULTS.md: {end} must come after {start}")
+        raise SystemExit(f"{where}: {end} must come after {start}")
     _, _, tail = rest.partition(end)
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
 def main() -> None:
-    path = HERE / "RESULTS.md"
-    text = path.read_text()
-    for name, section in SECTIONS.items():
-        body = section()
-        text = replace_block(text, name, body)
-        print(f"## {name}\n{body}\n")
-    path.write_text(text)
+    for path, sections in ((HERE / "RESULTS.md", SECTIONS), (HERE.parent / "README.md", README_SECTIONS)):
+        text = path.read_text()
+        for name, section in sections.items():
+            body = section()
+            text = replace_block(text, name, body, path.name)
+            print(f"## {path.name}: {name}\n{body}\n")
+        path.write_text(text)
 
 
 if __name__ == "__main__":
