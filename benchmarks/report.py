@@ -112,7 +112,7 @@ def glue_runs(task_filter) -> dict:
 # The issue's targets, from the paper's claims: (method, against, most it may lose on average in
 # points, least share of FLOPs its export must save).
 GLUE_TARGETS = [("dsee", "peft_lora", 1.0, 0.0), ("dsee_prune50", "dsee", 2.0, 0.0), ("dsee_structured", "dsee", 2.0, 0.25)]
-SEEDS = 3  # a verdict is final once every cell it compares has this many
+SEEDS = 3  # a verdict is final once every task's gap rests on this many shared seeds
 
 
 def task_means(cells: dict) -> dict:
@@ -120,9 +120,10 @@ def task_means(cells: dict) -> dict:
     return {key: statistics.mean(100 * r[GLUE_TASKS[key[0]]] for r in runs.values()) for key, runs in cells.items()}
 
 
-def paired_gap(runs: dict, against: dict, metric: str) -> float:
-    """Mean difference in points over the seeds both {seed: line} cells have."""
-    return statistics.mean(100 * (runs[s][metric] - against[s][metric]) for s in set(runs) & set(against))
+def paired_gap(runs: dict, against: dict, metric: str) -> tuple[float, int] | None:
+    """Mean difference in points over the seeds both {seed: line} cells have, and how many; None if they share none."""
+    shared = set(runs) & set(against)
+    return (statistics.mean(100 * (runs[s][metric] - against[s][metric]) for s in shared), len(shared)) if shared else None
 
 
 def method_runs(cells: dict, method: str) -> list[dict]:
@@ -130,13 +131,14 @@ def method_runs(cells: dict, method: str) -> list[dict]:
 
 
 def glue_targets(cells: dict) -> list[list]:
-    """One row per target: the gap on each task, its average over the tasks both methods have, and
-    the verdict, which says "so far" while a task or seed is missing. A task's gap compares the seeds
-    both cells have, so a seed run for one method only does not move it."""
+    """One row per target: the gap on each task, its average over the tasks where both methods share
+    a seed, and the verdict, which says "so far" while a task lacks a shared seed or a gap rests on
+    fewer than SEEDS. A task's gap compares the seeds both cells have, so a seed run for one method
+    only does not move it."""
     rows = []
     for method, against, allowed, min_flops in GLUE_TARGETS:
-        gaps = {t: round(paired_gap(cells[t, method], cells[t, against], GLUE_TASKS[t]), 2)
-                for t in GLUE_TASKS if set(cells.get((t, method), {})) & set(cells.get((t, against), {}))}
+        paired = {t: paired_gap(cells.get((t, method), {}), cells.get((t, against), {}), GLUE_TASKS[t]) for t in GLUE_TASKS}
+        gaps = {t: round(p[0], 2) for t, p in paired.items() if p}
         if not gaps:
             continue
         average = round(statistics.mean(gaps.values()), 2)  # rounded as printed, so the verdict agrees with the figure
@@ -149,8 +151,8 @@ def glue_targets(cells: dict) -> list[list]:
         pending = []
         if len(gaps) < len(GLUE_TASKS):
             pending.append(f"{len(gaps)} of {len(GLUE_TASKS)} tasks")
-        if short := sum(len(cells[t, m]) < SEEDS for t in gaps for m in (method, against)):
-            pending.append(f"{short} of its cells under {SEEDS} seeds")
+        if short := sum(p[1] < SEEDS for p in paired.values() if p):
+            pending.append(f"{short} of its gaps on under {SEEDS} seeds")
         verdict = ("; ".join(misses) or "met") + (f" so far ({', '.join(pending)})" if pending else "")
         label = f"{method} − {against} ≥ −{allowed:g}" + (f", FLOPs saved ≥ {100 * min_flops:.0f}%" if min_flops else "")
         rows.append([label, *(f"{gaps[t]:+.2f}" if t in gaps else "—" for t in GLUE_TASKS), f"{average:+.2f}" if pending else f"**{average:+.2f}**", verdict])
@@ -202,7 +204,7 @@ def glue_table(cells: dict, methods: list[str]) -> str:
 
 
 def glue_targets_table(cells: dict) -> str:
-    """The targets, gap by gap: a partial average (not bold) covers only the tasks both methods have."""
+    """The targets, gap by gap: a partial average (not bold) covers only the tasks where both methods share a seed."""
     return table(glue_targets(cells), ["target (points)", *GLUE_TASKS, "average gap", "verdict"])
 
 
