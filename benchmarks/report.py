@@ -9,6 +9,7 @@ is left as written.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from collections import defaultdict
@@ -297,6 +298,7 @@ def replace_block(text: str, name: str, body: str, where: str = "RESULTS.md") ->
 
 def main() -> None:
     """Every block of both files is made before either is written: a missing marker changes nothing."""
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()  # --help, not a rewrite
     updated = {}
     for path, sections in ((HERE / "RESULTS.md", SECTIONS), (HERE.parent / "README.md", README_SECTIONS)):
         text = path.read_text()

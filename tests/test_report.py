@@ -124,3 +124,11 @@ def test_peer_table_is_the_newest_medium_llama_run_with_dsee_over_optimized_line
     body = report.peer_section().splitlines()
     assert body[0].endswith("| DSEE s/step ÷ this | DSEE peak ÷ this |")
     assert body[2:] == ["| optimized_linear | 1 | 1000 / 1000 | — | 2.00 | 1.0 | 3.0 | 0.8 | 1.1 |", "| dsee | 1 | 1000 / 1000 | 600 / 601 | 2.00 (2.10, 2.00, 1.90) | 1.0 | 3.0 | — | — |"]
+
+
+def test_help_prints_usage_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "HERE", tmp_path)  # no RESULTS.md here: a rewrite would fail, not exit
+    monkeypatch.setattr(sys, "argv", ["report.py", "--help"])
+    with pytest.raises(SystemExit) as done:
+        report.main()
+    assert done.value.code == 0 and "usage: report.py" in capsys.readouterr().out and not list(tmp_path.iterdir())
