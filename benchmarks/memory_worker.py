@@ -106,10 +106,10 @@ if floor:
 else:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-ds_config = None if floor else {
+ds_config = None if floor else zero.with_fetch_defaults({
     **file_config, "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1, "train_batch_size": args.batch * world, "steps_per_print": 10**9,
     "comms_logger": {"enabled": not args.no_comms_log, "verbose": False, "prof_all": True, "debug": False}, "bf16": {"enabled": args.bf16},
-}
+})
 config_name = os.path.relpath(config_file.resolve(), ROOT)
 dtype = torch.bfloat16 if args.bf16 else torch.float32
 if recipe:

@@ -72,7 +72,7 @@ p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
 init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
-ds_config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+ds_config = zero.with_fetch_defaults({"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
 config = tiny_config("gpt2", vocab_size=1000, n_embd=256, n_layer=4) if args.model == "tiny" else builtin_config(f"builtin:{args.model}")
 model = build_model(config, "lm", ds_config=ds_config)
 for p_ in model.parameters():

@@ -17,13 +17,11 @@ checkpoint as `latest`.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
 import os
 import shutil
-import signal
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -34,12 +32,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dsee_scale import dist, zero
+from dsee_scale import dist, faults, zero
+from dsee_scale.zero import compat
 from dsee_scale.engine import torch_optimizer
 from dsee_scale.prune import ShardMask, plain_parameters, unpack_mask
 
 log = logging.getLogger(__name__)
-FAULT_ENV = "DSEE_FAULT_INJECT"  # test hook: "kill_during_save:<tag>", "enospc_during_save:<tag>", "nan_loss:<stage>-<step>" (trainer)
 STATE, TRAINABLE, MASKS, LATEST = "state.json", "trainable.safetensors", "masks.safetensors", "latest"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports its own I/O failures (a full disk) as SafetensorError
@@ -53,22 +51,6 @@ def step_seed(seed: int, stage: str, step: int, rank: int) -> int:
     """The seed of one rank's random draws (dropout) in one step: a function of where the run
     is, not of what ran before, so a resumed run draws what the uninterrupted one drew."""
     return zlib.crc32(f"{seed}/{stage}/{step}/{rank}".encode())
-
-
-IDENTITY_FIELDS = ("model", "method", "task", "tokenizer", "train_file", "dataset", "dataset_config", "text_column", "text_pair_column", "label_column", "max_length", "max_train_samples", "seed")
-
-
-def run_identity(cfg, ds_config: dict) -> dict:
-    """What a checkpoint must share with the run that resumes it: the model, the data, DSEE's
-    shape (targets, rank, nnz, ...) and the global batch (the data order depends on it)."""
-    return {**{k: getattr(cfg, k) for k in IDENTITY_FIELDS}, "dsee": cfg.dsee.to_dict(), "global_batch": ds_config["train_batch_size"]}
-
-
-def identity_differences(saved: dict, current: dict) -> list[str]:
-    """'field: checkpoint X, now Y' for every difference (DSEE fields by their flag names)."""
-    flat = lambda d: {**{k: v for k, v in d.items() if k != "dsee"}, **{f"dsee.{k}": v for k, v in d.get("dsee", {}).items()}}  # noqa: E731
-    before, now = flat(saved), flat(current)
-    return [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
 
 
 # ---- what is saved -----------------------------------------------------------------------------
@@ -118,8 +100,7 @@ def load_trainable_state(model: nn.Module, engine, tensors: dict[str, torch.Tens
     optimizer = torch_optimizer(engine)
     if step:  # optimizers create their state at their first step: create it now, to fill it
         # ZeRO-3 hands its fp32 partitions to the torch optimizer only during a step.
-        held_by_zero3 = getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])
-        for held in held_by_zero3 or [p for group in optimizer.param_groups for p in group["params"]]:
+        for held in compat.zero3_fp32_partitions(engine) or [p for group in optimizer.param_groups for p in group["params"]]:
             state = optimizer.state[held]
             for key in MOMENTS:
                 state.setdefault(key, torch.zeros_like(held, dtype=torch.float32))
@@ -130,7 +111,7 @@ def load_trainable_state(model: nn.Module, engine, tensors: dict[str, torch.Tens
             safe_set_local_fp32_param(p, zero.partition_of(p, tensors[f"{name}::value"]).to(device))
             for key in MOMENTS if step else ():
                 safe_set_local_optimizer_state(p, zero.partition_of(p, tensors[f"{name}::{key}"]).to(device), key)
-        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and bf16: DeepSpeed holds the fp32 copy and the moments
+        elif compat.holds_fp32_copy(p):  # ZeRO-1/2 and bf16: DeepSpeed holds the fp32 copy and the moments
             safe_set_full_fp32_param(p, tensors[f"{name}::value"].to(device))
             for key in MOMENTS if step else ():
                 safe_set_full_optimizer_state(p, tensors[f"{name}::{key}"].to(device), key)
@@ -197,20 +178,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fault(tag: str) -> None:
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault == f"kill_during_save:{tag}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault == f"enospc_during_save:{tag}":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
 def _write(folder: Path, tag: str, state: dict, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], keep: int) -> None:
     staging = folder / f".staging-{tag}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(tensors, str(staging / TRAINABLE))
-    _fault(tag)
+    faults.during_save(tag)
     save_file(masks, str(staging / MASKS))
     (staging / STATE).write_text(json.dumps(state, indent=1))
     for path in (staging / TRAINABLE, staging / MASKS, staging / STATE, staging):

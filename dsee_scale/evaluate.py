@@ -114,6 +114,27 @@ def corpus_bleu(model, tokenizer, rows, samples: int, max_new_tokens: int, synce
     return sacrebleu.corpus_bleu([h for _, h in pairs], streams).score, sum(n for _, n in outputs)
 
 
+def engine_bleu(engine, tokenizer, rows, samples: int, max_new_tokens: int, whole_if_fits: bool) -> dict:
+    """BLEU of the engine's greedy generations (corpus_bleu), with how they ran and how fast.
+    Under ZeRO-3 the model is gathered whole on every rank when `whole_if_fits` and it fits
+    (ranks then generate independently); otherwise each token's forward fetches every layer,
+    all ranks in step (synced_gpus). Collective."""
+    import contextlib
+    import time
+
+    from dsee_scale import dist, zero
+
+    model = engine.module
+    partitioned = zero.zero3_active(model)
+    whole = partitioned and whole_if_fits and zero.whole_model_fits(model)
+    tic = time.time()
+    with zero.whole_model(engine) if whole else contextlib.nullcontext():
+        bleu, tokens = corpus_bleu(model, tokenizer, rows, samples, max_new_tokens, synced_gpus=partitioned and not whole)
+    seconds = time.time() - tic
+    tokens_all = float(dist.all_reduce(torch.tensor([tokens], dtype=torch.float64, device=engine.device)))
+    return {"bleu": bleu, "generation": "synced" if partitioned and not whole else "whole", "generation_s": seconds, "generation_tokens_per_s": tokens_all / seconds}
+
+
 def generate(model, tokenizer, source: str, max_new_tokens: int, synced_gpus: bool) -> tuple[str, int]:
     """Greedy continuation of `source ||` and its length in tokens; synced_gpus keeps ZeRO-3
     ranks in step."""

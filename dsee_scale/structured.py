@@ -337,3 +337,10 @@ def pad_for_export(tensor: torch.Tensor, pname: str, transposed: bool, axis: str
         shape[dim] = size - part.shape[dim]
         padded += [part, part.new_zeros(shape)]
     return torch.cat(padded, dim=dim)
+
+
+def plan_tensors(plan: dict, device: torch.device) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+    """A saved structured plan (lists of kept indices per layer) as `remove` takes it."""
+    def tensors(key: str) -> list[torch.Tensor] | None:
+        return None if plan[key] is None else [torch.tensor(kept, dtype=torch.long, device=device) for kept in plan[key]]
+    return tensors("heads"), tensors("ffn")

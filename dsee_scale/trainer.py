@@ -3,16 +3,14 @@
 Plain code, top to bottom; each stage is a method of the same name. Training stages checkpoint
 (checkpoint.py) so a killed run resumes exactly, on any number of ranks: data order is a
 function of (seed, stage, step), random draws are seeded from (seed, stage, step, rank), and a
-checkpoint holds everything else a run has learnt (adapters, optimizer moments, masks, plan).
+checkpoint holds everything else a run has learnt: the adapters and their optimizer moments,
+RunState (where the run is, what it measured) and PruningState (masks, plan; run_state.py).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import resource
 import shutil
 import sys
 import time
@@ -22,24 +20,23 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from dsee_scale import checkpoint, dist, run_folder, zero
+from dsee_scale import checkpoint, dist, faults, run_folder, zero
 from dsee_scale.baselines import apply_peft_lora, merge_peft_lora, train_everything
 from dsee_scale.config import TrainConfig
 from dsee_scale.data import GlobalBatches, check_columns, check_labels, collate, label_map, load_split, load_tokenizer, tokenize
+from dsee_scale.ds_config import nvme_offload
 from dsee_scale.engine import create_engine, init_distributed, torch_optimizer
-from dsee_scale.evaluate import corpus_bleu, evaluate_engine
+from dsee_scale.evaluate import engine_bleu, evaluate_engine
 from dsee_scale.export import atomic_save_file, compressed_format, export_compressed, export_hf, load_support, save_adapter
-from dsee_scale.flops import inference_flops
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.metrics import check_metric
 from dsee_scale.models import build_model, builtin_config
-from dsee_scale.prune import PRUNE_SCORES, ShardMask, magnitude_prune, nm_prune, plain_parameters, reapply_masks, sparsity_report, unpack_mask, whole_masks
-from dsee_scale.structured import remove, structured_prune
-from dsee_scale.validate import nvme_offload, validate_before_launch
+from dsee_scale.prune import PRUNE_SCORES, magnitude_prune, nm_prune, sparsity_report, whole_masks
+from dsee_scale.run_state import CHECKPOINTED, PruningState, RunState
+from dsee_scale.structured import plan_tensors, remove, structured_prune
+from dsee_scale.validate import validate_before_launch
 
 log = logging.getLogger("dsee_scale")
-CHECKPOINTED = ("tune", "prune", "retune")
-REFITTED = "refitted"  # run folder: the backbone weights prune.reconstruct re-fitted
 
 
 class NonFiniteLoss(RuntimeError):
@@ -53,24 +50,16 @@ class Recipe:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.masks: dict[str, ShardMask] = {}
-        self.packed_masks: dict[str, torch.Tensor] = {}  # the same masks whole, bit-packed: gathered once, saved with every checkpoint
-        self.plan: dict | None = None  # kept heads / FFN neurons per layer, after structured pruning
-        self.keep_sparse = False  # adapters confined to the unpruned weights (layer.keep_mask)
-        self.refitted = False  # pruning re-fitted the kept weights (prune.reconstruct): saved in REFITTED
+        self.state = RunState()  # where the run is and what it measured (checkpointed)
+        self.pruning = PruningState()  # what pruning decided (checkpointed)
         self.compressed_format: str | None = None  # export_format compressed: sparse-bitmask or sparse-24-bitmask
-        self.summary: dict = {}
-        self.done: dict = {"stage": None, "step": 0, "finished": []}
-        self.losses: dict[str, list[float]] = {}
-        self.skipped: dict[str, list[int]] = {}  # steps whose loss was not finite, per stage (--skip_nonfinite)
-        self.timings: dict[str, float] = {}
         self.metrics = None
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
         self.ds_config = validate_before_launch(cfg)
-        self.identity = checkpoint.run_identity(cfg, self.ds_config)
+        self.identity = run_folder.run_identity(cfg, self.ds_config)
         init_distributed(cfg.dist_timeout_min)
         self.rank, self.world = dist.rank(), dist.world_size()
         # Each rank read the output folder before any collective (validate); rank 0's reading is
@@ -82,6 +71,7 @@ class Recipe:
             run_folder.prepare(cfg, self.ds_config, self.world)
         dist.barrier()
         run_folder.use_builtin_data(cfg)
+        self.ds_config = zero.with_fetch_defaults(self.ds_config)  # after the run folder recorded the config as given
         self.tokenizer = load_tokenizer(cfg, self.writer)
         self._load_data()
         saved = checkpoint.load_latest(self.ckpt_dir) if cfg.resume else None
@@ -90,14 +80,13 @@ class Recipe:
             self.compressed_format = compressed_format(self.model, cfg.prune)  # a refusal comes now, not after training
         if saved and not checkpoint.same_backbone(saved[0]["backbone_digest"], self.backbone_digest):
             raise checkpoint.CheckpointError(f"the backbone built from --model {cfg.model} differs from the one {self.ckpt_dir} was saved from: resume needs the same model files")
-        if saved and saved[0]["plan"]:
-            self.plan = saved[0]["plan"]
-            remove(self.model, *_plan_tensors(self.plan, zero.shard_device(next(self.model.parameters()))), self.ds_config)
+        if saved and saved[0]["pruning"]["plan"]:
+            remove(self.model, *plan_tensors(saved[0]["pruning"]["plan"], zero.shard_device(next(self.model.parameters()))), self.ds_config)
         self.engine = self._create_engine()
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.accum = self.engine.gradient_accumulation_steps()
         trainable, total = count_parameters(self.model)
-        self.summary.update(trainable_params=trainable, total_params=total, trainable_pct=100.0 * trainable / total, world_size=self.world)
+        self.state.summary.update(trainable_params=trainable, total_params=total, trainable_pct=100.0 * trainable / total, world_size=self.world)
         if saved:
             self._restore(*saved)
         elif cfg.resume:
@@ -139,7 +128,7 @@ class Recipe:
         torch.manual_seed(cfg.seed)  # random-init (builtin) models: the same backbone on every rank and every resume
         tic = time.time()
         self.model = build_model(source, cfg.task, ds_config=self.ds_config, dtype=dtype, **overrides)
-        self.timings["build_s"] = time.time() - tic
+        self.state.timings["build_s"] = time.time() - tic
         if cfg.gradient_checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if len(self.tokenizer) > self.model.config.vocab_size:
@@ -151,10 +140,9 @@ class Recipe:
             apply_peft_lora(self.model, cfg.dsee)
         else:
             train_everything(self.model)
-        self.partitioned = zero.zero3_active(self.model)
         on_nvme = zero.on_nvme_count(self.model)
         if on_nvme:
-            self.summary["nvme_params"] = on_nvme  # weights whose shards live on NVMe (ZeRO-Infinity)
+            self.state.summary["nvme_params"] = on_nvme  # weights whose shards live on NVMe (ZeRO-Infinity)
         self.backbone_digest = checkpoint.backbone_digest(self.model)
 
     def _apply_dsee(self) -> None:
@@ -166,7 +154,7 @@ class Recipe:
             support = load_support(self.model, cfg.dsee, cfg.support_file)
         tic = time.time()
         apply_dsee(self.model, cfg.dsee, ds_config=self.ds_config, support=support)
-        self.timings["support_s"] = time.time() - tic
+        self.state.timings["support_s"] = time.time() - tic
         if self.writer and support is None:
             atomic_save_file(support_of(self.model), support_file, {"dsee_config": json.dumps(cfg.dsee.to_dict())})
 
@@ -210,7 +198,7 @@ class Recipe:
     def train(self, stage: str, steps: int) -> None:
         """Optimizer steps of `stage` ('tune' or 'retune'); resumes from the checkpointed step."""
         cfg, engine = self.cfg, self.engine
-        start = self.done["step"] if self.done["stage"] == stage else 0
+        start = self.state.start_step(stage)
         batches = GlobalBatches(len(self.train_rows), self.micro, self.accum, self.world, seed=cfg.seed + (1 if stage == "retune" else 0))
         schedule = self._schedule(steps, start)
         if schedule is not None and cfg.warmup_steps > steps:
@@ -226,9 +214,7 @@ class Recipe:
             share = self._loss_share(batches, step)
             total = torch.zeros(1, device=engine.device)  # summed on the device: one sync per step, not per micro-step
             for accum in range(self.accum):
-                loss = engine(**self._micro_batch(batches, step, accum), **share).loss
-                if os.environ.get(checkpoint.FAULT_ENV) == f"nan_loss:{stage}-{step + 1}":
-                    loss = loss * float("nan")
+                loss = faults.training_loss(engine(**self._micro_batch(batches, step, accum), **share).loss, stage, step + 1)
                 engine.backward(loss)
                 engine.step()
                 total += loss.detach().float()
@@ -237,7 +223,7 @@ class Recipe:
             loss_value = float(dist.all_reduce(total / self.accum)) / self.world
             if math.isfinite(loss_value):
                 window.append(loss_value)
-                self.losses.setdefault(stage, []).append(loss_value)
+                self.state.losses.setdefault(stage, []).append(loss_value)
             else:
                 self._skip_or_stop(stage, step + 1, loss_value)
             if window and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
@@ -250,7 +236,7 @@ class Recipe:
                 if self.metrics:
                     self.metrics.write(record)
                 window, tic = [], time.time()
-            self.done.update(stage=stage, step=step + 1)
+            self.state.stage, self.state.step = stage, step + 1
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 self.measure(tag=f"{stage}-{step + 1}")
                 engine.train()
@@ -258,64 +244,53 @@ class Recipe:
                 self.save_checkpoint()
         bar.close()
         if steps > start:
-            self.timings[f"{stage}_s_per_step"] = (time.time() - stage_tic) / (steps - start)
+            self.state.timings[f"{stage}_s_per_step"] = (time.time() - stage_tic) / (steps - start)
 
     def _skip_or_stop(self, stage: str, step: int, loss_value: float) -> None:
         """A non-finite loss stops the run, unless --skip_nonfinite allows one more skipped step
         and the engine discarded its update (DeepSpeed's overflow check of the gradient norm)."""
         where = f"{stage} step {step}: the loss is {loss_value}"
-        if sum(map(len, self.skipped.values())) >= self.cfg.skip_nonfinite:
+        skipped = self.state.skipped
+        if sum(map(len, skipped.values())) >= self.cfg.skip_nonfinite:
             raise NonFiniteLoss(f"{where}; the run stops here and its last checkpoint is the last good state "
                                 f"(lower --lr, check the data, or let --skip_nonfinite N steps be skipped; now {self.cfg.skip_nonfinite})")
         if self.engine.was_step_applied():
             raise NonFiniteLoss(f"{where} and the engine applied the update anyway (this ZeRO stage and dtype do not check the "
                                 "gradients for overflow), so the step cannot be skipped; the last checkpoint is the last good state")
-        self.skipped.setdefault(stage, []).append(step)
-        log.warning("%s: step skipped, its update discarded (%d of --skip_nonfinite %d)", where, sum(map(len, self.skipped.values())), self.cfg.skip_nonfinite)
+        skipped.setdefault(stage, []).append(step)
+        log.warning("%s: step skipped, its update discarded (%d of --skip_nonfinite %d)", where, sum(map(len, skipped.values())), self.cfg.skip_nonfinite)
 
     # ---- pruning -----------------------------------------------------------------------------
     def prune(self) -> None:
         """Structured removal and/or global (or per-layer, or N:M) pruning of the frozen backbone
         by prune.score; the masks and the plan stay fixed afterwards."""
-        p = self.cfg.prune
+        p, pruning, timings = self.cfg.prune, self.pruning, self.state.timings
         if p.heads or p.ffn:
             tic = time.time()
             calibration = self._calibration_batches(p.calibration_batches) if p.structured_score == "gradient" else None
-            self.summary["structured"], self.plan = structured_prune(self.model, p, calibration, self.ds_config, ctx=self.cfg.max_length, engine=self.engine)
+            self.state.summary["structured"], pruning.plan = structured_prune(self.model, p, calibration, self.ds_config, ctx=self.cfg.max_length, engine=self.engine)
             # Parameter shapes changed: a fresh engine (and optimizer) for re-tuning.
             self.engine.destroy()
             self.engine = self._create_engine()
-            self.timings["structured_s"] = time.time() - tic
+            timings["structured_s"] = time.time() - tic
         if p.pattern or p.sparsity > 0:
             tic = time.time()
             uses_inputs = PRUNE_SCORES[p.score].uses_inputs or p.refits
             calibration = (self._calibration_batches(p.calibration_batches), self._forward) if uses_inputs else None
             if p.pattern:
-                self.masks = nm_prune(self.model, p.pattern, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
+                pruning.masks = nm_prune(self.model, p.pattern, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
             else:
-                self.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
-            self.timings["prune_s"] = time.time() - tic
-            log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", self.timings["prune_s"])
-            self.keep_sparse = p.keep_sparse
+                pruning.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
+            timings["prune_s"] = time.time() - tic
+            log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", timings["prune_s"])
+            pruning.keep_sparse = p.keep_sparse
             if p.refits:  # the re-fitted backbone cannot be rebuilt from --model: kept for a resume
-                checkpoint.save_weights(self.run_dir / REFITTED, self._pruned_weights(), self.writer)
-                self.refitted = True
-            self.packed_masks = whole_masks(self.masks)
-            if self.keep_sparse:
-                self._confine_deltas(self.packed_masks)
-        self.summary["sparsity"] = sparsity_report(self.model, p.include, p.exclude, frozen_only=self.cfg.method != "full")["total"]
-
-    def _pruned_weights(self) -> dict[str, torch.Tensor]:
-        """The pruned backbone weights by their plain names, in model order."""
-        return {n: p for n, p in plain_parameters(self.model).items() if n in self.masks}
-
-    def _confine_deltas(self, packed: dict[str, torch.Tensor]) -> None:
-        """From now on every adapter trains and merges ΔW ⊙ M (layer.keep_mask)."""
-        for name, layer in dsee_layers(self.model).items():
-            bits = packed.get(f"{name}.weight")
-            if bits is not None:
-                shape = zero.full_shape(layer.base.weight)
-                layer.keep_mask(torch.from_numpy(unpack_mask(bits, shape.numel()) == 0).reshape(shape))
+                checkpoint.save_weights(self.run_dir / run_folder.REFITTED, pruning.pruned_weights(self.model), self.writer)
+                pruning.refitted = True
+            pruning.packed = whole_masks(pruning.masks)
+            if pruning.keep_sparse:
+                pruning.confine_adapters(self.model)
+        self.state.summary["sparsity"] = sparsity_report(self.model, p.include, p.exclude, frozen_only=self.cfg.method != "full")["total"]
 
     def _forward(self, batch: dict) -> None:
         """One forward in eval mode (no dropout, no loss), for the activation score's input norms."""
@@ -341,28 +316,17 @@ class Recipe:
         rows = self.eval_rows or self.train_rows.select(range(min(len(self.train_rows), 4 * self.micro * self.world)))
         result = evaluate_engine(self.engine, rows, self.tokenizer, cfg.task, self.micro, cfg.metric)
         if cfg.task == "lm" and bleu and self.eval_rows is not None and "source" in self.eval_rows.column_names:
-            result["bleu"] = self._bleu()
+            generation = engine_bleu(self.engine, self.tokenizer, self.eval_rows, cfg.gen_samples, cfg.gen_max_new_tokens, cfg.gen_whole_model)
+            result["bleu"] = generation.pop("bleu")
+            self.state.summary["generation"] = generation.pop("generation")
+            self.state.timings.update(generation)
         if self.metrics:
             self.metrics.write({"stage": "evaluate", "tag": tag, **result})
         log.info("evaluation %s: %s", tag, result)
         return result
 
-    def _bleu(self) -> float:
-        """BLEU of greedy generations. Under ZeRO-3 the model is gathered whole on every rank for
-        it when it fits (ranks then generate independently); otherwise each token's forward
-        fetches every layer, all ranks in step (synced_gpus)."""
-        cfg = self.cfg
-        whole = self.partitioned and cfg.gen_whole_model and zero.whole_model_fits(self.model)
-        tic = time.time()
-        with zero.whole_model(self.engine) if whole else contextlib.nullcontext():
-            bleu, tokens = corpus_bleu(self.engine.module, self.tokenizer, self.eval_rows, cfg.gen_samples, cfg.gen_max_new_tokens, synced_gpus=self.partitioned and not whole)
-        seconds = time.time() - tic
-        self.summary["generation"] = "synced" if self.partitioned and not whole else "whole"
-        self.timings.update(generation_s=seconds, generation_tokens_per_s=float(dist.all_reduce(torch.tensor([tokens], dtype=torch.float64, device=self.engine.device))) / seconds)
-        return bleu
-
     def evaluate(self) -> None:
-        self.summary["after"] = self.measure(tag="final")
+        self.state.summary["after"] = self.measure(tag="final")
 
     def export(self) -> None:
         """Adapter-only file, then the adapters merged in place (exactly, or re-masked with
@@ -372,13 +336,13 @@ class Recipe:
         if self.cfg.method == "dsee":
             tic = time.time()
             save_adapter(self.model, out / "adapter", self.cfg.dsee)
-            self.timings["adapter_save_s"] = time.time() - tic
+            self.state.timings["adapter_save_s"] = time.time() - tic
             if dist.is_main():  # exports are written on rank 0's node
-                self.summary["adapter_bytes"] = (out / "adapter" / "dsee_adapter.safetensors").stat().st_size
+                self.state.summary["adapter_bytes"] = (out / "adapter" / "dsee_adapter.safetensors").stat().st_size
                 self.tokenizer.save_pretrained(str(out / "adapter"))
         if self.cfg.export_merged or self.cfg.method != "dsee":  # a baseline's export is its merged model
             for layer in dsee_layers(self.model).values():
-                layer.merge(remask=self.cfg.export_remask and bool(self.masks))
+                layer.merge(remask=self.cfg.export_remask and bool(self.pruning.masks))
             if self.cfg.method == "peft_lora":
                 merge_peft_lora(self.model)
             export_hf(self.model, out / "merged", merge=False)
@@ -386,83 +350,63 @@ class Recipe:
                 self.tokenizer.save_pretrained(str(out / "merged"))
             if self.cfg.export_format == "compressed":
                 self._export_compressed(out)
-        self.summary["export"] = str(out)
+        self.state.summary["export"] = str(out)
 
     def _export_compressed(self, out: Path) -> None:
         """export/merged in compressed-tensors' format: rank 0 reads it back and writes export/compressed."""
-        if not self.masks:
+        if not self.pruning.masks:
             log.warning("export_format compressed: this run pruned nothing (no prune stage), so there is no export/compressed")
             return
         tic = time.time()
         if dist.is_main():
-            export_compressed(out / "merged", out / "compressed", self.compressed_format, self.masks)
-            self.summary["compressed_format"] = self.compressed_format
+            export_compressed(out / "merged", out / "compressed", self.compressed_format, self.pruning.masks)
+            self.state.summary["compressed_format"] = self.compressed_format
         dist.barrier()
-        self.timings["compressed_export_s"] = time.time() - tic
+        self.state.timings["compressed_export_s"] = time.time() - tic
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """Collective: the (small, world-size-independent) state of the run, written by each writer."""
         tic = time.time()
         scheduler = self.engine.lr_scheduler
-        state = {
-            "done": self.done, "losses": self.losses, "skipped": self.skipped, "summary": self.summary, "plan": self.plan, "backbone_digest": self.backbone_digest,
-            "optimizer_step": checkpoint.optimizer_step(self.engine), "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "world_size": self.world, "run": self.identity, "keep_sparse": self.keep_sparse, "refitted": self.refitted,
+        saved = {
+            "run": self.state.to_json(), "pruning": self.pruning.to_json(), "identity": self.identity, "world_size": self.world,
+            "backbone_digest": self.backbone_digest, "optimizer_step": checkpoint.optimizer_step(self.engine),
+            "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
         }
         tensors = checkpoint.trainable_state(self.model, self.engine)
-        tag = f"{self.done['stage']}-{self.done['step']}"
-        checkpoint.save(self.ckpt_dir, tag, state, tensors, self.packed_masks, self.writer, keep=self.cfg.keep_checkpoints)
-        self.timings["checkpoint_s"] = time.time() - tic
+        checkpoint.save(self.ckpt_dir, self.state.tag, saved, tensors, self.pruning.packed, self.writer, keep=self.cfg.keep_checkpoints)
+        self.state.timings["checkpoint_s"] = time.time() - tic
 
-    def _restore(self, state: dict, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
-        self.done, self.losses, self.skipped, self.summary = state["done"], state["losses"], state.get("skipped", {}), {**state["summary"], **self.summary}
-        checkpoint.load_trainable_state(self.model, self.engine, tensors, state["optimizer_step"])
-        if state["lr_scheduler"] is not None and self.engine.lr_scheduler is not None:
-            self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if masks:
-            self.masks, self.packed_masks = checkpoint.shard_masks(self.model, masks), masks
-            self.refitted = state.get("refitted", False)
-            if self.refitted:
-                checkpoint.load_weights(self.run_dir / REFITTED, self._pruned_weights())
-            reapply_masks(self.model, self.masks)
-            self.keep_sparse = state["keep_sparse"]
-            if self.keep_sparse:
-                self._confine_deltas(masks)
-        log.info("resumed at %s step %d (saved by %d ranks, now %d)", self.done["stage"], self.done["step"], state["world_size"], self.world)
+    def _restore(self, saved: dict, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+        setup = self.state  # this process's set-up figures (world size, build time, ...) win over the saved ones
+        self.state = RunState.from_json(saved["run"])
+        self.state.summary.update(setup.summary)
+        self.state.timings.update(setup.timings)
+        checkpoint.load_trainable_state(self.model, self.engine, tensors, saved["optimizer_step"])
+        if saved["lr_scheduler"] is not None and self.engine.lr_scheduler is not None:
+            self.engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        self.pruning = PruningState.from_json(saved["pruning"], masks, self.model)
+        self.pruning.restore(self.model, self.run_dir / run_folder.REFITTED)
+        log.info("resumed at %s step %d (saved by %d ranks, now %d)", self.state.stage, self.state.step, saved["world_size"], self.world)
 
     # ---- the whole run -----------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
         tic = time.time()
-        if "before" not in self.summary and "evaluate" in cfg.stages and self.done["stage"] is None:
-            self.summary["before"] = self.measure(tag="before", bleu=False)
+        if "before" not in self.state.summary and "evaluate" in cfg.stages and self.state.stage is None:
+            self.state.summary["before"] = self.measure(tag="before", bleu=False)
         for stage in cfg.stages:
-            if stage in self.done["finished"]:
+            if stage in self.state.finished:
                 continue
             getattr(self, stage)()
-            self.done["finished"].append(stage)
+            self.state.finish(stage)
             if stage in CHECKPOINTED:
-                self.done.update(stage=stage, step=self.done["step"] if stage != "prune" else 0)
                 self.save_checkpoint()
-        self._final_summary(time.time() - tic)
+        run_folder.complete_summary(self.model, cfg, self.state, time.time() - tic)
         if dist.is_main():
-            run_folder.write_summary(self.run_dir, self.summary)
-        return self.summary
-
-    def _final_summary(self, wall_s: float) -> None:
-        cfg = self.cfg
-        report = sparsity_report(self.model, cfg.prune.include, cfg.prune.exclude, frozen_only=cfg.method != "full")
-        self.summary["final_sparsity"] = report["total"]  # below the backbone's only where a dense ΔW was merged (keep_sparse false)
-        flops = inference_flops(self.model, ctx=cfg.max_length, sparse_zeros=report["zeros"])
-        dense_before = self.summary.get("structured", {}).get("flops_before", flops["dense_model"])
-        final = flops["dense_model"] - flops["sparse_saved"]  # dense-equivalent: zeros cost nothing
-        self.summary.update(flops_per_token=final, flops_saved=1 - final / dense_before, wall_s=wall_s, output_dir=str(self.run_dir))
-        self.summary["train_loss"] = {k: [v[0], v[-1]] for k, v in self.losses.items() if v}
-        self.summary["losses"] = self.losses
-        self.summary["skipped_steps"] = self.skipped
-        self.summary["timings"] = self.timings
-        self.summary["peak_rss_mb_per_rank"] = [round(x, 1) for x in dist.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
+            run_folder.write_summary(self.run_dir, self.state.summary)
+        return self.state.summary
 
     def close(self, end_process_group: bool = True) -> None:
         """end_process_group False: another Recipe follows in this process (scripts/gpu_check.py)."""
@@ -476,9 +420,3 @@ class Recipe:
         if swap and dist.local_rank() == 0:  # this run's NVMe swap files (a killed run's stay for its resume)
             shutil.rmtree(swap["nvme_path"], ignore_errors=True)
 
-
-def _plan_tensors(plan: dict, device: torch.device) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
-    """A saved structured plan (lists of kept indices per layer) as `structured.remove` takes it."""
-    def tensors(key: str) -> list[torch.Tensor] | None:
-        return None if plan[key] is None else [torch.tensor(kept, dtype=torch.long, device=device) for kept in plan[key]]
-    return tensors("heads"), tensors("ffn")

@@ -11,12 +11,8 @@ import os
 from pathlib import Path
 
 from dsee_scale.config import TrainConfig
-
-RUN_MARKER = "dsee_run.json"
-
-
-class ConfigError(ValueError):
-    """Bad input found before launch; the message says what to change."""
+from dsee_scale.ds_config import ConfigError, check_nvme_buffers, load_ds_config, nvme_offload, resolve_batch_sizes
+from dsee_scale.run_folder import RUN_MARKER, identity_differences, run_identity, run_marker
 
 
 def launched_world_size() -> int:
@@ -41,116 +37,6 @@ def on_cpu() -> bool:
     return get_accelerator().device_name() == "cpu"
 
 
-def load_ds_config(path: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist: pass --ds_config ds_configs/zero3.json (or another file in ds_configs/)")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
-    zero = config.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    if zero.get("zero_hpz_partition_size", 1) not in (1, None):
-        raise ConfigError(
-            f"DeepSpeed config {path}: zero_optimization.zero_hpz_partition_size is not supported: hpZ refuses the second "
-            f"zero.Init that creates the adapters, and pruning would edit the primary shards but not hpZ's secondary copy "
-            f"that backward reads; remove it (or set it to 1)"
-        )
-    if zero.get("zero_quantized_nontrainable_weights"):
-        raise ConfigError(
-            f"DeepSpeed config {path}: zero_optimization.zero_quantized_nontrainable_weights is not supported: DeepSpeed "
-            f"quantizes only weights frozen when they are first partitioned, and the backbone is frozen after it is built, "
-            f"so nothing would be quantized; remove it (or set it to false)"
-        )
-    check_nvme_offload(config, path)
-    return config
-
-
-def nvme_offload(config: dict) -> dict | None:
-    """The offload_param block when it sends the backbone to NVMe (ZeRO-Infinity), else None."""
-    block = config.get("zero_optimization", {}).get("offload_param") or {}
-    return block if block.get("device") == "nvme" else None
-
-
-def check_nvme_offload(config: dict, path: str) -> None:
-    """offload_param to NVMe needs a writable nvme_path and DeepSpeed's async_io op (libaio)."""
-    block = nvme_offload(config)
-    if block is None:
-        return
-    if config.get("zero_optimization", {}).get("stage") != 3:
-        raise ConfigError(f"DeepSpeed config {path}: offload_param to nvme needs zero_optimization.stage 3")
-    if config["zero_optimization"].get("stage3_prefetch_bucket_size", 50_000_000):
-        raise ConfigError(f"DeepSpeed config {path}: set zero_optimization.stage3_prefetch_bucket_size to 0 with offload_param to nvme: "
-                          f"DeepSpeed 0.19.8's NVMe prefetch hands one weight two swap buffers from the second step on and stops "
-                          f"('param N already assigned swap buffer id'); ds_configs/zero3_nvme.json has it")
-    folder = block.get("nvme_path")
-    if not folder:
-        raise ConfigError(f"DeepSpeed config {path}: offload_param.device nvme needs offload_param.nvme_path, a folder on a fast local disk")
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        probe = Path(folder) / f".dsee_write_probe_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"DeepSpeed config {path}: offload_param.nvme_path {folder} is not a writable folder ({err.strerror}): choose a folder on a local disk you can write") from None
-    import ctypes.util
-
-    # What DeepSpeed's AsyncIOBuilder compiles against (its own probe needs a real stderr).
-    if ctypes.util.find_library("aio") is None or not any(Path(d, "libaio.h").exists() for d in ("/usr/include", "/usr/local/include")):
-        raise ConfigError(f"DeepSpeed config {path}: offload_param to nvme needs DeepSpeed's async_io op, which needs libaio: "
-                          f"apt-get install libaio-dev (make setup does), then run again")
-
-
-def check_nvme_buffers(config: dict, model, world: int) -> None:
-    """DeepSpeed swaps each shard of at least 1 MB through a buffer of offload_param.buffer_size
-    elements: a smaller buffer fails mid-build with an assertion, so name the size needed now
-    ("auto": exactly the largest shard)."""
-    block = nvme_offload(config)
-    if block is None:
-        return
-    largest = max(-(-p.numel() // world) for p in model.parameters())
-    if block.get("buffer_size") == "auto":  # just large enough: each of buffer_count buffers is this much memory
-        block["buffer_size"] = largest
-    size = int(float(block.get("buffer_size", 1e8)))
-    if size < largest:
-        raise ConfigError(f"offload_param.buffer_size {size:,} is smaller than this model's largest weight shard at {world} rank(s), "
-                          f"{largest:,} elements: set buffer_size to at least {largest} (each of buffer_count buffers takes that many elements of memory)")
-
-
-def resolve_batch_sizes(config: dict, cfg: TrainConfig, world: int, source: str) -> None:
-    """Fill micro-batch / accumulation / global batch so that global = micro × accum × world,
-    from the config, the CLI (which wins) or each other; refuse numbers that disagree."""
-    def number(key):
-        value = config.get(key)
-        return None if value in (None, "auto") else value
-
-    micro = cfg.micro_batch_size or number("train_micro_batch_size_per_gpu")
-    accum = cfg.grad_accum or number("gradient_accumulation_steps")
-    total = number("train_batch_size")
-    if total is not None and micro is not None and accum is not None and total != micro * accum * world:
-        raise ConfigError(
-            f"batch sizes disagree: train_batch_size {total} in {source} != micro-batch {micro} × accumulation {accum} × world size {world}: "
-            f"fix one of them or drop train_batch_size from the config (it is derived)"
-        )
-    if micro is None:
-        micro = total // ((accum or 1) * world) if total else 8
-    if accum is None:
-        accum = max(1, total // (micro * world)) if total else 1
-    if total is not None and total != micro * accum * world:
-        raise ConfigError(f"train_batch_size {total} in {source} is not divisible into micro-batch {micro} × accumulation × world size {world}")
-    for name, value in (("micro_batch_size", micro), ("grad_accum", accum)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    config["train_micro_batch_size_per_gpu"] = micro
-    config["gradient_accumulation_steps"] = accum
-    config["train_batch_size"] = micro * accum * world
-
-
 def check_output_dir(cfg: TrainConfig, ds_config: dict, world: int) -> None:
     folder = Path(cfg.output_dir)
     if not folder.exists() or cfg.overwrite:
@@ -171,20 +57,15 @@ def check_output_dir(cfg: TrainConfig, ds_config: dict, world: int) -> None:
 def check_resumable(cfg: TrainConfig, ds_config: dict) -> None:
     """A checkpoint of another model, data, DSEE shape or global batch is refused here, before
     anything is built; another world size is fine when the global batch is the same."""
-    from dsee_scale.checkpoint import identity_differences, latest_state, run_identity
+    from dsee_scale.checkpoint import latest_state
 
     state = latest_state(Path(cfg.output_dir) / "checkpoints")
     if state is None:
         return
-    differences = identity_differences(state["run"], run_identity(cfg, ds_config))
+    differences = identity_differences(state["identity"], run_identity(cfg, ds_config))
     if differences:
         hint = " (set --micro_batch_size / --grad_accum so that micro × accumulation × world size matches)" if any(d.startswith("global_batch") for d in differences) else ""
         raise ConfigError(f"--resume: the checkpoint in {cfg.output_dir} is of another run: {'; '.join(differences)}{hint}")
-
-
-def run_marker(cfg: TrainConfig, ds_config: dict, world: int) -> dict:
-    """What identifies a run: its configuration, resolved DeepSpeed config and world size."""
-    return {"config": {**cfg.to_dict(), "resume": False, "overwrite": False}, "ds_config": ds_config, "world_size": world}
 
 
 def manage_default_folder(cfg: TrainConfig, ds_config: dict, world: int) -> None:
@@ -306,7 +187,7 @@ def validate_before_launch(cfg: TrainConfig) -> dict:
     """All cheap checks; returns the DeepSpeed config with batch sizes resolved (and fp32 on CPU)."""
     config = load_ds_config(cfg.ds_config)
     world = launched_world_size()
-    resolve_batch_sizes(config, cfg, world, cfg.ds_config)
+    resolve_batch_sizes(config, cfg.micro_batch_size, cfg.grad_accum, world, cfg.ds_config)
     if on_cpu():
         for key in ("bf16", "fp16"):
             if config.get(key, {}).get("enabled"):

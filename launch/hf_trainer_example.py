@@ -37,7 +37,7 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
     from dsee_scale import DSEEConfig, apply_dsee, count_parameters, save_adapter
-    from dsee_scale.engine import unlink_shm_buffers
+    from dsee_scale.zero.single_host import unlink_shm_buffers
     from dsee_scale.export import export_hf
 
     # Accelerate picks no backend for DeepSpeed on CPU: configure its state with ours first.

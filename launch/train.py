@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsee_scale.checkpoint import CheckpointError  # noqa: E402
 from dsee_scale.config import train_config_from_argv  # noqa: E402
+from dsee_scale.ds_config import ConfigError  # noqa: E402
 from dsee_scale.trainer import NonFiniteLoss, Recipe  # noqa: E402
-from dsee_scale.validate import ConfigError, launched_rank  # noqa: E402
+from dsee_scale.validate import launched_rank  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

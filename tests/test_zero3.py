@@ -169,7 +169,7 @@ def test_weights_fetched_through_shared_memory_equal_gloos_bit_for_bit(tmp_path)
 
 
 def test_zero3_sums_only_in_its_fetch_by_all_reduce():
-    """zero._FetchThroughSharedMemory sums by bitwise OR, which is right only for ZeRO-3's fetch
+    """zero.single_host._FetchThroughSharedMemory sums by bitwise OR, which is right only for ZeRO-3's fetch
     by all-reduce (every slot zeros but on its owner): a DeepSpeed whose parameter code sums
     anything else through `dist.all_reduce` must fail here, not train on wrong weights."""
     import deepspeed.comm

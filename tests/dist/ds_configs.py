@@ -13,7 +13,8 @@ from common import train_steps  # noqa: E402
 
 from dsee_scale import DSEEConfig, apply_dsee  # noqa: E402
 from dsee_scale.config import TrainConfig  # noqa: E402
-from dsee_scale.engine import MUON_MODULE, create_engine, init_distributed  # noqa: E402
+from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
+from dsee_scale.zero.compat import MUON_MODULE  # noqa: E402
 from dsee_scale.models import build_model, tiny_config  # noqa: E402
 from dsee_scale.validate import validate_before_launch  # noqa: E402
 

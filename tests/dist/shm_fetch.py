@@ -1,6 +1,6 @@
 """ZeRO-3's weight fetch through shared memory (zero.fetch_through_shared_memory) gathers every
 weight bit for bit as gloo's all-gather does, by all-gather and by all-reduce (ZeRO-3's fetch by
-all-reduce, on by default with it), odd sizes (padded shards) and -0.0 included, also in chunks
+all-reduce, on by default with it: zero.with_fetch_defaults), odd sizes (padded shards) and -0.0 included, also in chunks
 much smaller than a shard (so both halves of each buffer are reused many times), and DSEE steps,
 whose fetches go through it either way, give gloo's losses. 2 CPU ranks, LOCAL_SIZE set as DeepSpeed's launcher sets it."""
 import json
@@ -12,19 +12,19 @@ import deepspeed.comm
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero import partition_parameters
-from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import train_steps  # noqa: E402
 
 from dsee_scale import DSEEConfig, apply_dsee, zero  # noqa: E402
 from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
+from dsee_scale.zero.single_host import FETCH_BY_ALL_REDUCE, _FetchThroughSharedMemory  # noqa: E402
 from dsee_scale.models import build_model, tiny_config  # noqa: E402
 
 init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
 shared_memory = partition_parameters.dist
-config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+config = zero.with_fetch_defaults({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
 model = build_model(tiny_config("gpt2", vocab_size=129, n_embd=33, n_head=3), "lm", ds_config=config)  # 129: odd sizes, padded shards
 with torch.no_grad(), deepspeed.zero.GatheredParameters([model.transformer.h[0].ln_1.bias], modifier_rank=0):
     model.transformer.h[0].ln_1.bias[:3] = -0.0
@@ -75,16 +75,16 @@ default_step = step_loss(by_all_reduce=None)
 default_fetches, fetches[:] = fetches[:], []
 turns_in_default_step = shared_memory._turn
 shm = {"all_gather": gather_all(shared_memory), "all_reduce": reduce_all(shared_memory),
-       "all_gather_in_chunks": gather_all(in_chunks := zero._FetchThroughSharedMemory(deepspeed.comm, world, rank, chunk_bytes=SMALL_CHUNK)),
+       "all_gather_in_chunks": gather_all(in_chunks := _FetchThroughSharedMemory(deepspeed.comm, world, rank, chunk_bytes=SMALL_CHUNK)),
        "all_reduce_in_chunks": reduce_all(in_chunks)}
 bf16_through_shm = gather_all(shared_memory, torch.bfloat16)
 shm_losses = [default_step, step_loss(by_all_reduce=False)]
 partition_parameters.dist = deepspeed.comm
 through_gloo, gloo_losses = gather_all(deepspeed.comm), step_loss(by_all_reduce=False)
 result = {
-    "installed": isinstance(shared_memory, zero._FetchThroughSharedMemory),
+    "installed": isinstance(shared_memory, _FetchThroughSharedMemory),
     "default_fetches": {kind: default_fetches.count(kind) for kind in ("all_gather", "all_reduce")},
-    "fetch_by_all_reduce_is_default": DeepSpeedZeroConfig().use_all_reduce_for_fetch_params,
+    "fetch_by_all_reduce_is_default": config["zero_optimization"][FETCH_BY_ALL_REDUCE],
     "exchanged_chunks": {"default_step": turns_in_default_step, "in_chunks": in_chunks._turn},  # through shared memory, not gloo
     "bf16_bitwise_equal": all(torch.equal(bf16_through_shm[n].view(torch.int16), through_gloo[n].bfloat16().view(torch.int16)) for n in through_gloo),
     "bitwise_equal": {way: all(torch.equal(got[n].view(torch.int32), through_gloo[n].view(torch.int32)) for n in through_gloo) for way, got in shm.items()},
