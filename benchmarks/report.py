@@ -1,11 +1,12 @@
 """Tables and plots of benchmarks/RESULTS.md from the JSON lines in benchmarks/results/.
 
-    python benchmarks/report.py     # rewrites the generated tables of RESULTS.md (and README's GLUE table) and the PNGs
+    python benchmarks/report.py     # rewrites the generated tables of RESULTS.md and README's headline table, and the PNGs
 
 The newest full (non --quick) run of each benchmark is reported; all lines are kept in the
 .jsonl files. Each table sits between `<!-- report.py: NAME -->` and `<!-- report.py: end NAME -->`
-in RESULTS.md (README.md's GLUE table too); only those blocks are rewritten, the text around them
-is left as written.
+in RESULTS.md; README.md has one such block, its headline: the GLUE table alone (the targets, the
+plot and the costs are RESULTS.md's). Only those blocks are rewritten, the text around them is left
+as written.
 """
 from __future__ import annotations
 
@@ -222,9 +223,9 @@ def glue_section() -> str:
 
 
 def glue_headline() -> str:
-    """README's copy: the table and the targets."""
+    """README's headline: the GLUE table alone."""
     cells, methods = glue_cells()
-    return "\n\n".join([glue_table(cells, methods), glue_targets_table(cells)]) if cells else "_not run yet_"
+    return glue_table(cells, methods) if cells else "_not run yet_"
 
 
 def sst2_short_section() -> str:
