@@ -33,7 +33,7 @@ from dsee_scale.flops import inference_flops
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.metrics import check_metric
 from dsee_scale.models import build_model, builtin_config
-from dsee_scale.prune import PRUNE_SCORES, ShardMask, magnitude_prune, nm_prune, plain_parameters, reapply_masks, sparsity_report, unpack_mask, whole_masks
+from dsee_scale.prune import PRUNE_SCORES, ShardMask, plain_parameters, prune_nm, prune_unstructured, reapply_masks, sparsity_report, unpack_mask, whole_masks
 from dsee_scale.structured import remove, structured_prune
 from dsee_scale.validate import nvme_offload, validate_before_launch
 
@@ -291,9 +291,9 @@ class Recipe:
             uses_inputs = PRUNE_SCORES[p.score].uses_inputs or p.refits
             calibration = (self._calibration_batches(p.calibration_batches), self._forward) if uses_inputs else None
             if p.pattern:
-                self.masks = nm_prune(self.model, p.pattern, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
+                self.masks = prune_nm(self.model, p.pattern, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
             else:
-                self.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
+                self.masks = prune_unstructured(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
             self.timings["prune_s"] = time.time() - tic
             log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", self.timings["prune_s"])
             self.keep_sparse = p.keep_sparse

@@ -23,13 +23,13 @@ from dsee_scale.semistructured import check_groups, input_dim, nm_keep, parse_pa
 
 __all__ = [
     "DEFAULT_EXCLUDE", "DEFAULT_INCLUDE", "PRUNE_SCORES", "PRUNE_SELECTORS", "Calibration", "PruneTarget", "Score",
-    "ShardMask", "apply_mask", "input_grams", "input_norms", "kth_smallest", "magnitude_prune", "nm_prune", "obs_reconstruct", "plain_parameters",
-    "prune_targets", "reapply_masks", "register_score", "register_selector", "score_chunks", "sparsity_report",
+    "ShardMask", "apply_mask", "input_grams", "input_norms", "kth_smallest", "obs_reconstruct", "plain_parameters", "prune_nm",
+    "prune_targets", "prune_unstructured", "reapply_masks", "register_score", "register_selector", "score_chunks", "sparsity_report",
     "unpack_mask", "whole_masks",
 ]
 
 
-def magnitude_prune(
+def prune_unstructured(
     model: nn.Module,
     sparsity: float,
     scope: str = "global",
@@ -55,7 +55,7 @@ def magnitude_prune(
     return masks
 
 
-def nm_prune(model: nn.Module, pattern: str, score: str = "weight", include: list[str] | None = None, exclude: list[str] | None = None,
+def prune_nm(model: nn.Module, pattern: str, score: str = "weight", include: list[str] | None = None, exclude: list[str] | None = None,
              calibration: Calibration | None = None, reconstruct: bool = False, keep_sparse: bool = True) -> dict[str, ShardMask]:
     """N:M semi-structured pruning ('2:4'): in every M consecutive weights along the input
     dimension the N highest scores stay; with reconstruct, the N that SparseGPT's re-fit keeps
