@@ -37,13 +37,13 @@ def worker(args) -> dict:
     from dsee_scale.inject import dsee_layers
     from dsee_scale.layer import DSEELayer
     from dsee_scale.models import build_model, builtin_config
-    from dsee_scale.prune import magnitude_prune
+    from dsee_scale.prune import prune_unstructured
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     model = build_model(builtin_config(f"builtin:{args.model}"), "lm")
     apply_dsee(model, DSEEConfig(rank=16, alpha=32, nnz=64, targets=["c_attn:q,v"], support="magnitude"))
-    masks = magnitude_prune(model, 0.5)
+    masks = prune_unstructured(model, 0.5)
     if args.variant != "dsee":
         for name, layer in dsee_layers(model).items():
             layer.keep_mask(~masks[f"{name}.weight"].dense().reshape(layer.base.weight.shape))

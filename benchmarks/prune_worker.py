@@ -17,7 +17,7 @@ from dsee_scale import zero  # noqa: E402
 from dsee_scale.config import PruneConfig  # noqa: E402
 from dsee_scale.engine import init_distributed  # noqa: E402
 from dsee_scale.models import build_model, builtin_config, tiny_config  # noqa: E402
-from dsee_scale.prune import magnitude_prune, prune_targets, sparsity_report  # noqa: E402
+from dsee_scale.prune import prune_unstructured, prune_targets, sparsity_report  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -84,7 +84,7 @@ sampler = PeakSampler()
 sampler.start()
 tic = time.perf_counter()
 if args.method == "distributed":
-    magnitude_prune(model, args.sparsity)
+    prune_unstructured(model, args.sparsity)
 else:
     gather_rank0(model, args.sparsity)
 dist.barrier()

@@ -26,7 +26,6 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -144,7 +143,7 @@ def shard_masks(model: nn.Module, packed: dict[str, torch.Tensor]) -> dict[str, 
             raise CheckpointError(f"the mask of {name}: {err}") from None
         start, stop = zero.shard_range(params[name])
         mine = whole[start:stop]
-        out[name] = ShardMask(start, stop - start, np.packbits(mine))
+        out[name] = ShardMask.from_bool(start, mine)
     return out
 
 

@@ -18,6 +18,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field
 from pydantic.dataclasses import dataclass
 
+from dsee_scale.prune.targets import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+
 
 def _registered(registry: Callable[[], dict], what: str) -> AfterValidator:
     """A name that must be in an open registry (a support method, prune score or selector that
@@ -121,10 +123,10 @@ class PruneConfig:
     scope: PruneScope = field(default="global", metadata={"help": "'global': one threshold over all selected weights; 'layer': one per matrix"})
     score: PruneScore = field(default="activation", metadata={"help": "'activation': |W + ΔW|·‖x_j‖, Wanda's, with x_j's norm over calibration_batches (the most accurate in benchmarks/RESULTS.md); 'weight': |W| (the paper's, data-free); 'merged': |W + ΔW|; 'delta': |ΔW| (the released DSEE code)"})
     include: list[str] = field(
-        default_factory=lambda: [r".*\.(layers?|h|block)\.\d+\..*weight$"],
+        default_factory=lambda: list(DEFAULT_INCLUDE),
         metadata={"help": "regexes on parameter names to prune (2-D weights of the transformer blocks by default)"},
     )
-    exclude: list[str] = field(default_factory=lambda: [r".*(norm|ln_|embed|wte|wpe|LayerNorm).*"], metadata={"help": "regexes never pruned"})
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE), metadata={"help": "regexes never pruned"})
     pattern: str | None = field(default=None, metadata={"help": "N:M semi-structured pruning instead, e.g. 2:4 (sparse tensor cores) or 4:8: every M consecutive weights along the input dimension keep the N highest scores"})
     keep_sparse: bool = field(default=True, metadata={"help": "re-tune and merge ΔW ⊙ M (M: the pruning mask), so the merged model is exactly as sparse as the pruned backbone; false: dense ΔW (the paper's), adapted matrices become dense when merged"})
     reconstruct: bool | None = field(default=None, metadata={"help": "re-fit each pruned matrix's kept weights so its output on the calibration inputs changes least (SparseGPT's update): the backbone absorbs what the pruned weights did. Unstructured: the mask is the score's; with a pattern, the re-fit also chooses which N of every M stay (score unused). Unset: on with a pattern (+2.0 pt at 2:4 on MiniLM/SST-2, 3 seeds, benchmarks/RESULTS.md), off for unstructured. Costs calibration_batches forwards and one in × in float32 matrix per pruned weight (up to 1 GiB at a time); the re-fitted weights are saved once in <output_dir>/refitted for a resume"})

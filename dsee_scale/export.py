@@ -1,5 +1,6 @@
-"""Files users keep: adapter-only safetensors (with Ω and the DSEE config), merged HF folders, and
-their compressed-tensors copy (pruned weights stored as non-zeros + bitmask)."""
+"""Files users keep: adapter-only safetensors (with Ω and the DSEE config), merged HF folders (a
+structured run's layers padded to the one size per layer an HF config holds), and their
+compressed-tensors copy (pruned weights stored as non-zeros + bitmask)."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dsee_scale import dist
+from dsee_scale.arch import arch_of, attention_layers, ffn_layers
 from dsee_scale.config import DSEEConfig, PruneConfig
 from dsee_scale.inject import apply_dsee, dsee_layers, dsee_state_dict, load_dsee_state_dict, support_from_layers
 
@@ -110,6 +112,73 @@ class _ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+# ---- structured pruning's per-layer sizes → one HF config ----------------------------------
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def export_layout(model: nn.Module) -> tuple[dict, dict[str, tuple[str, int, int]]]:
+    """(config fields, {module name: (axis, blocks, size per block)}) for a plain HF folder.
+
+    HF configs hold one head count and one FFN size for all layers, so every layer is exported
+    at the largest kept size, the smaller ones padded with zero heads / neurons (exact: a zero
+    neuron and a zero head contribute nothing). BERT and GPT-2 derive head_dim from the head
+    count, so their heads are padded back to the original count; LLaMA-style models store
+    head_dim and export the kept count.
+    """
+    if not hasattr(model.config, "dsee_structured"):
+        return {}, {}
+    names = _module_names(model)
+    arch = arch_of(model)
+    attns, ffns = attention_layers(model), ffn_layers(model)
+    d = attns[0].head_dim
+    if arch.head_dim_in_config:
+        group = model.config.num_attention_heads // model.config.num_key_value_heads
+        kv = max(a.kv_heads for a in attns)
+        heads = kv * group
+        fields = {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d}
+    else:
+        heads = kv = model.config.num_attention_heads
+        fields = {}
+    fields[arch.ffn_field] = max(f.size for f in ffns)
+    fields["dsee_dense_fields"] = {key: getattr(model.config, key, None) for key in fields}  # for dense_config()
+    plan = {}
+    for attn in attns:
+        if attn.q[0] is attn.k[0]:
+            plan[names[id(attn.q[0])]] = ("out", 3, heads * d)
+        else:
+            plan[names[id(attn.q[0])]] = ("out", 1, heads * d)
+            plan[names[id(attn.k[0])]] = ("out", 1, kv * d)
+            plan[names[id(attn.v[0])]] = ("out", 1, kv * d)
+        for module in attn.more:
+            plan[names[id(module)]] = ("out", 1, heads * d)
+        plan[names[id(attn.o)]] = ("in", 1, heads * d)
+    size = max(f.size for f in ffns)
+    for ffn in ffns:
+        for up in ffn.ups:
+            plan[names[id(up)]] = ("out", 1, size)
+        plan[names[id(ffn.down)]] = ("in", 1, size)
+    return fields, plan
+
+
+def pad_for_export(tensor: torch.Tensor, pname: str, transposed: bool, axis: str, blocks: int, size: int) -> torch.Tensor:
+    """Zero-pad a weight or bias along its output ('out') or input ('in') axis, block by block."""
+    if pname == "bias":
+        if axis == "in":
+            return tensor
+        dim = 0
+    else:
+        dim = (1 if transposed else 0) if axis == "out" else (0 if transposed else 1)
+    parts = tensor.chunk(blocks, dim=dim)
+    padded = []
+    for part in parts:
+        shape = list(part.shape)
+        shape[dim] = size - part.shape[dim]
+        padded += [part, part.new_zeros(shape)]
+    return torch.cat(padded, dim=dim)
+
+
 def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: bool = False, max_shard_bytes: int = 1 << 30) -> Path:
     """An ordinary HF folder (config + safetensors) that `from_pretrained` loads without dsee_scale.
 
@@ -121,7 +190,6 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: 
     """
     from dsee_scale import zero
     from dsee_scale.layer import DSEELayer, weight_is_transposed
-    from dsee_scale.structured import export_layout, pad_for_export
 
     folder = Path(folder)
     writer = _ShardWriter(folder, max_shard_bytes) if dist.is_main() else None

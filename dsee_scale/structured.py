@@ -214,7 +214,7 @@ def remove(model: nn.Module, keep_heads: list[torch.Tensor] | None, keep_neurons
 
 
 def _update_config(model: nn.Module) -> None:
-    """Record the per-layer sizes in the config (export_layout turns them into HF fields)."""
+    """Record the per-layer sizes in the config (export.export_layout turns them into HF fields)."""
     attns, ffns = attention_layers(model), ffn_layers(model)
     heads, kv, sizes = [a.heads for a in attns], [a.kv_heads for a in attns], [f.size for f in ffns]
     model.config.dsee_structured = {"heads": heads, "kv_heads": kv, "ffn": sizes}
@@ -262,7 +262,7 @@ def compact(model: nn.Module) -> nn.Module:
 
     A structured export loads with plain `from_pretrained` at one size per config; the real
     speed-up needs per-layer sizes. The layout is the config's `dsee_structured` record, and
-    the kept units come first in every block (see `pad_for_export`). Exact: only zeros go.
+    the kept units come first in every block (see export.pad_for_export). Exact: only zeros go.
     """
     layout = getattr(model.config, "dsee_structured", None)
     if not layout:
@@ -270,73 +270,6 @@ def compact(model: nn.Module) -> nn.Module:
     device = next(model.parameters()).device
     remove(model, [torch.arange(h, device=device) for h in layout["heads"]], [torch.arange(n, device=device) for n in layout["ffn"]])
     return model
-
-
-# ---- export: per-layer sizes → one HF config -------------------------------------------------
-
-def _module_names(model: nn.Module) -> dict[int, str]:
-    return {id(m): name for name, m in model.named_modules()}
-
-
-def export_layout(model: nn.Module) -> tuple[dict, dict[str, tuple[str, int, int]]]:
-    """(config fields, {module name: (axis, blocks, size per block)}) for a plain HF folder.
-
-    HF configs hold one head count and one FFN size for all layers, so every layer is exported
-    at the largest kept size, the smaller ones padded with zero heads / neurons (exact: a zero
-    neuron and a zero head contribute nothing). BERT and GPT-2 derive head_dim from the head
-    count, so their heads are padded back to the original count; LLaMA-style models store
-    head_dim and export the kept count.
-    """
-    if not hasattr(model.config, "dsee_structured"):
-        return {}, {}
-    names = _module_names(model)
-    arch = arch_of(model)
-    attns, ffns = attention_layers(model), ffn_layers(model)
-    d = attns[0].head_dim
-    if arch.head_dim_in_config:
-        group = model.config.num_attention_heads // model.config.num_key_value_heads
-        kv = max(a.kv_heads for a in attns)
-        heads = kv * group
-        fields = {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d}
-    else:
-        heads = kv = model.config.num_attention_heads
-        fields = {}
-    fields[arch.ffn_field] = max(f.size for f in ffns)
-    fields["dsee_dense_fields"] = {key: getattr(model.config, key, None) for key in fields}  # for dense_config()
-    plan = {}
-    for attn in attns:
-        if attn.q[0] is attn.k[0]:
-            plan[names[id(attn.q[0])]] = ("out", 3, heads * d)
-        else:
-            plan[names[id(attn.q[0])]] = ("out", 1, heads * d)
-            plan[names[id(attn.k[0])]] = ("out", 1, kv * d)
-            plan[names[id(attn.v[0])]] = ("out", 1, kv * d)
-        for module in attn.more:
-            plan[names[id(module)]] = ("out", 1, heads * d)
-        plan[names[id(attn.o)]] = ("in", 1, heads * d)
-    size = max(f.size for f in ffns)
-    for ffn in ffns:
-        for up in ffn.ups:
-            plan[names[id(up)]] = ("out", 1, size)
-        plan[names[id(ffn.down)]] = ("in", 1, size)
-    return fields, plan
-
-
-def pad_for_export(tensor: torch.Tensor, pname: str, transposed: bool, axis: str, blocks: int, size: int) -> torch.Tensor:
-    """Zero-pad a weight or bias along its output ('out') or input ('in') axis, block by block."""
-    if pname == "bias":
-        if axis == "in":
-            return tensor
-        dim = 0
-    else:
-        dim = (1 if transposed else 0) if axis == "out" else (0 if transposed else 1)
-    parts = tensor.chunk(blocks, dim=dim)
-    padded = []
-    for part in parts:
-        shape = list(part.shape)
-        shape[dim] = size - part.shape[dim]
-        padded += [part, part.new_zeros(shape)]
-    return torch.cat(padded, dim=dim)
 
 
 def plan_tensors(plan: dict, device: torch.device) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:

@@ -31,7 +31,7 @@ from dsee_scale.export import atomic_save_file, compressed_format, export_compre
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.metrics import check_metric
 from dsee_scale.models import build_model, builtin_config
-from dsee_scale.prune import PRUNE_SCORES, magnitude_prune, nm_prune, sparsity_report, whole_masks
+from dsee_scale.prune import PRUNE_SCORES, prune_nm, prune_unstructured, sparsity_report, whole_masks
 from dsee_scale.run_state import CHECKPOINTED, PruningState, RunState
 from dsee_scale.structured import plan_tensors, remove, structured_prune
 from dsee_scale.validate import validate_before_launch
@@ -278,9 +278,9 @@ class Recipe:
             uses_inputs = PRUNE_SCORES[p.score].uses_inputs or p.refits
             calibration = (self._calibration_batches(p.calibration_batches), self._forward) if uses_inputs else None
             if p.pattern:
-                pruning.masks = nm_prune(self.model, p.pattern, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
+                pruning.masks = prune_nm(self.model, p.pattern, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
             else:
-                pruning.masks = magnitude_prune(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
+                pruning.masks = prune_unstructured(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
             timings["prune_s"] = time.time() - tic
             log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", timings["prune_s"])
             pruning.keep_sparse = p.keep_sparse

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from dsee_scale import DSEEConfig, apply_dsee
 from dsee_scale.config import PruneConfig
 from dsee_scale.export import export_hf
-from dsee_scale.prune import magnitude_prune, prune_targets, score_chunks, sparsity_report
+from dsee_scale.prune import prune_unstructured, prune_targets, score_chunks, sparsity_report
 
 DSEE = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="magnitude", init="normal")
 DEFAULTS = PruneConfig()
@@ -79,12 +79,12 @@ def reference_nm_masks(model, n: int, m: int, score: str, norms: dict | None = N
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("score", ["weight", "merged"])
 def test_nm_pruning_keeps_n_of_every_m_along_the_input_dimension(kind, score):
-    from dsee_scale.prune import nm_prune
+    from dsee_scale.prune import prune_nm
     from dsee_scale.semistructured import input_dim, is_nm_sparse
 
     model = adapted(kind)
     expected = reference_nm_masks(model, 2, 4, score)
-    masks = nm_prune(model, "2:4", score=score)
+    masks = prune_nm(model, "2:4", score=score)
     for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
         assert torch.equal(masks[t.name].dense(), expected[t.name]), t.name
         assert is_nm_sparse(t.param.data, 2, 4, input_dim(t.module)), t.name
@@ -136,7 +136,7 @@ def recorded_input_norms(model, batches) -> dict[str, torch.Tensor]:
 def test_activation_score_is_wandas_on_the_merged_weight_over_real_tokens(kind, overrides):
     """|W + ΔW|·‖x_j‖: inputs along Conv1D's rows and Linear's columns, padding left out; the
     global threshold and the N:M groups as for the other scores."""
-    from dsee_scale.prune import nm_prune
+    from dsee_scale.prune import prune_nm
 
     batches = calibration_batches()
     model = adapted(kind, **overrides).eval()
@@ -144,19 +144,19 @@ def test_activation_score_is_wandas_on_the_merged_weight_over_real_tokens(kind, 
     forward = lambda batch: model(**batch)  # noqa: E731
     expected = reference_masks(model, 0.5, "global", "activation", norms)
     expected_nm = reference_nm_masks(model, 2, 4, "activation", norms)
-    masks = magnitude_prune(model, 0.5, score="activation", calibration=(batches, forward))
+    masks = prune_unstructured(model, 0.5, score="activation", calibration=(batches, forward))
     for name, mask in masks.items():
         assert torch.equal(mask.dense(), expected[name]), name
     by_weight = reference_masks(adapted(kind, **overrides), 0.5, "global", "merged")
     assert any(not torch.equal(expected[n], by_weight[n]) for n in expected)  # the inputs changed the choice
     model = adapted(kind, **overrides).eval()
-    masks = nm_prune(model, "2:4", score="activation", calibration=(batches, lambda batch: model(**batch)))
+    masks = prune_nm(model, "2:4", score="activation", calibration=(batches, lambda batch: model(**batch)))
     for name, mask in masks.items():
         assert torch.equal(mask.dense(), expected_nm[name]), name
     with pytest.raises(ValueError, match="pass calibration"):
-        magnitude_prune(adapted(kind, **overrides), 0.5, score="activation")
+        prune_unstructured(adapted(kind, **overrides), 0.5, score="activation")
     with pytest.raises(ValueError, match="no calibration input reached"):
-        magnitude_prune(adapted(kind, **overrides), 0.5, score="activation", calibration=(batches, lambda batch: None))
+        prune_unstructured(adapted(kind, **overrides), 0.5, score="activation", calibration=(batches, lambda batch: None))
 
 
 def test_obs_reconstruct_is_least_squares_for_one_pruned_column():
@@ -190,7 +190,7 @@ def test_reconstruction_keeps_the_mask_and_fits_each_matrix_to_its_inputs(kind, 
     reproduce (W + ΔW by W' + ΔW ⊙ M with keep_sparse, the re-tune's layer; W by W' otherwise),
     zero where pruned, closer than the mask alone overall. Global pruning keeps the score's mask;
     with N:M the fit chooses the N of every M it keeps."""
-    from dsee_scale.prune import nm_prune, obs_reconstruct
+    from dsee_scale.prune import prune_nm, obs_reconstruct
     from dsee_scale.semistructured import input_dim, is_nm_sparse
 
     batches = calibration_batches()
@@ -199,7 +199,7 @@ def test_reconstruction_keeps_the_mask_and_fits_each_matrix_to_its_inputs(kind, 
         model = adapted(kind).eval()
         forward = lambda batch: model(**batch)  # noqa: E731
         args = dict(score="activation", calibration=(batches, forward), **kw)
-        return model, nm_prune(model, pattern, **args) if pattern else magnitude_prune(model, 0.5, **args)
+        return model, prune_nm(model, pattern, **args) if pattern else prune_unstructured(model, 0.5, **args)
 
     tuned = adapted(kind).eval()
     inputs = recorded_inputs(tuned, batches)
@@ -273,9 +273,9 @@ def test_nm_helpers_refuse_bad_patterns_and_shapes():
     def no_forward(batch):
         raise AssertionError("a bad pattern must be refused before any calibration forward")
 
-    from dsee_scale.prune import nm_prune
+    from dsee_scale.prune import prune_nm
     with pytest.raises(ValueError, match=r"transformer\.h\.0\..*not a multiple of M=7"):
-        nm_prune(adapted("gpt2"), "3:7", calibration=([{}], no_forward), reconstruct=True)
+        prune_nm(adapted("gpt2"), "3:7", calibration=([{}], no_forward), reconstruct=True)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -285,7 +285,7 @@ def test_keep_sparse_retune_merges_exactly_and_stays_as_sparse_as_the_mask(kind)
     from dsee_scale.prune import unpack_mask, whole_masks
 
     model = adapted(kind)
-    masks = magnitude_prune(model, 0.5)
+    masks = prune_unstructured(model, 0.5)
     whole = whole_masks(masks)
     layers = dsee_layers(model)
     for name, layer in layers.items():
@@ -315,7 +315,7 @@ def test_keep_sparse_retune_merges_exactly_and_stays_as_sparse_as_the_mask(kind)
 def test_global_prune_matches_torch_and_prunes_exactly_k(kind, sparsity):
     model = adapted(kind)
     expected = reference_masks(model, sparsity)
-    masks = magnitude_prune(model, sparsity)
+    masks = prune_unstructured(model, sparsity)
     for name, mask in masks.items():
         assert torch.equal(mask.dense(), expected[name]), name
     report = sparsity_report(model)
@@ -327,7 +327,7 @@ def test_global_prune_matches_torch_and_prunes_exactly_k(kind, sparsity):
 def test_scores_and_scopes_match_dense_reference(score, scope):
     model = adapted("gpt2")
     expected = reference_masks(model, 0.5, scope, score)
-    masks = magnitude_prune(model, 0.5, scope=scope, score=score)
+    masks = prune_unstructured(model, 0.5, scope=scope, score=score)
     for name, mask in masks.items():
         assert torch.equal(mask.dense(), expected[name]), name
 
@@ -345,7 +345,7 @@ def test_ties_are_broken_by_index_so_exactly_k_are_pruned():
     model = adapted("gpt2")
     for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
         t.param.data.fill_(0.5)  # every score ties
-    magnitude_prune(model, 0.3)
+    prune_unstructured(model, 0.3)
     report = sparsity_report(model)
     assert report["zeros"] == round(0.3 * report["numel"])
     first = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)[0].param.data.flatten()
@@ -356,7 +356,7 @@ def test_merged_export_is_exactly_as_sparse_as_the_mask(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = adapted("gpt2")
-    masks = magnitude_prune(model, 0.5)
+    masks = prune_unstructured(model, 0.5)
     export_hf(model, tmp_path, merge=True, remask=True)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)
     params = dict(plain.named_parameters())
@@ -369,7 +369,7 @@ def test_bad_sparsity_and_patterns_are_named():
     with pytest.raises(ValueError, match=r"sparsity\n  Input should be less than 1"):
         PruneConfig(sparsity=1.0)
     with pytest.raises(ValueError, match="no weight matched the prune patterns"):
-        magnitude_prune(adapted("gpt2"), 0.5, include=[r"nothing\..*"])
+        prune_unstructured(adapted("gpt2"), 0.5, include=[r"nothing\..*"])
 
 
 def test_a_registered_score_and_selector_are_chosen_by_name():
@@ -389,7 +389,7 @@ def test_a_registered_score_and_selector_are_chosen_by_name():
         model = adapted("gpt2")
         targets = prune_targets(model, PruneConfig().include, PruneConfig().exclude)
         largest = targets[0].param.detach().abs().flatten().clone()
-        masks = magnitude_prune(model, 0.5, scope="first_only", score="negated")
+        masks = prune_unstructured(model, 0.5, scope="first_only", score="negated")
         assert list(masks) == [targets[0].name]
         pruned = masks[targets[0].name].dense()
         assert largest[pruned].min() >= largest[~pruned].max()  # the largest half went
@@ -410,12 +410,12 @@ def test_two_rank_zero3_masks_equal_single_process(kind, task, tmp_path):
     run_launcher("ranks", "tests/dist/prune_tiny.py", ["--base", base, "--task", task, "--out", tmp_path])
     results = torch.load(tmp_path / "masks.pt", weights_only=True)
     from dsee_scale.models import build_model
-    from dsee_scale.prune import nm_prune
+    from dsee_scale.prune import prune_nm
 
     reconstructed = results.pop("reconstruct")  # 2:4 + reconstruction: the same weights as one process on all the batches
     model = apply_dsee(build_model(base, task), DSEE).eval()
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in reconstructed["calibration"]]
-    nm_prune(model, "2:4", score="activation", calibration=(batches, lambda batch: model(**batch)), reconstruct=True)
+    prune_nm(model, "2:4", score="activation", calibration=(batches, lambda batch: model(**batch)), reconstruct=True)
     for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
         torch.testing.assert_close(reconstructed["weights"][t.name], t.param.detach(), rtol=1e-4, atol=1e-5, msg=t.name)
 
@@ -456,7 +456,7 @@ def test_sparse_backbone_plus_unmerged_adapter_export_is_the_exact_function(tmp_
     from dsee_scale import load_adapter, save_adapter
 
     model = adapted("gpt2")
-    masks = magnitude_prune(model, 0.5)
+    masks = prune_unstructured(model, 0.5)
     ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(4))
     expected = model(input_ids=ids).logits
     export_hf(model, tmp_path / "backbone", merge=False)

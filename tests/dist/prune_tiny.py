@@ -15,7 +15,7 @@ from dsee_scale import dist as ddist  # noqa: E402
 from dsee_scale.engine import create_engine  # noqa: E402
 from dsee_scale.models import build_model  # noqa: E402
 from dsee_scale.config import PruneConfig  # noqa: E402
-from dsee_scale.prune import input_norms, magnitude_prune, nm_prune, prune_targets, reapply_masks, sparsity_report  # noqa: E402
+from dsee_scale.prune import input_norms, prune_unstructured, prune_nm, prune_targets, reapply_masks, sparsity_report  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--base", required=True)
@@ -47,7 +47,7 @@ def full_masks(masks):
 if args.retune or args.resume:
     model = fresh_model()
     engine = create_engine(model, config, lr=1e-2)
-    masks = magnitude_prune(model, 0.5)
+    masks = prune_unstructured(model, 0.5)
     if args.resume:
         engine.load_checkpoint(args.resume)
         reapply_masks(model, masks)  # masks recomputed from the same weights: same positions
@@ -66,12 +66,12 @@ else:
     results = {}
     for scope, score, sparsity in [("global", "weight", 0.1), ("global", "weight", 0.5), ("global", "weight", 0.9), ("layer", "weight", 0.5), ("global", "merged", 0.5), ("global", "delta", 0.5)]:
         model = fresh_model()
-        masks = full_masks(magnitude_prune(model, sparsity, scope=scope, score=score))
+        masks = full_masks(prune_unstructured(model, sparsity, scope=scope, score=score))
         report = sparsity_report(model)
         results[f"{scope}-{score}-{sparsity}"] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"]}
     for score in ("weight", "merged"):
         model = fresh_model()
-        masks = full_masks(nm_prune(model, "2:4", score=score))
+        masks = full_masks(prune_nm(model, "2:4", score=score))
         report = sparsity_report(model)
         results[f"pattern-{score}-2:4"] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"]}
     # The activation score: input norms from each rank's half of the calibration batches, through
@@ -80,8 +80,8 @@ else:
     for b in calibration:
         b["attention_mask"] = torch.ones_like(b["input_ids"])
         b["attention_mask"][-1, 5:] = 0
-    for key, prune in [("global-activation-0.5", lambda m, c: magnitude_prune(m, 0.5, score="activation", calibration=c)),
-                       ("pattern-activation-2:4", lambda m, c: nm_prune(m, "2:4", score="activation", calibration=c))]:
+    for key, prune in [("global-activation-0.5", lambda m, c: prune_unstructured(m, 0.5, score="activation", calibration=c)),
+                       ("pattern-activation-2:4", lambda m, c: prune_nm(m, "2:4", score="activation", calibration=c))]:
         model = fresh_model()
         engine = create_engine(model, config, lr=1e-2)
         engine.eval()
@@ -97,7 +97,7 @@ else:
     model = fresh_model()
     engine = create_engine(model, config, lr=1e-2)
     engine.eval()
-    nm_prune(model, "2:4", score="activation", calibration=([shard(b, rank, world) for b in calibration], lambda b: engine(**b)), reconstruct=True)
+    prune_nm(model, "2:4", score="activation", calibration=([shard(b, rank, world) for b in calibration], lambda b: engine(**b)), reconstruct=True)
     weights = {}
     for t in prune_targets(model, PruneConfig().include, PruneConfig().exclude):
         with zero.gathered([t.param]):
