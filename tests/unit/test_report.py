@@ -4,10 +4,7 @@ import json
 import sys
 
 import pytest
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import report  # noqa: E402
+import report
 
 
 def test_only_the_named_block_is_rewritten():

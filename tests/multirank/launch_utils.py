@@ -14,6 +14,9 @@ from pathlib import Path
 from conftest import ROOT
 
 VENV_BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parent
+HOSTSIM = HERE / "hostsim"
+RANKS = HERE.relative_to(ROOT) / "ranks"  # the rank scripts, as a path from the repository root (where launches start)
 
 
 def free_port() -> int:
@@ -66,7 +69,7 @@ def launcher_command(launcher: str, script: str, nproc: int = 2) -> list[str]:
 
 
 # What DeepSpeed's accelerator reports on the CPU hosts this project meets (Intel with mkldnn fp16;
-# AMD EPYC without it), simulated in every process of a launch by tests/hostsim/sitecustomize.py.
+# AMD EPYC without it), simulated in every process of a launch by tests/multirank/hostsim/sitecustomize.py.
 SIMULATED_HOSTS = {"fp16": "fp16=1,bf16=1", "no-fp16": "fp16=0,bf16=1"}
 
 
@@ -74,7 +77,7 @@ def host_env(host: str | None) -> dict:
     """Environment for a launch that simulates `host` (a SIMULATED_HOSTS key); None: this machine."""
     if host is None:
         return {"PYTHONPATH": str(ROOT)}
-    return {"PYTHONPATH": f"{ROOT / 'tests' / 'hostsim'}:{ROOT}", "DSEE_SIMULATE_HOST": SIMULATED_HOSTS[host]}
+    return {"PYTHONPATH": f"{HOSTSIM}:{ROOT}", "DSEE_SIMULATE_HOST": SIMULATED_HOSTS[host]}
 
 
 RUNTIME_ABORT = "terminate called without an active exception"
@@ -84,7 +87,7 @@ def once_more_on_abort(start: Callable[[int], subprocess.CompletedProcess], what
     """start(attempt), and once more if a rank aborted at interpreter exit with no frame of ours.
     Scripts that kept their process group to the end did so in 3 of 30 launches under load (now
     ended by engine.end_process_group_at_exit), but ranks that end it still abort now and then
-    (launch/train.py once, tests/dist/structured_tiny.py once, in two suite runs of 2026-12-02),
+    (launch/train.py once, tests/multirank/ranks/structured_tiny.py once, in two suite runs of 2026-12-02),
     cause not found. The second launch is loud (the warning carries the rank's stacks); a second
     abort fails the test."""
     proc = start(0)

@@ -3,24 +3,15 @@ temporary folder here), the whole recipe on 2 ranks: the same losses, masks and 
 in-memory run, and an exact resume. The model is the built-in small LLaMA, whose weight shards
 are large enough (>= 1 MB) for DeepSpeed to send them to NVMe."""
 import json
-import shutil
 
 import pytest
-from conftest import ROOT
 from launch_utils import launch, run_launcher
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.multiproc
+from helpers.nvme import nvme_config
+
 FLAGS = ["--model", "builtin:small-llama", "--steps", 3, "--retune_steps", 2, "--save_every", 1, "--micro_batch_size", 2, "--max_length", 64,
          "--stages", "tune,prune,retune,export", "--prune.sparsity", 0.5, "--log_every", 1]
-
-
-def nvme_config(tmp_path) -> str:
-    config = json.loads((ROOT / "ds_configs" / "zero3_nvme.json").read_text())
-    config["zero_optimization"]["offload_param"].update(nvme_path=str(tmp_path / "nvme"), buffer_size=1_000_000)  # the largest shard: 786,432
-    path = tmp_path / "zero3_nvme.json"
-    path.write_text(json.dumps(config))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -50,36 +41,3 @@ def test_nvme_resident_backbone_trains_prunes_and_resumes_exactly_as_in_memory(i
     for name, tensor in expected.items():
         assert (exported[name] == tensor).all(), name
     assert not list((tmp_path / "nvme").iterdir())  # the run's own swap folder (dsee-<hash>), kept for the resume, removed at the end
-
-
-def test_nvme_offload_errors_are_named_before_launch(tmp_path, capsys):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "launch"))
-    from train import main
-
-    config = json.loads(open(nvme_config(tmp_path)).read())
-    config["zero_optimization"]["offload_param"]["buffer_size"] = 1000
-    small = tmp_path / "small.json"
-    small.write_text(json.dumps(config))
-    assert main(["--ds_config", str(small), "--model", "builtin:small-llama", "--output_dir", str(tmp_path / "a")]) == 2
-    assert "offload_param.buffer_size 1,000 is smaller than this model's largest weight shard at 1 rank(s), 1,572,864 elements" in capsys.readouterr().err
-    config["zero_optimization"]["offload_param"]["nvme_path"] = "/proc/no_such_place"
-    small.write_text(json.dumps(config))
-    assert main(["--ds_config", str(small), "--output_dir", str(tmp_path / "b")]) == 2
-    assert "offload_param.nvme_path /proc/no_such_place is not a writable folder" in capsys.readouterr().err
-    config["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path / "nvme")
-    small.write_text(json.dumps(config))
-    assert main(["--ds_config", str(small), "--prune.heads", "0.25", "--output_dir", str(tmp_path / "c")]) == 2
-    assert "structured pruning (prune.heads / prune.ffn) with the backbone on NVMe" in capsys.readouterr().err
-    readme = (ROOT / "README.md").read_text()
-    assert all(f"| {row} |" in readme for row in ("NVMe swap buffer too small", "NVMe folder not writable", "structured pruning with the backbone on NVMe"))
-
-
-@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="on a GPU machine make setup leaves DeepSpeed's CUDA ops to its JIT")
-def test_deepspeeds_cpu_ops_are_built_in_not_compiled_during_a_run():
-    """`make setup` compiles DeepSpeed's CPU ops into the package: JIT-compiling async_io on first
-    use takes minutes inside a run, in a cache every other checkout rebuilds."""
-    from deepspeed.git_version_info import installed_ops
-
-    assert all(installed_ops.get(op) for op in ("cpu_adam", "deepspeed_shm_comm", "async_io", "pin_memory")), installed_ops

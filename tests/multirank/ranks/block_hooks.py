@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import start, train_steps  # noqa: E402
+from common import start, train_steps
 
-from dsee_scale import DSEEConfig, apply_dsee, arch, zero  # noqa: E402
-from dsee_scale.engine import create_engine  # noqa: E402
-from dsee_scale.models import build_model, tiny_config  # noqa: E402
+from dsee_scale import DSEEConfig, apply_dsee, arch, zero
+from dsee_scale.engine import create_engine
+from dsee_scale.models import build_model, tiny_config
 
 rank, world, out, config = start(sys.argv[-1])
 ACCUMULATING = {**config, "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"] // 2, "gradient_accumulation_steps": 2}

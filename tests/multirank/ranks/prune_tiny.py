@@ -1,21 +1,18 @@
 """2-rank ZeRO-3 pruning of tiny models: writes full masks (rank 0) and zero-checks to --out."""
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import batch, shard, start  # noqa: E402
+from common import batch, shard, start
 
-from dsee_scale import DSEEConfig, apply_dsee, zero  # noqa: E402
-from dsee_scale import dist as ddist  # noqa: E402
-from dsee_scale.engine import create_engine  # noqa: E402
-from dsee_scale.models import build_model  # noqa: E402
-from dsee_scale.config import PruneConfig  # noqa: E402
-from dsee_scale.prune import input_norms, magnitude_prune, nm_prune, prune_targets, reapply_masks, sparsity_report  # noqa: E402
+from dsee_scale import DSEEConfig, apply_dsee, zero
+from dsee_scale import dist as ddist
+from dsee_scale.engine import create_engine
+from dsee_scale.models import build_model
+from dsee_scale.config import PruneConfig
+from dsee_scale.prune import input_norms, magnitude_prune, nm_prune, prune_targets, reapply_masks, sparsity_report
 
 p = argparse.ArgumentParser()
 p.add_argument("--base", required=True)

@@ -1,79 +1,19 @@
-"""Exact magnitude pruning: single process vs torch.nn.utils.prune, and 2-rank ZeRO-3 shards."""
-import json
-
+"""Exact magnitude pruning in one process against torch.nn.utils.prune (2-rank ZeRO-3 shards:
+tests/multirank/test_prune_runs.py)."""
 import pytest
 import torch
-import torch.nn.utils.prune as torch_prune
 from conftest import tiny_model
-from launch_utils import one_process, run_launcher
 from transformers.pytorch_utils import Conv1D
 
-from dsee_scale import DSEEConfig, apply_dsee
+from dsee_scale import apply_dsee
 from dsee_scale.config import PruneConfig
 from dsee_scale.export import export_hf
 from dsee_scale.prune import magnitude_prune, prune_targets, score_chunks, sparsity_report
-
-DSEE = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="magnitude", init="normal")
-DEFAULTS = PruneConfig()
+from helpers.prune_reference import DEFAULTS, DSEE, recorded_input_norms, recorded_inputs, reference_masks, reference_nm_masks, signed_delta
 
 
 def adapted(kind: str, task: str = "lm", **overrides):
     return apply_dsee(tiny_model(kind, task, **overrides), DSEE)
-
-
-def signed_delta(target) -> torch.Tensor:
-    """ΔW of one target in its storage layout (zeros without an adapter)."""
-    if target.layer is None:
-        return torch.zeros_like(target.param.data, dtype=torch.float32)
-    delta = target.layer.delta_weight().detach()
-    return delta.t() if target.layer.transposed else delta
-
-
-def dense_scores(target, score: str, norms: dict | None = None) -> torch.Tensor:
-    """|W|, |W + ΔW|, |ΔW| or |W + ΔW|·‖x_j‖ (norms[name]: one per input feature) of one target
-    as a dense matrix in its storage layout."""
-    dense = target.param.data.float()
-    if score != "weight" and target.layer is not None:
-        delta = signed_delta(target)
-        dense = delta if score == "delta" else dense + delta
-    if score == "activation":
-        norm = norms[target.name]
-        return dense.abs() * (norm[:, None] if isinstance(target.module, Conv1D) else norm[None, :])
-    return dense.abs()
-
-
-def reference_masks(model, sparsity: float, scope: str = "global", score: str = "weight", norms: dict | None = None) -> dict[str, torch.Tensor]:
-    """Masks (True = pruned) from torch.nn.utils.prune on dense scores of the same weights."""
-    targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
-    holders = []
-    for t in targets:
-        holder = torch.nn.Module()
-        holder.weight = torch.nn.Parameter(dense_scores(t, score, norms).contiguous().clone())
-        holders.append(holder)
-    if scope == "global":
-        torch_prune.global_unstructured([(h, "weight") for h in holders], pruning_method=torch_prune.L1Unstructured, amount=sparsity)
-    else:
-        for h in holders:
-            torch_prune.l1_unstructured(h, "weight", amount=sparsity)
-    return {t.name: (h.weight_mask == 0).flatten() for t, h in zip(targets, holders)}
-
-
-def reference_nm_masks(model, n: int, m: int, score: str, norms: dict | None = None) -> dict[str, torch.Tensor]:
-    """N:M masks (True = pruned) by a plain loop over groups along the input dimension."""
-    out = {}
-    for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
-        scores = dense_scores(t, score, norms)
-        transposed = isinstance(t.module, Conv1D)
-        rows = scores.t() if transposed else scores  # (out, in): groups run along each row
-        pruned = torch.zeros_like(rows, dtype=torch.bool)
-        for r in range(rows.shape[0]):
-            for g in range(0, rows.shape[1], m):
-                group = rows[r, g : g + m].tolist()
-                keep = sorted(range(m), key=lambda i: (-group[i], i))[:n]
-                for i in range(m):
-                    pruned[r, g + i] = i not in keep
-        out[t.name] = (pruned.t() if transposed else pruned).flatten()
-    return out
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -102,31 +42,6 @@ def calibration_batches(task: str = "lm") -> list[dict]:
         batch = {"input_ids": ids, "attention_mask": mask}
         batches.append({**batch, "labels": torch.tensor([0, 1, 0])} if task == "cls" else batch)
     return batches
-
-
-def recorded_inputs(model, batches) -> dict[str, torch.Tensor]:
-    """Every input row each pruned weight's module saw (test only), real tokens of per-token inputs."""
-    targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
-    seen = {t.name: [] for t in targets}
-    current = {}
-
-    def record(name, x):
-        keep = current["mask"]
-        seen[name].append(x[keep] if x.shape[:-1] == keep.shape else x.reshape(-1, x.shape[-1]))
-
-    handles = [t.module.register_forward_hook(lambda mod, args, out, name=t.name: record(name, args[0].detach())) for t in targets]
-    with torch.no_grad():
-        for batch in batches:
-            current["mask"] = batch["attention_mask"].bool()
-            model(**batch)
-    for h in handles:
-        h.remove()
-    return {name: torch.cat(rows).float() for name, rows in seen.items()}
-
-
-def recorded_input_norms(model, batches) -> dict[str, torch.Tensor]:
-    """‖x_j‖ from every input each pruned weight's module saw (test only)."""
-    return {name: x.double().norm(dim=0).float() for name, x in recorded_inputs(model, batches).items()}
 
 
 # DeBERTa-v2's relative-position embeddings pass through its position projections, and with
@@ -402,54 +317,6 @@ def test_a_registered_score_and_selector_are_chosen_by_name():
         PruneConfig(scope="first_only")
 
 
-@pytest.mark.multiproc
-@pytest.mark.parametrize("kind, task", [("gpt2", "lm"), ("bert", "cls")])
-def test_two_rank_zero3_masks_equal_single_process(kind, task, tmp_path):
-    base = tmp_path / "base"
-    tiny_model(kind, task).save_pretrained(base)
-    run_launcher("ranks", "tests/dist/prune_tiny.py", ["--base", base, "--task", task, "--out", tmp_path])
-    results = torch.load(tmp_path / "masks.pt", weights_only=True)
-    from dsee_scale.models import build_model
-    from dsee_scale.prune import nm_prune
-
-    reconstructed = results.pop("reconstruct")  # 2:4 + reconstruction: the same weights as one process on all the batches
-    model = apply_dsee(build_model(base, task), DSEE).eval()
-    batches = [{k: v for k, v in b.items() if k != "labels"} for b in reconstructed["calibration"]]
-    nm_prune(model, "2:4", score="activation", calibration=(batches, lambda batch: model(**batch)), reconstruct=True)
-    for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
-        torch.testing.assert_close(reconstructed["weights"][t.name], t.param.detach(), rtol=1e-4, atol=1e-5, msg=t.name)
-
-    for key, got in results.items():
-        scope, score, sparsity = key.split("-")
-        model = apply_dsee(build_model(base, task), DSEE)
-        norms = got.get("norms")
-        if norms:  # the ranks' all-reduced norms: those of the whole calibration batch in one process
-            single = recorded_input_norms(model.eval(), [{k: v for k, v in b.items() if k != "labels"} for b in got["calibration"]])
-            for name, norm in norms.items():
-                torch.testing.assert_close(norm, single[name], rtol=1e-5, atol=1e-6)
-        expected = reference_nm_masks(model, 2, 4, score, norms) if scope == "pattern" else reference_masks(model, float(sparsity), scope, score, norms)
-        assert set(got["masks"]) == set(expected)
-        for name, mask in got["masks"].items():
-            assert torch.equal(mask, expected[name]), (key, name)
-        if scope == "global":
-            assert got["zeros"] == round(float(sparsity) * got["numel"])
-        if scope == "pattern":
-            assert got["zeros"] * 2 == got["numel"]
-
-
-@pytest.mark.multiproc
-def test_pruned_entries_stay_zero_through_retuning_and_reload(tmp_path):
-    base = tmp_path / "base"
-    tiny_model("gpt2").save_pretrained(base)
-    run_launcher("ranks", "tests/dist/prune_tiny.py", ["--base", base, "--out", tmp_path / "a", "--retune", 20])
-    run_launcher("ranks", "tests/dist/prune_tiny.py", ["--base", base, "--out", tmp_path / "b", "--resume", tmp_path / "a" / "ckpt"])
-    for run in ("a", "b"):
-        for rank in range(2):
-            report = json.loads((tmp_path / run / f"retune_rank{rank}.json").read_text())
-            assert report["still_zero"] and report["pruned_local"] > 0
-            assert report["sparsity"] == 0.5
-
-
 def test_sparse_backbone_plus_unmerged_adapter_export_is_the_exact_function(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -469,23 +336,3 @@ def test_sparse_backbone_plus_unmerged_adapter_export_is_the_exact_function(tmp_
     torch.testing.assert_close(restored(input_ids=ids).logits, expected, atol=1e-6, rtol=0)
 
 
-def test_recipe_with_a_2_4_pattern_exports_a_2_4_sparse_model_with_the_runs_metric(tmp_path):
-    """The shipped recipe, one process: 2:4 pruning, sparsity-preserving re-tune, exact merge."""
-    from safetensors.torch import load_file
-
-    from dsee_scale.evaluate import evaluate_folder
-    from dsee_scale.semistructured import is_nm_sparse
-
-    run = tmp_path / "run"
-    proc = one_process(["--model", "builtin:tiny-gpt2", "--steps", 4, "--retune_steps", 3, "--micro_batch_size", 4, "--save_every", 0,
-                        "--gen_samples", 2, "--gen_max_new_tokens", 2, "--prune.pattern", "2:4", "--output_dir", run])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["sparsity"] == summary["final_sparsity"] == 0.5  # merging kept every zero
-    weights = load_file(str(run / "export" / "merged" / "model.safetensors"))
-    pruned = [n for n in weights if ".h." in n and n.endswith("weight") and weights[n].dim() == 2]
-    assert any("c_attn" in n for n in pruned)  # the adapted matrices too
-    for name in pruned:
-        assert is_nm_sparse(weights[name], 2, 4, dim=0), name  # Conv1D: (in, out)
-    plain = evaluate_folder(str(run / "export" / "merged"), str(run / "data" / "eval.txt"), "lm")
-    assert plain["eval_loss"] == pytest.approx(summary["after"]["eval_loss"], rel=1e-5)

@@ -9,11 +9,10 @@ import sys
 
 import pytest
 from conftest import ROOT
-from launch_utils import free_port, launch, run_launcher
+from launch_utils import RANKS, free_port, launch, run_launcher
 
 from dsee_scale.evaluate import evaluate_folder
 
-pytestmark = pytest.mark.multiproc
 QUICK = ["--ds_config", "ds_configs/zero3.json", "--model", "builtin:tiny-gpt2", "--steps", 6, "--retune_steps", 2, "--micro_batch_size", 4,
          "--gen_samples", 2, "--gen_max_new_tokens", 4, "--save_every", 0, "--log_every", 2, "--prune.sparsity", 0.5]
 
@@ -128,7 +127,7 @@ def test_hf_trainer_with_apply_dsee_under_zero3(tmp_path):
 
 
 def test_every_ds_config_drives_an_engine(tmp_path):
-    run_launcher("ranks", "tests/dist/ds_configs.py", [tmp_path])
+    run_launcher("ranks", RANKS / "ds_configs.py", [tmp_path])
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {p.name for p in (ROOT / "ds_configs").glob("*.json")}
     for name, result in results.items():

@@ -8,10 +8,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT
 from launch_utils import launch, run_launcher
 
-pytestmark = pytest.mark.multiproc
 GLOBAL_BATCH = 6  # 6, 3 and 2 rows per rank on 1, 2 and 3 ranks
 COMMON = ["--ds_config", "ds_configs/zero3.json", "--model", "builtin:tiny-llama", "--steps", 6, "--retune_steps", 4, "--save_every", 2,
           "--log_every", 1, "--stages", "tune,prune,retune,export", "--gen_samples", 2, "--gen_max_new_tokens", 2]
@@ -122,9 +120,6 @@ def test_structured_run_resumes_after_removal_on_2_and_on_1_rank(structured):
 
 
 def test_a_checkpoint_of_another_run_is_refused_before_launch(unstructured, tmp_path, capsys):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "launch"))
     from train import main
 
     root, flags, _ = unstructured

@@ -2,14 +2,12 @@
 generates alone, gives exactly the texts (and BLEU) of the synced per-layer path."""
 import json
 
-import pytest
 from launch_utils import run_launcher
 
 FLAGS = ["--ds_config", "ds_configs/zero3.json", "--steps", 3, "--eval_every", 2, "--stages", "tune,evaluate", "--save_every", 0, "--gen_samples", 5,
          "--gen_max_new_tokens", 6, "--micro_batch_size", 4]
 
 
-@pytest.mark.multiproc
 def test_whole_model_generation_equals_the_synced_path(tmp_path):
     """5 sources on 2 ranks: rank 1 has fewer, which the synced path must pad with extra
     generations; the gathered path does not. Generation at step 2 too: training goes on with

@@ -1,26 +1,23 @@
 """2-rank ZeRO-3 DSEE training of a tiny model; writes what the tests check to --out.
 
-Run under any launcher, e.g. `deepspeed --num_gpus 2 tests/dist/zero3_tiny.py --base DIR --out DIR`.
+Run under any launcher, e.g. `deepspeed --num_gpus 2 tests/multirank/ranks/zero3_tiny.py --base DIR --out DIR`.
 """
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import batch, eval_batch, param_collectives, shard, start  # noqa: E402
+from common import batch, eval_batch, param_collectives, shard, start
 
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import save_file
 
-from dsee_scale import DSEEConfig, apply_dsee, count_parameters, dsee_layers, support_of  # noqa: E402
-from dsee_scale import zero  # noqa: E402
-from dsee_scale.engine import create_engine, optimizer_state_numel  # noqa: E402
-from dsee_scale.export import export_hf, save_adapter  # noqa: E402
-from dsee_scale.inject import adapter_parameters  # noqa: E402
-from dsee_scale.models import build_model  # noqa: E402
+from dsee_scale import DSEEConfig, apply_dsee, count_parameters, dsee_layers, support_of
+from dsee_scale import zero
+from dsee_scale.engine import create_engine, optimizer_state_numel
+from dsee_scale.export import export_hf, save_adapter
+from dsee_scale.inject import adapter_parameters
+from dsee_scale.models import build_model
 
 p = argparse.ArgumentParser()
 p.add_argument("--base", required=True, help="pretrained model folder, or config:tiny-gpt2 / config:gpt2-small for random init")

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import train_steps  # noqa: E402
+from common import train_steps
 
-from dsee_scale import DSEEConfig, apply_dsee  # noqa: E402
-from dsee_scale.config import TrainConfig  # noqa: E402
-from dsee_scale.engine import MUON_MODULE, create_engine, init_distributed  # noqa: E402
-from dsee_scale.models import build_model, tiny_config  # noqa: E402
-from dsee_scale.validate import validate_before_launch  # noqa: E402
+from dsee_scale import DSEEConfig, apply_dsee
+from dsee_scale.config import TrainConfig
+from dsee_scale.engine import MUON_MODULE, create_engine, init_distributed
+from dsee_scale.models import build_model, tiny_config
+from dsee_scale.validate import validate_before_launch
 
 init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()

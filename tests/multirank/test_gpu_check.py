@@ -6,11 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import ROOT
 from launch_utils import free_port, once_more_on_abort
 
-pytestmark = pytest.mark.multiproc
 
 
 def gpu_check_cpu_mode(out) -> subprocess.CompletedProcess:

@@ -1,32 +1,19 @@
 """GLUE's raw files (issue #18): headerless CoLA, MRPC's byte-order mark and quotes, RTE's string
 labels, STS-B's real-valued scores (--task reg); the GLUE metrics; wrong choices named before
-launch; and a 2-rank run of each format end to end through launch/train.py and its recipe."""
-import json
+launch (a 2-rank run of each format: tests/multirank/test_glue_runs.py)."""
 import math
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA
-from launch_utils import run_launcher
+from conftest import RECIPES, ROOT, SHARED_DATA
+from train import main
 
 from dsee_scale.config import TrainConfig, train_config_from_argv
 from dsee_scale.data import check_labels, label_map, load_split, peek_columns, tokenize
-from dsee_scale.evaluate import Tally, evaluate_folder
+from dsee_scale.evaluate import Tally
 from dsee_scale.metrics import check_metric, compute
-
-sys.path.insert(0, str(ROOT / "launch"))
-from train import main  # noqa: E402
-
-RECIPES = ROOT / "launch" / "recipes"
-FORMATS = ("cola", "mrpc", "rte", "stsb")
-
-
-def recipe_config(task: str, *flags) -> TrainConfig:
-    """launch/recipes/glue-<task>.yaml (and flags), its data paths made absolute."""
-    cfg = train_config_from_argv(["--config", str(RECIPES / f"glue-{task}.yaml"), *map(str, flags)])
-    cfg.train_file, cfg.eval_file = str(ROOT / cfg.train_file), str(ROOT / cfg.eval_file)
-    return cfg
+from helpers.bad_inputs import DATA_MISTAKES, argv
+from helpers.glue import FORMATS, recipe_config
 
 
 @pytest.fixture(scope="module")
@@ -136,57 +123,10 @@ def test_glue_recipes_share_one_setting_and_pass_the_checks_before_launch(monkey
         check_model_fits(cfg)
 
 
-GLUE = SHARED_DATA / "glue"
-TINY = ["--model", "builtin:tiny-bert"]
-MISTAKES = [  # (what is wrong, flags, the message it must give)
-    ("real-valued labels with task cls", ["--config", RECIPES / "glue-stsb.yaml", "--task", "cls", "--metric", "accuracy"],
-     "label column 'score' holds real numbers (e.g. '5.000'), not classes: for a regression target such as STS-B's score use --task reg"),
-    ("class names with task reg", ["--config", RECIPES / "glue-rte.yaml", "--task", "reg", "--metric", "pearson_spearman"],
-     "label column 'label' holds 'not_entailment', not a finite number: --task reg needs numeric targets; for classes use --task cls"),
-    ("headerless file read with a header", ["--config", RECIPES / "glue-cola.yaml", "--header", "true"],
-     "columns are ['gj04', '1', '', \"Our friends won't buy this an…\"] (set --text_column / --label_column; for a file without a header row add --header false: columns are then named 0 to 3)"),
-    ("column missing from a headerless file", ["--config", RECIPES / "glue-cola.yaml", "--text_column", "sentence"],
-     "column(s) ['sentence'] not found; columns are 0 ('gj04'), 1 ('1'), 2 (''), 3 (\"Our friends won't buy this an…\")"),
-    ("metric of the other task", ["--config", RECIPES / "glue-stsb.yaml", "--metric", "mcc"], "metric mcc is for --task cls, not reg: choose one of pearson_spearman"),
-    ("--header false on a file that is not a table", ["--train_file", GLUE.parent / "e2e" / "valid.txt", "--header", "false"], "--header false applies to .tsv/.csv files"),
-]
-
-
-@pytest.mark.parametrize("what, flags, message", MISTAKES, ids=[m[0] for m in MISTAKES])
+@pytest.mark.parametrize("what, flags, message", DATA_MISTAKES, ids=[m[0] for m in DATA_MISTAKES])
 def test_a_wrong_data_choice_is_named_before_launch(what, flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert main([*map(str, flags), *TINY, "--output_dir", str(tmp_path / "out")]) == 2
+    assert main(argv(flags, tmp_path)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert f"| {what} |" in (ROOT / "README.md").read_text()
-
-
-# ---- end to end: 2 ranks -------------------------------------------------------------------------
-# Structured pruning scored by gradients on STS-B: the calibration loss is the regression's MSE.
-STRUCTURED = ["--prune.heads", 0.25, "--prune.structured_score", "gradient", "--prune.calibration_batches", 2]
-METRIC_KEYS = {"cola": {"mcc", "accuracy"}, "mrpc": {"accuracy", "f1"}, "rte": {"accuracy"}, "stsb": {"eval_loss", "pearson", "spearman"}}
-RANGES = {"accuracy": (0, 1), "f1": (0, 1), "mcc": (-1, 1), "pearson": (-1, 1), "spearman": (-1, 1), "eval_loss": (0, math.inf)}
-
-
-@pytest.mark.multiproc
-@pytest.mark.parametrize("task", FORMATS)
-def test_two_ranks_run_each_glue_format_end_to_end(task, tmp_path):
-    """The recipe's data settings, a tiny BERT and a slice of the data through every stage on 2
-    ZeRO-3 ranks. 15 evaluation rows over 2 ranks of micro-batch 4: rank 1 pads its share with a
-    filler row; the gathered metrics equal a plain single-process evaluation of the export, so
-    every row was counted once."""
-    out = tmp_path / "run"
-    flags = ["--config", RECIPES / f"glue-{task}.yaml", *TINY, "--steps", 2, "--retune_steps", 1, "--warmup_steps", 0, "--max_train_samples", 16,
-             "--max_eval_samples", 15, "--max_length", 32, "--micro_batch_size", 4, "--stages", "tune,prune,retune,export,evaluate",
-             "--output_dir", out, *(STRUCTURED if task == "stsb" else [])]
-    run_launcher("ranks", "launch/train.py", flags)
-    summary = json.loads((out / "summary.json").read_text())
-    cfg = recipe_config(task, *flags[2:])
-    for when in ("before", "after"):
-        assert set(summary[when]) == METRIC_KEYS[task], when
-        for key, value in summary[when].items():
-            low, high = RANGES[key]
-            assert math.isfinite(value) and low <= value <= high, (when, key, value)
-    plain = evaluate_folder(str(out / "export" / "merged"), cfg.eval_file, cfg.task, text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
-                            label_column=cfg.label_column, header=cfg.header, metric=cfg.metric, max_length=32, max_eval_samples=15)
-    assert plain == pytest.approx(summary["after"], abs=1e-5)

@@ -14,12 +14,11 @@ import torch.distributed as dist
 from deepspeed.runtime.zero import partition_parameters
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import train_steps  # noqa: E402
+from common import train_steps
 
-from dsee_scale import DSEEConfig, apply_dsee, zero  # noqa: E402
-from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
-from dsee_scale.models import build_model, tiny_config  # noqa: E402
+from dsee_scale import DSEEConfig, apply_dsee, zero
+from dsee_scale.engine import create_engine, init_distributed
+from dsee_scale.models import build_model, tiny_config
 
 init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()

@@ -2,21 +2,17 @@
 them, check the logits, re-tune."""
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import batch, eval_batch, shard, start  # noqa: E402
+from common import batch, eval_batch, shard, start
 
-from dsee_scale import DSEEConfig, apply_dsee, zero  # noqa: E402
-from dsee_scale.engine import create_engine  # noqa: E402
-from dsee_scale.layer import weight_is_transposed  # noqa: E402
-from dsee_scale.models import build_model  # noqa: E402
-from dsee_scale.structured import attention_layers, ffn_layers, remove  # noqa: E402
+from dsee_scale import DSEEConfig, apply_dsee, zero
+from dsee_scale.engine import create_engine
+from dsee_scale.layer import weight_is_transposed
+from dsee_scale.models import build_model
+from dsee_scale.structured import attention_layers, ffn_layers, remove
 
 p = argparse.ArgumentParser()
 p.add_argument("--base", required=True)

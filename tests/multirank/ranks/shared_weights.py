@@ -11,12 +11,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import eval_batch, start, train_steps  # noqa: E402
+from common import eval_batch, start, train_steps
 
-from dsee_scale import DSEEConfig, apply_dsee, zero  # noqa: E402
-from dsee_scale.engine import create_engine  # noqa: E402
-from dsee_scale.models import build_model, tiny_config  # noqa: E402
+from dsee_scale import DSEEConfig, apply_dsee, zero
+from dsee_scale.engine import create_engine
+from dsee_scale.models import build_model, tiny_config
 
 rank, world, out, config = start(sys.argv[-1])
 
@@ -28,7 +27,7 @@ def engine_of(share: bool, kind: str = "gpt2"):
     apply_dsee(model, DSEEConfig(rank=4, nnz=8, support="magnitude"), ds_config=config)
     if kind == "gpt2":
         model.transformer.ln_f.bias.requires_grad_(True)  # trainable, partitioned: ln_f's fetch mixes shared and gathered weights
-    return model, create_engine(model, config, lr=1e-2, share_frozen=share, hook_per_block=False)  # sharing alone: hooks per block are tests/dist/block_hooks.py's
+    return model, create_engine(model, config, lr=1e-2, share_frozen=share, hook_per_block=False)  # sharing alone: hooks per block are tests/multirank/ranks/block_hooks.py's
 
 
 def whole(param: torch.Tensor) -> torch.Tensor:

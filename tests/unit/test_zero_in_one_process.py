@@ -1,4 +1,7 @@
-"""zero.py helpers that need no process group."""
+"""zero.py helpers that need no process group, and the DeepSpeed source zero.py's fetch through
+shared memory relies on (ZeRO-3 on 2 real ranks: tests/multirank/test_zero3_on_2_ranks.py)."""
+import inspect
+import re
 import types
 
 import deepspeed
@@ -92,3 +95,19 @@ def test_torch_linear_only_where_every_weight_stays_whole_and_back_when_not(monk
         released(x)
     whole.weight.ds_persist = False
     assert zero.torch_linear_where_whole(model) == 1 and type(whole) is torch.nn.Linear
+
+
+def test_zero3_sums_only_in_its_fetch_by_all_reduce():
+    """zero._FetchThroughSharedMemory sums by bitwise OR, which is right only for ZeRO-3's fetch
+    by all-reduce (every slot zeros but on its owner): a DeepSpeed whose parameter code sums
+    anything else through `dist.all_reduce` must fail here, not train on wrong weights."""
+    import deepspeed.comm
+    from deepspeed.runtime.zero import parameter_offload, partition_parameters, partitioned_param_coordinator, stage3
+
+    source = inspect.getsource(partition_parameters)
+    calls = re.findall(r"dist\.all_reduce\((.*)\)", source)
+    assert calls == ["flat_tensor, group=ds_process_group, async_op=True", "modified_flag, op=dist.ReduceOp.MAX, group=self.params[0].ds_process_group"]
+    assert len(re.findall(r"\bdist\.all_reduce\b", source)) == 2  # nor calls the pattern above misses: split over lines, or through a wrapper
+    # these star-import partition_parameters: they must keep their own deepspeed.comm, as they do
+    # when imported before the wrapper is installed
+    assert all(module.dist is deepspeed.comm for module in (parameter_offload, partitioned_param_coordinator, stage3))
