@@ -7,8 +7,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 from conftest import ROOT
@@ -80,49 +78,40 @@ def host_env(host: str | None) -> dict:
     return {"PYTHONPATH": f"{HOSTSIM}:{ROOT}", "DSEE_SIMULATE_HOST": SIMULATED_HOSTS[host]}
 
 
-RUNTIME_ABORT = "terminate called without an active exception"
-
-
-def once_more_on_abort(start: Callable[[int], subprocess.CompletedProcess], what: str) -> subprocess.CompletedProcess:
-    """start(attempt), and once more if a rank aborted at interpreter exit with no frame of ours.
-    Scripts that kept their process group to the end did so in 3 of 30 launches under load (now
-    ended by engine.end_process_group_at_exit), but ranks that end it still abort now and then
-    (launch/train.py once, tests/multirank/ranks/structured_tiny.py once, in two suite runs of 2026-12-02),
-    cause not found. The second launch is loud (the warning carries the rank's stacks); a second
-    abort fails the test."""
-    proc = start(0)
-    output = proc.stdout + proc.stderr
-    if proc.returncode == 0 or RUNTIME_ABORT not in output:
-        return proc
-    warnings.warn(f"{what}: a rank aborted; launching once more. Its output:\n{output[-4000:]}", stacklevel=3)
-    return start(1)
-
-
 def launch(launcher: str, script: str, args: list, timeout: int = 300, nproc: int = 2, env: dict | None = None, host: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run script under launcher ("deepspeed", "torchrun", "mpirun", or "ranks": started directly)
-    with nproc ranks; host simulates another kind of CPU host."""
+    with nproc ranks; host simulates another kind of CPU host. Launched once: a rank that fails,
+    however (an abort at exit included), fails the launch."""
     # One thread per rank under every launcher (torchrun's default; 2 ranks share 2 cores here):
     # float sums that a thread count can reorder then agree to the last bit across launchers.
-    # PYTHONFAULTHANDLER: a rank that dies on a signal prints every thread's Python stack.
+    # PYTHONFAULTHANDLER: a rank that dies on a signal (an abort: SIGABRT) prints every thread's Python stack.
     full_env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **host_env(host), **(env or {})}
-
-    def start(attempt: int) -> subprocess.CompletedProcess:
-        run_args = [str(a) for a in args]
-        if attempt and script == "launch/train.py" and "--resume" not in run_args:
-            run_args.append("--overwrite")  # the aborted run's folder is there
-        if launcher == "ranks":
-            return spawn_ranks(script, run_args, nproc, full_env, cwd, timeout, port=(env or {}).get("MASTER_PORT"))
-        return subprocess.run(launcher_command(launcher, script, nproc) + run_args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-
-    return once_more_on_abort(start, f"{launcher} {script}")
+    run_args = [str(a) for a in args]
+    if launcher == "ranks":
+        return spawn_ranks(script, run_args, nproc, full_env, cwd, timeout, port=(env or {}).get("MASTER_PORT"))
+    return subprocess.run(launcher_command(launcher, script, nproc) + run_args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_launcher(launcher: str, script: str, args: list, **options) -> str:
-    """launch(), failing the test with the job's output unless every rank succeeded."""
+    """launch(), failing the test with the job's output unless every rank succeeded: the end of
+    each rank's own output where the ranks were started directly (a rank's stack stays in view)."""
     proc = launch(launcher, script, args, **options)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(map(str, proc.args))} failed ({proc.returncode}):\n{output[-6000:]}"
+    assert proc.returncode == 0, f"{' '.join(map(str, proc.args))} failed ({proc.returncode}):\n{tail_per_rank(output, 6000)}"
     return output
+
+
+def tail_per_rank(output: str, chars: int) -> str:
+    """The last `chars` characters of a job's output, shared between the ranks spawn_ranks labelled."""
+    head, *ranks = output.split("--- rank ")
+    if not ranks:
+        return output[-chars:]
+    share = chars // len(ranks)
+    tails = []
+    for part in ranks:
+        label, _, log = part.partition("\n")
+        tails.append(f"--- rank {label}\n{log[-share:]}")
+    return head[-share:] + "".join(tails)
 
 
 def one_process(args: list, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -130,5 +119,5 @@ def one_process(args: list, env: dict | None = None, timeout: int = 300) -> subp
     # A world of one on a free port: DeepSpeed's default port (29500) would collide with any
     # other single-process run at the same time.
     world = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    full_env = {**os.environ, **world, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    full_env = {**os.environ, **world, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
     return subprocess.run([sys.executable, "launch/train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
