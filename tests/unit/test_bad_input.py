@@ -28,6 +28,15 @@ def test_readme_table_lists_every_bad_input():
         assert message.split("'")[0].strip() in readme, what
 
 
+def test_the_docs_table_shows_what_every_bad_input_prints():
+    """docs/reliability.md's table is scripts/bad_input_table.py's: every case here and in
+    test_glue.py, run again, its message shortened."""
+    import bad_input_table
+
+    doc = bad_input_table.DOC.read_text()
+    assert bad_input_table.current(doc) == bad_input_table.table(), "docs/reliability.md's bad-input table is stale: run `python scripts/bad_input_table.py`"
+
+
 def test_default_folder_holding_files_of_no_run_is_never_replaced(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     keep = tmp_path / "runs" / "default" / "notes.txt"
