@@ -1,4 +1,5 @@
-# The two commands a newcomer needs: `make demo` and `make test` (both set up on first use).
+# The two commands a newcomer needs: `make demo` and `make test` (both set up on first use);
+# `make test-fast` runs the unit tier alone (tests/unit: no process started).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
@@ -9,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 # On CPU: two ranks bound to their own cores; on a GPU box the launcher finds the GPUs itself.
 LAUNCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "deepspeed" || echo "deepspeed --num_gpus 2 --bind_cores_to_rank")
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +23,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-fast: setup
+	$(PY) -m pytest -q tests/unit
 
 bench: setup
 	bash benchmarks/run_all.sh

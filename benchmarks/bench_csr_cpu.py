@@ -12,21 +12,18 @@ benchmarks/results/csr_cpu.jsonl (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from results_io import add_out, record
 
-from dsee_scale.arch import GPT2_SIZES  # noqa: E402
+from dsee_scale.arch import GPT2_SIZES
 
 
 def latency_ms(fn, budget_s: float) -> float:
@@ -60,13 +57,13 @@ def main() -> None:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 128, 512])
     p.add_argument("--budget_s", type=float, default=0.5, help="timing budget per measurement")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "csr_cpu.jsonl"))
+    add_out(p, "csr_cpu")
     args = p.parse_args()
     hidden = GPT2_SIZES[args.size][0]
     run_id = time.strftime("%Y%m%dT%H%M%S")
     generator = torch.Generator().manual_seed(0)
     cores = os.cpu_count() or 1
-    with open(args.out, "a") as out, torch.inference_mode():
+    with torch.inference_mode():
         for shape in ((4 * hidden, hidden), (hidden, 4 * hidden)):  # MLP up and down projections
             for sparsity in args.sparsities:
                 dense = pruned_weight(*shape, sparsity, generator)
@@ -82,8 +79,7 @@ def main() -> None:
                         line = {"run_id": run_id, "shape": list(shape), "sparsity": sparsity, "tokens": tokens, "threads": threads,
                                 "dense_ms": round(dense_ms, 4), "csr_ms": round(csr_ms, 4), "speedup": round(dense_ms / csr_ms, 3),
                                 "cpu": cpu_name(), "torch": torch.__version__}
-                        print(json.dumps(line), flush=True)
-                        out.write(json.dumps(line) + "\n")
+                        record(line, args.out)
 
 
 if __name__ == "__main__":

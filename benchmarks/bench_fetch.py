@@ -11,21 +11,21 @@ of 4 rounds after one. Rank 0 prints one JSON line per way and buffer and append
 benchmarks/results/fetch.jsonl (or --out).
 """
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
 import deepspeed.comm as comm
 import torch
 from deepspeed.comm import comm as ds_backend
 from deepspeed.runtime.zero import partition_parameters
 
+from results_io import add_out, record
+
 from dsee_scale.engine import init_distributed
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--quick", action="store_true", help="two small weights: a smoke run")
-p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fetch.jsonl"))
+add_out(p, "fetch")
 args, _ = p.parse_known_args()  # deepspeed's launcher adds --local_rank
 SHAPES = [1000 * 8, 3 * 4096] if args.quick else [1024 * 3072, 1024 * 4096, 1024 * 1024, 50257 * 1024] * 3
 
@@ -81,8 +81,5 @@ for way, fetch in WAYS.items():
                 fetch(torch.empty(n) if fresh else reused[n], shards[n])
             rounds.append(time.perf_counter() - tic)
         if rank == 0:
-            line = json.dumps({"way": way, "buffer": "fresh" if fresh else "reused", "gb_gathered": round(sum(SHAPES) * 4 / 1e9, 2), "quick": args.quick,
-                               "s_best": round(min(rounds[1:]), 5), "s_rounds": [round(r, 5) for r in rounds[1:]], "run_id": run_id})
-            print(line, flush=True)
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+            record({"way": way, "buffer": "fresh" if fresh else "reused", "gb_gathered": round(sum(SHAPES) * 4 / 1e9, 2), "quick": args.quick,
+                    "s_best": round(min(rounds[1:]), 5), "s_rounds": [round(r, 5) for r in rounds[1:]], "run_id": run_id}, args.out)

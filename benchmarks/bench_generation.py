@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import add_out, record
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
     "demo": [],  # the built-in tiny LLaMA and corpus of `make demo`
@@ -44,7 +46,7 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation.jsonl"))
+    add_out(p, "generation")
     args = p.parse_args()
     run_id = time.strftime("%Y%m%dT%H%M%S")
     with tempfile.TemporaryDirectory() as folder:
@@ -52,10 +54,7 @@ def main() -> None:
             whole, synced = (tokens_per_s(model, w, args, Path(folder)) for w in (True, False))
             whole["speedup_vs_synced"] = round(whole["tokens_per_s"] / synced["tokens_per_s"], 2)
             for line in (whole, synced):
-                line = {"run_id": run_id, **line}
-                print(json.dumps(line), flush=True)
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(line) + "\n")
+                record({"run_id": run_id, **line}, args.out)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from results_io import add_out, record
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 RECIPES = {"sst2-short": "minilm-sst2.yaml", **{t: f"glue-{t}.yaml" for t in ("sst2", "cola", "mrpc", "rte", "stsb")}}
 ALL_STAGES = "tune,prune,retune,export,evaluate"
 RECIPE_RANKS = 2  # the recipes' global batch is micro_batch_size × this many ranks
@@ -114,7 +115,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each one process on its own core (gradient accumulation for the recipe's global batch, ZeRO-2); at most the cores this process may use")
     p.add_argument("--master_port", type=int, default=29500, help="another port lets the suite run beside the benchmark (--jobs use the next ones too)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "glue"))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue.jsonl"))
+    add_out(p, "glue")
     p.add_argument("--missing", action="store_true", help="run only the (task, method, seed) cells --out has no line for yet (resume a table)")
     p.add_argument("--stop_file", default=None, help="start no further run once this file exists (stops a table running in the background between runs; the runs under way finish)")
     p.add_argument("extra", nargs="*", help="more launch/train.py flags for every run (after --)")
@@ -157,9 +158,7 @@ def main() -> None:
         finally:
             slots.put(slot)
         with written:
-            print(json.dumps(line), flush=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            record(line, args.out)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_in_a_free_slot, *job) for job in todo]

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import add_out, record
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,14 +47,10 @@ def run(output_dir: Path, extra: list[str], recipe: str = "launch/recipes/gpt2-x
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpt2xl.jsonl"))
+    add_out(p, "gpt2xl")
     p.add_argument("--output_dir", default=None, help="run folder (default: a temporary one)")
     args, extra = p.parse_known_args()
-    line = run(Path(args.output_dir or tempfile.mkdtemp()) / "run", extra)
-    print(json.dumps(line))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    record(run(Path(args.output_dir or tempfile.mkdtemp()) / "run", extra), args.out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from bench_gpt2xl import ROOT, run
+from results_io import add_out, record
 
 RECIPE = "launch/recipes/llama7b-nvme-cpu-smoke.yaml"
 
@@ -26,7 +27,7 @@ def folder_bytes(folder: Path) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "infinity.jsonl"))
+    add_out(p, "infinity")
     p.add_argument("--output_dir", default=None, help="run folder (default: a temporary one)")
     args, extra = p.parse_known_args()
     swap = Path(json.loads((ROOT / "ds_configs" / "zero3_nvme.json").read_text())["zero_optimization"]["offload_param"]["nvme_path"])
@@ -42,9 +43,7 @@ def main() -> None:
     done.set()
     sampler.join()
     line.update(disk_gb=round(peak[0] / 1e9, 2), s_per_step=line["step_s"], recipe=RECIPE, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    print(json.dumps(line))
-    with open(args.out, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    record(line, args.out)
 
 
 if __name__ == "__main__":

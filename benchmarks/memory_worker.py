@@ -20,16 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench_memory import cpu_columns
+from results_io import record
 
-from bench_memory import cpu_columns  # noqa: E402  (this file's folder is first on sys.path)
-from dsee_scale import DSEEConfig, apply_dsee, count_parameters, zero  # noqa: E402
-from dsee_scale.arch import LLAMA_SIZES  # noqa: E402
-from dsee_scale.baselines import apply_peft_lora  # noqa: E402
-from dsee_scale.config import train_config_from_argv  # noqa: E402
-from dsee_scale.engine import create_engine, init_distributed  # noqa: E402
-from dsee_scale.models import builtin_config, build_model, tiny_config  # noqa: E402
+from dsee_scale import DSEEConfig, apply_dsee, count_parameters, zero
+from dsee_scale.arch import LLAMA_SIZES
+from dsee_scale.baselines import apply_peft_lora
+from dsee_scale.config import train_config_from_argv
+from dsee_scale.engine import create_engine, init_distributed
+from dsee_scale.models import builtin_config, build_model, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # --model NAME: that recipe's model (a 2-label classifier), sequence length, batch and ds_config.
 RECIPE_MODELS = {"minilm": "launch/recipes/minilm-sst2.yaml"}
@@ -200,9 +201,9 @@ def shared_mb() -> float:
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 peak_pss_mb = peak_mb - shared_mb()
 if floor:  # no process group: this process's own line
-    with open(args.out, "a") as f:
-        f.write(json.dumps({"method": "floor", "rank": rank, "peak_mb": round(peak_mb, 1), "peak_pss_mb": round(peak_pss_mb, 1), "s_per_step": statistics.median(times), "params": total,
-                            "trainable_params": trainable, "seq": args.seq, "micro_batch": args.batch, "model": args.model, "ds_config": config_name, "gradient_clipping": clip, "cpu": cpu}) + "\n")
+    record({"method": "floor", "rank": rank, "peak_mb": round(peak_mb, 1), "peak_pss_mb": round(peak_pss_mb, 1), "s_per_step": statistics.median(times), "params": total,
+            "trainable_params": trainable, "seq": args.seq, "micro_batch": args.batch, "model": args.model, "ds_config": config_name, "gradient_clipping": clip, "cpu": cpu},
+           args.out, echo=False)
     sys.exit(0)
 gathered = [None] * world
 on_device = accelerator.device_name() != "cpu"
@@ -225,8 +226,7 @@ if rank == 0:
         # every reduction (ZeRO-2 reduces gradients with all-reduce or reduce, ZeRO-3 with reduce-scatter)
         "reductions_mb_per_step": None if args.no_comms_log else round(gathered[0]["reduce"] / 2**20, 3),
     }
-    with open(args.out, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    record(line, args.out, echo=False)
 dist.barrier()
 # joins the process group's threads before exit: left to interpreter shutdown, a rank now and then
 # aborted there ("terminate called without an active exception", 2 of ~40 launches on 2026-12-02)

@@ -3,21 +3,19 @@
 gathered to rank 0, torch.nn.utils.prune.global_unstructured there, masks scattered back).
 Rank 0 appends one JSON line to --out."""
 import argparse
-import json
-import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dsee_scale import zero  # noqa: E402
-from dsee_scale.config import PruneConfig  # noqa: E402
-from dsee_scale.engine import init_distributed  # noqa: E402
-from dsee_scale.models import build_model, builtin_config, tiny_config  # noqa: E402
-from dsee_scale.prune import prune_unstructured, prune_targets, sparsity_report  # noqa: E402
+from results_io import record
+
+from dsee_scale import zero
+from dsee_scale.config import PruneConfig
+from dsee_scale.engine import init_distributed
+from dsee_scale.models import build_model, builtin_config, tiny_config
+from dsee_scale.prune import prune_unstructured, prune_targets, sparsity_report
 
 
 def rss_mb() -> float:
@@ -97,6 +95,5 @@ if rank == 0:
     line = {"method": args.method, "model": args.model, "world_size": world, "seconds": round(seconds, 2),
             "extra_peak_mb_per_rank": [round(g["extra"], 1) for g in gathered], "shard_mb_per_rank": [round(g["shard"], 1) for g in gathered],
             "selected_mb": round(report["numel"] * 4 / 2**20, 1), "sparsity": report["total"], "exact_k": report["zeros"] == round(args.sparsity * report["numel"])}
-    with open(args.out, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    record(line, args.out, echo=False)
 dist.barrier()

@@ -1,16 +1,14 @@
 """Choose Ω for every q and v matrix of a GPT-2-XL-sized config (48 layers × 2 matrices of
 1600 × 1600, random init like the model) on however many ranks launched it."""
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dsee_scale import dist  # noqa: E402
-from dsee_scale.support import SupportJob, choose_supports  # noqa: E402
+from results_io import record
+
+from dsee_scale import dist
+from dsee_scale.support import SupportJob, choose_supports
 
 p = argparse.ArgumentParser()
 p.add_argument("--matrices", type=int, default=96)
@@ -30,5 +28,5 @@ supports = choose_supports(jobs, 64, args.method, seed=0)
 seconds = time.perf_counter() - tic
 digest = int(sum(int(v.sum()) * (i + 1) for i, v in enumerate(supports.values())))
 if dist.is_main():
-    with open(args.out, "a") as f:
-        f.write(json.dumps({"what": "gpt2xl_total", "impl": "ours", "method": args.method, "world_size": dist.world_size(), "matrices": args.matrices, "dim": args.dim, "seconds": round(seconds, 2), "digest": digest}) + "\n")
+    record({"what": "gpt2xl_total", "impl": "ours", "method": args.method, "world_size": dist.world_size(), "matrices": args.matrices, "dim": args.dim, "seconds": round(seconds, 2), "digest": digest},
+           args.out, echo=False)

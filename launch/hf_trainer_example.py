@@ -12,10 +12,7 @@ group is created with gloo first, since Accelerate would pick no backend there.
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:

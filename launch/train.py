@@ -11,15 +11,12 @@ SentencePiece tokenizer trained on a generated corpus, every stage). `--help` li
 import os
 import sys
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dsee_scale.checkpoint import CheckpointError  # noqa: E402
-from dsee_scale.config import train_config_from_argv  # noqa: E402
-from dsee_scale.ds_config import ConfigError  # noqa: E402
-from dsee_scale.trainer import NonFiniteLoss, Recipe  # noqa: E402
-from dsee_scale.validate import launched_rank  # noqa: E402
+from dsee_scale.checkpoint import CheckpointError
+from dsee_scale.config import train_config_from_argv
+from dsee_scale.ds_config import ConfigError
+from dsee_scale.trainer import NonFiniteLoss, Recipe
+from dsee_scale.validate import launched_rank
 
 
 def main(argv: list[str] | None = None) -> int:

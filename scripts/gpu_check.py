@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 MODES = {
     "gpu": dict(gpt2="builtin:gpt2-medium", bert="builtin:bert-base", ds_config="ds_configs/zero3_bf16.json", tune=20, retune=10,

@@ -1,3 +1,14 @@
+"""Shared by both tiers of the suite:
+
+tests/unit/       tests that run in the pytest process alone: `make test-fast`
+tests/multirank/  tests that start processes: ranks of a launch (started directly or under
+                  deepspeed, torchrun, mpirun, accelerate), launch/train.py as one process,
+                  benchmark and check scripts; launch_utils.py starts them, ranks/ holds the rank
+                  scripts they run, hostsim/ simulates other CPU hosts in every launched process
+tests/helpers/    what tests of both tiers share beyond this file (bad inputs, reference masks, ...)
+
+`make test` runs both tiers. Imports need no sys.path edits (pyproject's pythonpath).
+"""
 import os
 from pathlib import Path
 
@@ -6,6 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+RECIPES = ROOT / "launch" / "recipes"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,12 +31,17 @@ torch.set_num_threads(1)
 
 # The longest files first: `make test` runs files on 2 xdist workers (--dist loadfile), which
 # take them in collection order, so a long file collected last would end the run alone.
-LONGEST_FIRST = ("test_gpu_check.py", "test_launchers.py", "test_resume.py", "test_reliability.py", "test_zero3.py", "test_infinity.py", "test_generation.py", "test_baselines.py")
+LONGEST_FIRST = ("test_gpu_check.py", "test_launchers.py", "test_resume.py", "test_reliability_of_runs.py", "test_zero3_on_2_ranks.py", "test_infinity.py",
+                 "test_generation.py", "test_baselines_runs.py")
+MULTIRANK = Path(__file__).resolve().parent / "multirank"
 
 
 def pytest_collection_modifyitems(items: list) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: the rest keep their order
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    for item in items:
+        if MULTIRANK in item.path.parents:
+            item.add_marker(pytest.mark.multiproc)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,93 @@
+"""Reference masks for pruning tests of both tiers: torch.nn.utils.prune and a plain loop over
+N:M groups on dense scores of the same weights, and the input norms of a model's pruned weights
+recorded by hooks (tests only)."""
+import torch
+import torch.nn.utils.prune as torch_prune
+from transformers.pytorch_utils import Conv1D
+
+from dsee_scale import DSEEConfig
+from dsee_scale.config import PruneConfig
+from dsee_scale.prune import prune_targets
+
+DSEE = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="magnitude", init="normal")
+DEFAULTS = PruneConfig()
+
+
+def signed_delta(target) -> torch.Tensor:
+    """ΔW of one target in its storage layout (zeros without an adapter)."""
+    if target.layer is None:
+        return torch.zeros_like(target.param.data, dtype=torch.float32)
+    delta = target.layer.delta_weight().detach()
+    return delta.t() if target.layer.transposed else delta
+
+
+def dense_scores(target, score: str, norms: dict | None = None) -> torch.Tensor:
+    """|W|, |W + ΔW|, |ΔW| or |W + ΔW|·‖x_j‖ (norms[name]: one per input feature) of one target
+    as a dense matrix in its storage layout."""
+    dense = target.param.data.float()
+    if score != "weight" and target.layer is not None:
+        delta = signed_delta(target)
+        dense = delta if score == "delta" else dense + delta
+    if score == "activation":
+        norm = norms[target.name]
+        return dense.abs() * (norm[:, None] if isinstance(target.module, Conv1D) else norm[None, :])
+    return dense.abs()
+
+
+def reference_masks(model, sparsity: float, scope: str = "global", score: str = "weight", norms: dict | None = None) -> dict[str, torch.Tensor]:
+    """Masks (True = pruned) from torch.nn.utils.prune on dense scores of the same weights."""
+    targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
+    holders = []
+    for t in targets:
+        holder = torch.nn.Module()
+        holder.weight = torch.nn.Parameter(dense_scores(t, score, norms).contiguous().clone())
+        holders.append(holder)
+    if scope == "global":
+        torch_prune.global_unstructured([(h, "weight") for h in holders], pruning_method=torch_prune.L1Unstructured, amount=sparsity)
+    else:
+        for h in holders:
+            torch_prune.l1_unstructured(h, "weight", amount=sparsity)
+    return {t.name: (h.weight_mask == 0).flatten() for t, h in zip(targets, holders)}
+
+
+def reference_nm_masks(model, n: int, m: int, score: str, norms: dict | None = None) -> dict[str, torch.Tensor]:
+    """N:M masks (True = pruned) by a plain loop over groups along the input dimension."""
+    out = {}
+    for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
+        scores = dense_scores(t, score, norms)
+        transposed = isinstance(t.module, Conv1D)
+        rows = scores.t() if transposed else scores  # (out, in): groups run along each row
+        pruned = torch.zeros_like(rows, dtype=torch.bool)
+        for r in range(rows.shape[0]):
+            for g in range(0, rows.shape[1], m):
+                group = rows[r, g : g + m].tolist()
+                keep = sorted(range(m), key=lambda i: (-group[i], i))[:n]
+                for i in range(m):
+                    pruned[r, g + i] = i not in keep
+        out[t.name] = (pruned.t() if transposed else pruned).flatten()
+    return out
+
+
+def recorded_inputs(model, batches) -> dict[str, torch.Tensor]:
+    """Every input row each pruned weight's module saw (test only), real tokens of per-token inputs."""
+    targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
+    seen = {t.name: [] for t in targets}
+    current = {}
+
+    def record(name, x):
+        keep = current["mask"]
+        seen[name].append(x[keep] if x.shape[:-1] == keep.shape else x.reshape(-1, x.shape[-1]))
+
+    handles = [t.module.register_forward_hook(lambda mod, args, out, name=t.name: record(name, args[0].detach())) for t in targets]
+    with torch.no_grad():
+        for batch in batches:
+            current["mask"] = batch["attention_mask"].bool()
+            model(**batch)
+    for h in handles:
+        h.remove()
+    return {name: torch.cat(rows).float() for name, rows in seen.items()}
+
+
+def recorded_input_norms(model, batches) -> dict[str, torch.Tensor]:
+    """‖x_j‖ from every input each pruned weight's module saw (test only)."""
+    return {name: x.double().norm(dim=0).float() for name, x in recorded_inputs(model, batches).items()}
