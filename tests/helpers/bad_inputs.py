@@ -57,7 +57,7 @@ BAD_INPUTS: list[Case] = [
     ("nnz too large", ["--dsee.nnz", "99999999"], "nnz 99999999 is larger than the"),
     ("unknown init", ["--dsee.init", "xavier"], "--dsee.init: Input should be 'lora' or 'normal' (got 'xavier')"),
     ("unknown support method", ["--dsee.support", "svd"], "unknown support method 'svd'"),
-    ("sparsity outside [0, 1)", ["--prune.sparsity", "1.5"], "--prune.sparsity: Input should be less than 1 (got 1.5)"),
+    ("sparsity outside [0, 1)", ["--prune.sparsity", "1.5"], "--prune.sparsity: Input should be less than 1 (got '1.5')"),
     ("re-fit without pruning", ["--prune.reconstruct", "true", "--prune.sparsity", "0"], "prune.reconstruct re-fits the weights that unstructured or N:M pruning keeps"),
     ("unknown model", ["--model", "./no/such/model"], "unknown model './no/such/model'"),
     ("unknown builtin model", ["--model", "builtin:gpt5"], "unknown builtin model 'builtin:gpt5'"),

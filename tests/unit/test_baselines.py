@@ -3,7 +3,7 @@ merges exactly, full fine-tuning trains every weight, a baseline asked to prune 
 2-rank runs through launch/train.py: tests/multirank/test_baselines_runs.py)."""
 import pytest
 import torch
-from conftest import ROOT, tiny_model
+from conftest import tiny_model
 from train import main
 
 from dsee_scale.baselines import apply_peft_lora, merge_peft_lora, train_everything
@@ -43,4 +43,4 @@ def test_full_fine_tuning_trains_every_weight():
 def test_a_baseline_asked_to_prune_is_refused_before_launch(tmp_path, capsys):
     assert main(["--method", "full", "--prune.sparsity", "0.5", "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "method full does not prune" in err and "| a baseline asked to prune |" in (ROOT / "README.md").read_text()
+    assert "method full does not prune" in err

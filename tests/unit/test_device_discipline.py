@@ -17,16 +17,16 @@ FACTORIES = {
     "zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", "randn", "rand", "randint", "randperm",
     "linspace", "logspace", "eye", "empty_strided", "Generator",
 }
-# (file, function): why a tensor there is created on the host on purpose.
+# (file under dsee_scale/, function): why a tensor there is created on the host on purpose.
 ALLOWED_CPU = {
     ("layer.py", "__init__"): "adapters are drawn from a seeded CPU generator, then moved: the same init on every device",
     ("support.py", "_top_directions"): "random probes from the seeded CPU generator: Ω independent of the device",
     ("support.py", "grebsmo_sparse_part"): "the seeded CPU generator for those probes",
     ("support.py", "random_support"): "random Ω from the seeded CPU generator",
     ("checkpoint.py", "_step_like"): "torch's AdamW keeps its step count on the host",
-    ("zero.py", "_shm_room_everywhere"): "whether /dev/shm has room on every rank, agreed over gloo (CPU ranks only)",
-    ("zero.py", "_shm_nonce"): "a /dev/shm file name, broadcast over gloo (CPU ranks only)",
-    ("zero.py", "share_frozen_weights"): "which weights every rank would share, agreed over gloo (CPU ranks only)",
+    ("zero/single_host.py", "_shm_room_everywhere"): "whether /dev/shm has room on every rank, agreed over gloo (CPU ranks only)",
+    ("zero/single_host.py", "_shm_nonce"): "a /dev/shm file name, broadcast over gloo (CPU ranks only)",
+    ("zero/single_host.py", "share_frozen_weights"): "which weights every rank would share, agreed over gloo (CPU ranks only)",
 }
 
 
@@ -67,23 +67,28 @@ def is_cpu(node: ast.expr) -> bool:
     return isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "device" and any(is_cpu(a) for a in node.args)
 
 
+def name_of(path: Path) -> str:
+    """The file's path under dsee_scale/ (subpackages have their own __init__.py)."""
+    return path.relative_to(PACKAGE).as_posix() if path.is_relative_to(PACKAGE) else path.name
+
+
 def violations(path: Path) -> list[str]:
     comments = commented_lines(path)
     found = []
     for function, lineno, call in factory_calls(path):
-        where = f"{path.name}:{lineno} ({function}): torch.{call.func.attr}"
+        where = f"{name_of(path)}:{lineno} ({function}): torch.{call.func.attr}"
         device = next((k.value for k in call.keywords if k.arg == "device"), None)
         if device is None or (isinstance(device, ast.Constant) and device.value is None):
             found.append(f"{where} without device=")
         elif is_cpu(device):
-            if (path.name, function) not in ALLOWED_CPU:
+            if (name_of(path), function) not in ALLOWED_CPU:
                 found.append(f"{where} on the CPU outside the allow-list")
             elif lineno not in comments and lineno - 1 not in comments:
                 found.append(f"{where} on the CPU without a comment saying why")
     return found
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=name_of)
 def test_every_tensor_factory_names_its_device(path):
     assert violations(path) == []
 
@@ -99,6 +104,6 @@ def test_the_checker_catches_device_less_factories(tmp_path):
 
 
 def test_allow_list_has_no_stale_entries():
-    used = {(p.name, f) for p in PACKAGE.glob("*.py") for f, _, c in factory_calls(p)
+    used = {(name_of(p), f) for p in PACKAGE.rglob("*.py") for f, _, c in factory_calls(p)
             if any(k.arg == "device" and is_cpu(k.value) for k in c.keywords)}
     assert set(ALLOWED_CPU) == used

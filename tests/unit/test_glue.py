@@ -129,4 +129,4 @@ def test_a_wrong_data_choice_is_named_before_launch(what, flags, message, tmp_pa
     assert main(argv(flags, tmp_path)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    assert f"| {what} |" in (ROOT / "README.md").read_text()
+    assert f"| {what} |" in (ROOT / "docs" / "reliability.md").read_text()  # the generated table (scripts/bad_input_table.py)

@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-from conftest import ROOT
 from train import main
 
 from helpers.nvme import nvme_config
@@ -26,8 +25,6 @@ def test_nvme_offload_errors_are_named_before_launch(tmp_path, capsys):
     small.write_text(json.dumps(config))
     assert main(["--ds_config", str(small), "--prune.heads", "0.25", "--output_dir", str(tmp_path / "c")]) == 2
     assert "structured pruning (prune.heads / prune.ffn) with the backbone on NVMe" in capsys.readouterr().err
-    readme = (ROOT / "README.md").read_text()
-    assert all(f"| {row} |" in readme for row in ("NVMe swap buffer too small", "NVMe folder not writable", "structured pruning with the backbone on NVMe"))
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="on a GPU machine make setup leaves DeepSpeed's CUDA ops to its JIT")

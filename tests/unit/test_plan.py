@@ -46,7 +46,7 @@ def test_llama_7b_count_and_the_nvme_row(capsys):
     partition), and the partition moves to disk, read twice a step (three times with activation
     checkpointing)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from dsee_scale.models import builtin_config
 
