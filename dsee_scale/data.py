@@ -274,12 +274,24 @@ class GlobalBatches:
             out.extend(order[offset : offset + self.global_batch - len(out)])
         return out
 
+    def micro_positions(self, accum: int, rank: int) -> range:
+        """Places in the global batch of micro-step `accum` on `rank`: contiguous, accumulation-major."""
+        start = (accum * self.world + rank) * self.micro_batch
+        return range(start, start + self.micro_batch)
+
     def micro_indices(self, step: int, accum: int, rank: int) -> list[int]:
-        """Rows of micro-step `accum` of `step` on `rank`: contiguous, accumulation-major."""
-        indices = self.global_indices(step)
-        per_accum = self.micro_batch * self.world
-        start = accum * per_accum + rank * self.micro_batch
-        return indices[start : start + self.micro_batch]
+        """Rows of micro-step `accum` of `step` on `rank`."""
+        places = self.micro_positions(accum, rank)
+        return self.global_indices(step)[places.start : places.stop]
+
+    def loss_share(self, labels: list[list[int]]) -> dict:
+        """LM: every micro-step's loss is its share of one mean over the global batch's target
+        tokens (transformers' `num_items_in_batch`; `labels`: the global batch's), so the
+        gradient does not depend on how the batch is split over ranks and micro-steps (DeepSpeed
+        then averages over both). Classification and regression rows weigh the same in every
+        split already."""
+        targets = sum(sum(1 for t in row[1:] if t != -100) for row in labels)  # the model shifts labels by one
+        return {"num_items_in_batch": max(1, targets) / (self.grad_accum * self.world)}
 
 
 # ---- the built-in offline corpus: E2E-style restaurant records → sentences --------------------

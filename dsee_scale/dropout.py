@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,29 +29,28 @@ ATTENTION_DROPOUT_KEYS = ("attn_pdrop", "attention_probs_dropout_prob", "attenti
 
 @dataclass
 class Rows:
-    """The rows of the micro-batch being computed: a seed per row, its real length, the padded length."""
+    """The micro-batch being computed: a seed per row, its real length, the padded length, and a
+    seed for inputs that no row owns (SHARED_SITES)."""
 
     seeds: list[int]
     lengths: list[int]
     padded: int
-    step_seed: int  # for inputs that no row owns (SHARED_SITES)
+    step_seed: int
 
 
 _current: Rows | None = None
 
 
-def row_seeds(seed: int, stage: str, step: int, positions: list[int]) -> list[int]:
-    """One seed per row from where the run is and the row's place in the step's global batch."""
-    return [zlib.crc32(f"{seed}/{stage}/{step}/row{p}".encode()) for p in positions]
-
-
 @contextlib.contextmanager
-def rows(seeds: list[int], attention_mask: torch.Tensor, step_seed: int) -> Iterator[None]:
-    """Dropout in the block draws row i's masks from seeds[i], over its real (unpadded) tokens:
-    right padding, as data.collate makes it."""
+def rows(seed: int, stage: str, step: int, positions: Sequence[int], attention_mask: torch.Tensor) -> Iterator[None]:
+    """Dropout in the block draws the masks of the rows at `positions` of the global batch of
+    `stage` step `step` (the micro-batch's rows, in order) from (seed, stage, step, position),
+    over their real tokens (right padding, as data.collate makes it). Forward and backward both
+    belong in the block: activation checkpointing draws again in backward."""
     global _current
-    previous = _current
-    _current = Rows(seeds, attention_mask.sum(1).tolist(), attention_mask.shape[1], step_seed)
+    previous, where = _current, f"{seed}/{stage}/{step}"
+    seeds = [zlib.crc32(f"{where}/row{p}".encode()) for p in positions]
+    _current = Rows(seeds, attention_mask.sum(1).tolist(), attention_mask.shape[1], zlib.crc32(where.encode()))
     try:
         yield
     finally:
@@ -110,7 +109,12 @@ class RowDropout(nn.Dropout):
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
                scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention (softmax in fp32, as transformers' eager) with row-keyed dropout of the
-    attention probabilities. The mask is eager's: additive, causal included."""
+    attention probabilities; without dropout (evaluation, generation) torch's fused attention.
+    The mask is eager's: additive, causal included, which both take."""
+    if not (module.training and dropout > 0):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: each key/value head serves `groups` query heads
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -118,11 +122,10 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if module.training and dropout > 0:
-        if _current is None:
-            probs = nn.functional.dropout(probs, p=dropout, training=True)
-        else:
-            probs = _apply(probs, keep_mask(probs.shape, dropout, module.dsee_dropout_site, probs.device), dropout)
+    if _current is None:
+        probs = nn.functional.dropout(probs, p=dropout, training=True)
+    else:
+        probs = _apply(probs, keep_mask(probs.shape, dropout, module.dsee_dropout_site, probs.device), dropout)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from dsee_scale import checkpoint, dist, faults, run_folder, zero
+from dsee_scale import checkpoint, dist, dropout, faults, run_folder, zero
 from dsee_scale.baselines import apply_peft_lora, merge_peft_lora, train_everything
 from dsee_scale.config import TrainConfig
 from dsee_scale.data import GlobalBatches, check_columns, check_labels, collate, label_map, load_split, load_tokenizer, tokenize
@@ -140,6 +140,7 @@ class Recipe:
             apply_peft_lora(self.model, cfg.dsee)
         else:
             train_everything(self.model)
+        dropout.install(self.model)  # the backbone's, the adapters' and the head's dropout, keyed by row
         on_nvme = zero.on_nvme_count(self.model)
         if on_nvme:
             self.state.summary["nvme_params"] = on_nvme  # weights whose shards live on NVMe (ZeRO-Infinity)
@@ -185,15 +186,10 @@ class Recipe:
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 
     def _loss_share(self, batches: GlobalBatches, step: int) -> dict:
-        """LM: every micro-step's loss is its share of one mean over the global batch's target
-        tokens (transformers' `num_items_in_batch`), so the gradient does not depend on how the
-        batch is split over ranks and micro-steps (DeepSpeed then averages over both).
-        Classification and regression rows weigh the same in every split already."""
+        """The LM loss's normaliser for this step (GlobalBatches.loss_share)."""
         if self.cfg.task != "lm":
             return {}
-        labels = self.train_rows[batches.global_indices(step)]["labels"]
-        targets = sum(sum(1 for t in row[1:] if t != -100) for row in labels)  # the model shifts labels by one
-        return {"num_items_in_batch": max(1, targets) / (self.accum * self.world)}
+        return batches.loss_share(self.train_rows[batches.global_indices(step)]["labels"])
 
     def train(self, stage: str, steps: int) -> None:
         """Optimizer steps of `stage` ('tune' or 'retune'); resumes from the checkpointed step."""
@@ -214,8 +210,11 @@ class Recipe:
             share = self._loss_share(batches, step)
             total = torch.zeros(1, device=engine.device)  # summed on the device: one sync per step, not per micro-step
             for accum in range(self.accum):
-                loss = faults.training_loss(engine(**self._micro_batch(batches, step, accum), **share).loss, stage, step + 1)
-                engine.backward(loss)
+                batch = self._micro_batch(batches, step, accum)
+                # dropout keyed by each row's place in the global batch: the same masks in any split (backward recomputes under checkpointing)
+                with dropout.rows(cfg.seed, stage, step, batches.micro_positions(accum, self.rank), batch["attention_mask"]):
+                    loss = faults.training_loss(engine(**batch, **share).loss, stage, step + 1)
+                    engine.backward(loss)
                 engine.step()
                 total += loss.detach().float()
             if schedule is not None:
