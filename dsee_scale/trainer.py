@@ -373,6 +373,7 @@ class Recipe:
             "backbone_digest": self.backbone_digest, "optimizer_step": checkpoint.optimizer_step(self.engine),
             "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
         }
+        saved = dist.all_gather_object(saved)[0]  # rank 0's timings: every node's writer writes the same checkpoint
         tensors = checkpoint.trainable_state(self.model, self.engine)
         checkpoint.save(self.ckpt_dir, self.state.tag, saved, tensors, self.pruning.packed, self.writer, keep=self.cfg.keep_checkpoints)
         self.state.timings["checkpoint_s"] = time.time() - tic
