@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.multiproc
 GLOBAL_BATCH = 6
-COMMON = ["--ds_config", "ds_configs/zero3.json", "--steps", 6, "--retune_steps", 4, "--save_every", 2, "--log_every", 1, "--dsee.dropout", 0.1,
+COMMON = ["--ds_config", "ds_configs/zero3.json", "--steps", 5, "--retune_steps", 3, "--save_every", 2, "--log_every", 1, "--dsee.dropout", 0.1,
           "--stages", "tune,prune,retune,export", "--prune.sparsity", 0.5, "--lr", 1e-3]
 SPLITS = {"2 ranks": (2, 3, 1), "1 rank, accumulation 2": (1, 3, 2), "3 ranks": (3, 2, 1)}  # ranks, micro-batch, accumulation
 

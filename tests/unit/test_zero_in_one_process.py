@@ -1,5 +1,5 @@
-"""zero.py helpers that need no process group, and the DeepSpeed source zero.py's fetch through
-shared memory relies on (ZeRO-3 on 2 real ranks: tests/multirank/test_zero3_on_2_ranks.py)."""
+"""dsee_scale.zero's helpers that need no process group, and the DeepSpeed source its fetch through
+shared memory (zero/single_host.py) relies on (ZeRO-3 on 2 real ranks: tests/multirank/test_zero3_on_2_ranks.py)."""
 import inspect
 import re
 import types
