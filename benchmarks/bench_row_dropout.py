@@ -26,7 +26,8 @@ SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant and repeat")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
     p.add_argument("--micro_batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads (one rank's share of a 2-core host)")
     add_out(p, "row_dropout")
@@ -58,8 +59,9 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
 
-    for variant in models:  # warm-up
-        step(variant, 0)
+    for variant in models:  # warm-up: allocator, caches, first calls
+        for s in range(args.warmup):
+            step(variant, s)
     seconds = {variant: [] for variant in models}
     for _ in range(args.repeats):
         for variant in models:
