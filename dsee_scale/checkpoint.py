@@ -3,9 +3,9 @@
 What a DSEE run must remember is small and does not depend on how many ranks hold it: the
 trainable values (fp32 master copies) and their optimizer moments, the pruning masks (one bit
 per backbone weight, at global positions), the structured plan (kept heads and neurons), stage,
-step and losses. The frozen backbone is rebuilt from --model, the plan and the masks (a digest
-checks that it is the same backbone), and random draws are seeded from (seed, stage, step,
-rank). So a checkpoint resumes on any number of ranks.
+step and losses (run_state.py). The frozen backbone is rebuilt from --model, the plan and the
+masks (a digest checks that it is the same backbone), and dropout is drawn per global row
+(dropout.py). So a checkpoint resumes on any number of ranks.
 
 `<dir>/<tag>/` holds state.json, trainable.safetensors and masks.safetensors. Backbone weights
 that pruning re-fitted (prune.reconstruct) cannot be rebuilt from --model: they change once, and
@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,18 +37,13 @@ from dsee_scale.prune import ShardMask, plain_parameters, unpack_mask
 
 log = logging.getLogger(__name__)
 STATE, TRAINABLE, MASKS, LATEST = "state.json", "trainable.safetensors", "masks.safetensors", "latest"
+FORMAT = 2  # state.json: run (RunState), pruning (PruningState), identity, ...; checkpoints before run_state.py had none
 MOMENTS = ("exp_avg", "exp_avg_sq")
 WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports its own I/O failures (a full disk) as SafetensorError
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or does not fit this run."""
-
-
-def step_seed(seed: int, stage: str, step: int, rank: int) -> int:
-    """The seed of one rank's random draws (dropout) in one step: a function of where the run
-    is, not of what ran before, so a resumed run draws what the uninterrupted one drew."""
-    return zlib.crc32(f"{seed}/{stage}/{step}/{rank}".encode())
 
 
 # ---- what is saved -----------------------------------------------------------------------------
@@ -184,7 +178,7 @@ def _write(folder: Path, tag: str, state: dict, tensors: dict[str, torch.Tensor]
     save_file(tensors, str(staging / TRAINABLE))
     faults.during_save(tag)
     save_file(masks, str(staging / MASKS))
-    (staging / STATE).write_text(json.dumps(state, indent=1))
+    (staging / STATE).write_text(json.dumps({"format": FORMAT, **state}, indent=1))
     for path in (staging / TRAINABLE, staging / MASKS, staging / STATE, staging):
         _fsync(path)
     final = folder / tag
@@ -283,10 +277,20 @@ def latest_state(folder: Path) -> dict | None:
     return None if tag is None else json.loads((folder / tag / STATE).read_text())
 
 
+def unreadable_reason(state: dict) -> str | None:
+    """Why this dsee_scale cannot resume a checkpoint's state, or None."""
+    if state.get("format") != FORMAT:
+        return f"it was written by another dsee_scale version (checkpoint format {state.get('format', 1)}, this one reads {FORMAT})"
+    return None
+
+
 def load_latest(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     """(state, trainable tensors, whole-weight masks) of the checkpoint `latest` names."""
     tag = latest_tag(folder)
     if tag is None:
         return None
+    state = json.loads((folder / tag / STATE).read_text())
+    if reason := unreadable_reason(state):
+        raise CheckpointError(f"{folder / tag} cannot be resumed: {reason}; start again with --overwrite")
     log.info("resuming from %s", folder / tag)
-    return json.loads((folder / tag / STATE).read_text()), load_file(str(folder / tag / TRAINABLE)), load_file(str(folder / tag / MASKS))
+    return state, load_file(str(folder / tag / TRAINABLE)), load_file(str(folder / tag / MASKS))

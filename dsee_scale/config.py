@@ -199,6 +199,7 @@ class TrainConfig:
     export_merged: bool = field(default=True, metadata={"help": "export stage: also merge the adapters and write a plain HF folder (false: adapter file only)"})
     export_remask: bool = field(default=False, metadata={"help": "with prune.keep_sparse false: merge with re-masking, so the exported weights are exactly as sparse as the masks but ΔW at pruned entries is dropped (costs accuracy); default: the exact adapted function"})
     export_format: ExportFormat = field(default="hf", metadata={"help": "export stage: 'hf' (the merged HF folder) or 'compressed': also export/compressed, that folder in the compressed-tensors format (pruned weights as non-zeros + bitmask; sparse-24-bitmask for prune.pattern 2:4, sparse-bitmask otherwise)"})
+    row_dropout: bool = field(default=True, metadata={"help": "draw dropout per global row (dsee_scale/dropout.py), so that losses and gradients do not depend on the world size, micro-batch or accumulation, and resume exactly on another world size; attention dropout then runs through an eager attention (more activation memory than fused attention on GPUs). false: torch's own dropout, per rank"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing (non-reentrant) to trade compute for activation memory"})
     gen_samples: int = field(default=32, metadata={"help": "LM with source||target data: examples generated for BLEU"})
     gen_max_new_tokens: int = field(default=40, metadata={"help": "tokens generated per example for BLEU"})

@@ -41,16 +41,24 @@ class Rows:
 _current: Rows | None = None
 
 
+def seed_of(*where) -> int:
+    """A seed from where the run is, e.g. (seed, stage, step, rank): a function of the place in
+    the run, not of what ran before, so a resumed run draws what the uninterrupted one drew."""
+    return zlib.crc32("/".join(map(str, where)).encode())
+
+
 @contextlib.contextmanager
 def rows(seed: int, stage: str, step: int, positions: Sequence[int], attention_mask: torch.Tensor) -> Iterator[None]:
     """Dropout in the block draws the masks of the rows at `positions` of the global batch of
     `stage` step `step` (the micro-batch's rows, in order) from (seed, stage, step, position),
-    over their real tokens (right padding, as data.collate makes it). Forward and backward both
-    belong in the block: activation checkpointing draws again in backward."""
+    over their real tokens: right padding, as data.collate makes it (refused otherwise). Forward
+    and backward both belong in the block: activation checkpointing draws again in backward."""
     global _current
-    previous, where = _current, f"{seed}/{stage}/{step}"
-    seeds = [zlib.crc32(f"{where}/row{p}".encode()) for p in positions]
-    _current = Rows(seeds, attention_mask.sum(1).tolist(), attention_mask.shape[1], zlib.crc32(where.encode()))
+    lengths = attention_mask.sum(1)
+    if not torch.equal(attention_mask.bool(), torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths[:, None]):
+        raise ValueError("dropout drawn per row needs right-padded rows (each row's tokens first, then its padding): pad on the right")
+    previous = _current
+    _current = Rows([seed_of(seed, stage, step, f"row{p}") for p in positions], lengths.tolist(), attention_mask.shape[1], seed_of(seed, stage, step))
     try:
         yield
     finally:

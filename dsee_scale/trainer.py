@@ -2,7 +2,7 @@
 
 Plain code, top to bottom; each stage is a method of the same name. Training stages checkpoint
 (checkpoint.py) so a killed run resumes exactly, on any number of ranks: data order is a
-function of (seed, stage, step), random draws are seeded from (seed, stage, step, rank), and a
+function of (seed, stage, step), dropout of (seed, stage, step, row; dropout.py), and a
 checkpoint holds everything else a run has learnt: the adapters and their optimizer moments,
 RunState (where the run is, what it measured) and PruningState (masks, plan; run_state.py).
 """
@@ -140,7 +140,8 @@ class Recipe:
             apply_peft_lora(self.model, cfg.dsee)
         else:
             train_everything(self.model)
-        dropout.install(self.model)  # the backbone's, the adapters' and the head's dropout, keyed by row
+        if cfg.row_dropout:
+            dropout.install(self.model)  # the backbone's, the adapters' and the head's dropout, keyed by row
         on_nvme = zero.on_nvme_count(self.model)
         if on_nvme:
             self.state.summary["nvme_params"] = on_nvme  # weights whose shards live on NVMe (ZeRO-Infinity)
@@ -205,7 +206,7 @@ class Recipe:
         bar = tqdm(range(start, steps), desc=stage, disable=not (dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True)
         window, tic, stage_tic = [], time.time(), time.time()
         for step in bar:
-            torch.manual_seed(checkpoint.step_seed(cfg.seed, stage, step, self.rank))  # dropout draws depend on where the run is
+            torch.manual_seed(dropout.seed_of(cfg.seed, stage, step, self.rank))  # draws outside dropout.rows (torch's own) depend on where the run is too
             lr = engine.get_lr()[0]
             share = self._loss_share(batches, step)
             total = torch.zeros(1, device=engine.device)  # summed on the device: one sync per step, not per micro-step

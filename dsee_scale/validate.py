@@ -57,11 +57,13 @@ def check_output_dir(cfg: TrainConfig, ds_config: dict, world: int) -> None:
 def check_resumable(cfg: TrainConfig, ds_config: dict) -> None:
     """A checkpoint of another model, data, DSEE shape or global batch is refused here, before
     anything is built; another world size is fine when the global batch is the same."""
-    from dsee_scale.checkpoint import latest_state
+    from dsee_scale.checkpoint import latest_state, unreadable_reason
 
     state = latest_state(Path(cfg.output_dir) / "checkpoints")
     if state is None:
         return
+    if reason := unreadable_reason(state):
+        raise ConfigError(f"--resume: the checkpoint in {cfg.output_dir} cannot be resumed: {reason}; start again with --overwrite")
     differences = identity_differences(state["identity"], run_identity(cfg, ds_config))
     if differences:
         hint = " (set --micro_batch_size / --grad_accum so that micro × accumulation × world size matches)" if any(d.startswith("global_batch") for d in differences) else ""
@@ -78,8 +80,11 @@ def manage_default_folder(cfg: TrainConfig, ds_config: dict, world: int) -> None
         previous = json.loads((folder / RUN_MARKER).read_text())
     except (OSError, ValueError):
         previous = {}
+    from dsee_scale.checkpoint import latest_state, unreadable_reason
+
     same = {k: previous.get(k) for k in ("config", "ds_config", "world_size")} == run_marker(cfg, ds_config, world)
-    unfinished = not (folder / "summary.json").exists() and (folder / "checkpoints" / "latest").exists()
+    state = None if (folder / "summary.json").exists() else latest_state(folder / "checkpoints")
+    unfinished = state is not None and unreadable_reason(state) is None  # another version's checkpoint: start over
     if same and unfinished:
         cfg.resume = True
         note = f"{folder} holds an unfinished run of this configuration: continuing it from its latest checkpoint (--overwrite starts over)"

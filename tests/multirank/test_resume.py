@@ -49,6 +49,15 @@ def export_logits(run, task: str) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
+def assert_like_reference(root, name: str, summary: dict, reference: dict, nproc: int, atol: float) -> None:
+    """Resumed on `nproc` ranks into root/name: the reference's losses to rounding, its final
+    sparsity, and its exported logits within `atol`."""
+    assert summary["world_size"] == nproc
+    assert close(summary["losses"], reference["losses"])
+    assert summary["final_sparsity"] == reference["final_sparsity"]
+    torch.testing.assert_close(export_logits(root / name, "lm"), export_logits(root / "reference", "lm"), atol=atol, rtol=0)
+
+
 def reference_run(tmp_path_factory, name: str, pruning: list):
     """(folder, flags, summary) of the uninterrupted 2-rank run the others are compared with."""
     root = tmp_path_factory.mktemp(name)
@@ -89,22 +98,16 @@ def test_killed_mid_retune_resumes_bit_for_bit_on_2_ranks_and_within_rounding_on
 def test_two_rank_run_continues_on_three_oversubscribed(unstructured, killed_mid_retune):
     root, flags, reference = unstructured
     more = resumed(killed_mid_retune, root / "three_ranks", flags, 3)  # 3 ranks on 2 cores
-    assert more["world_size"] == 3
-    assert close(more["losses"], reference["losses"])
-    assert more["final_sparsity"] == reference["final_sparsity"]
-    torch.testing.assert_close(export_logits(root / "three_ranks", "lm"), export_logits(root / "reference", "lm"), atol=1e-5, rtol=0)
+    assert_like_reference(root, "three_ranks", more, reference, 3, atol=1e-5)
 
 
 def test_one_rank_run_continues_on_two(unstructured):
     root, flags, reference = unstructured
     run = killed(root / "killed_1", flags, 1, "tune-4")
     more = resumed(run, root / "two_ranks", flags, 2)
-    assert more["world_size"] == 2
-    assert close(more["losses"], reference["losses"])
-    assert more["final_sparsity"] == reference["final_sparsity"]
     # Pruning (and its re-fit, a least-squares solve that magnifies rounding) runs after the
     # resume here, on weights tuned partly on 1 rank: logits agree to rounding, not to 1e-5.
-    torch.testing.assert_close(export_logits(root / "two_ranks", "lm"), export_logits(root / "reference", "lm"), atol=1e-4, rtol=0)
+    assert_like_reference(root, "two_ranks", more, reference, 2, atol=1e-4)
 
 
 def test_structured_run_resumes_after_removal_on_2_and_on_1_rank(structured):

@@ -147,7 +147,7 @@ def test_adapter_only_checkpoint_is_under_one_percent_of_full(tmp_path):
 
 def test_weights_fetched_through_shared_memory_equal_gloos_bit_for_bit(tmp_path):
     """On CPU ranks of one machine ZeRO-3 fetches through shared memory
-    (zero.fetch_through_shared_memory): every gathered weight, padded shards and -0.0 included,
+    (zero.single_host.fetch_through_shared_memory): every gathered weight, padded shards and -0.0 included,
     also when shards pass in many small chunks, and a DSEE run's losses equal gloo's."""
     run_launcher("ranks", RANKS / "shm_fetch.py", [tmp_path])
     result = json.loads((tmp_path / "result.json").read_text())

@@ -133,3 +133,25 @@ def test_keyed_attention_computes_the_models_own_attention(kind):
         got = keyed.train()(**batch).logits
     real = batch["attention_mask"].bool() if task == "lm" else slice(None)
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_alone_is_applied_and_keyed():
+    """LLaMA's only dropout is in its attention: through the keyed attention it drops (train and
+    eval differ), and the same rows of the same step get the same masks."""
+    model = tiny_model("llama", "lm", attention_dropout=0.3)
+    assert dropout.install(model) == 0  # no nn.Dropout anywhere: attention alone
+    batch = pad(make_rows("lm", 4), "lm")
+    real = batch["attention_mask"].bool()
+
+    def logits(step: int, train: bool = True) -> torch.Tensor:
+        with torch.no_grad(), dropout.rows(0, "tune", step, range(4), batch["attention_mask"]):
+            return model.train(train)(**batch).logits[real]
+
+    assert not torch.allclose(logits(0), logits(0, train=False))
+    assert torch.equal(logits(0), logits(0)) and not torch.equal(logits(0), logits(1))
+
+
+def test_left_padding_is_refused():
+    with pytest.raises(ValueError, match="right-padded"):
+        with dropout.rows(0, "tune", 0, range(2), torch.tensor([[0, 1, 1], [1, 1, 1]])):
+            pass

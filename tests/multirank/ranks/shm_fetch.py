@@ -1,4 +1,4 @@
-"""ZeRO-3's weight fetch through shared memory (zero.fetch_through_shared_memory) gathers every
+"""ZeRO-3's weight fetch through shared memory (zero.single_host.fetch_through_shared_memory) gathers every
 weight bit for bit as gloo's all-gather does, by all-gather and by all-reduce (ZeRO-3's fetch by
 all-reduce, on by default with it: zero.with_fetch_defaults), odd sizes (padded shards) and -0.0 included, also in chunks
 much smaller than a shard (so both halves of each buffer are reused many times), and DSEE steps,
