@@ -1,8 +1,9 @@
-"""Resume with dropout on, on other world sizes and with gradient accumulation: dropout is drawn
-per global row (dsee_scale.dropout), so a run killed on 2 ranks goes on on 1 rank with
-accumulation 2, or on 3 ranks, and one killed on 1 rank goes on on 2, with the uninterrupted
-run's tune and re-tune losses (rtol 1e-5), its masks and its export. GPT-2 (the built-in, dropout
-0.1 everywhere) and the real MiniLM-L6 (BERT, dropout 0.1) on SST-2 rows; adapter dropout 0.1."""
+"""Resume with dropout on, on other world sizes and with gradient accumulation (the multirank
+tests test_resume_dropout_gpt2.py and test_resume_dropout_minilm.py, one file per model so that
+the two share out over the suite's workers): dropout is drawn per global row (dsee_scale.dropout),
+so a run killed on 2 ranks goes on on 1 rank with accumulation 2, or on 3 ranks, and one killed
+on 1 rank goes on on 2, with the uninterrupted run's tune and re-tune losses (rtol 1e-5), its
+masks and its export. Adapter dropout 0.1 too."""
 import json
 import shutil
 
@@ -12,7 +13,6 @@ from conftest import SHARED_DATA, minilm_dir
 from launch_utils import launch, run_launcher
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.multiproc
 GLOBAL_BATCH = 6
 COMMON = ["--ds_config", "ds_configs/zero3.json", "--steps", 5, "--retune_steps", 3, "--save_every", 2, "--log_every", 1, "--dsee.dropout", 0.1,
           "--stages", "tune,prune,retune,export", "--prune.sparsity", 0.5, "--lr", 1e-3]
@@ -56,22 +56,22 @@ def export_output(out, kind: str) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
-@pytest.fixture(scope="module", params=["gpt2", "minilm"])
-def runs(request, tmp_path_factory):
+def killed_runs(kind: str, root) -> list:
     """The uninterrupted 2-rank run, and runs killed while writing checkpoint tune-4 (latest:
-    tune-2) on 2 ranks and on 1 rank with accumulation 2."""
-    kind, root = request.param, tmp_path_factory.mktemp(request.param)
+    tune-2) on 2 ranks and on 1 rank with accumulation 2; returns the flags."""
     flags = COMMON + model_flags(kind, root)
     run_launcher("ranks", "launch/train.py", flags + split("2 ranks")[1] + ["--output_dir", root / "reference"], nproc=2)
     for name in ("2 ranks", "1 rank, accumulation 2"):
         proc = train(flags, root / f"killed on {name}", name, env={"DSEE_FAULT_INJECT": "kill_during_save:tune-4"})
         assert proc.returncode != 0 and not (root / f"killed on {name}" / "summary.json").exists(), proc.stderr[-3000:]
-    return kind, root, flags
+    return flags
 
 
-@pytest.mark.parametrize("killed_on, resumed_on", [("2 ranks", "1 rank, accumulation 2"), ("2 ranks", "3 ranks"), ("1 rank, accumulation 2", "2 ranks")])
-def test_resume_on_another_split_gives_the_uninterrupted_run(runs, killed_on, resumed_on):
-    kind, root, flags = runs
+RESUMES = [("2 ranks", "1 rank, accumulation 2"), ("2 ranks", "3 ranks"), ("1 rank, accumulation 2", "2 ranks")]
+
+
+def check_resume(kind: str, root, flags: list, killed_on: str, resumed_on: str) -> None:
+    """The run killed on `killed_on`, resumed on `resumed_on`, ends as the uninterrupted one."""
     out = root / f"{killed_on} -> {resumed_on}"
     shutil.copytree(root / f"killed on {killed_on}", out)
     proc = train(flags, out, resumed_on, "--resume")
