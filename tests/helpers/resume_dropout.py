@@ -67,7 +67,18 @@ def killed_runs(kind: str, root) -> list:
     return flags
 
 
-RESUMES = [("2 ranks", "1 rank, accumulation 2"), ("2 ranks", "3 ranks"), ("1 rank, accumulation 2", "2 ranks")]
+def resume_tests(kind: str):
+    """The module fixture and the test of one model's file: `runs, test_... = resume_tests(kind)`."""
+    @pytest.fixture(scope="module")
+    def runs(tmp_path_factory):
+        root = tmp_path_factory.mktemp(kind)
+        return root, killed_runs(kind, root)
+
+    @pytest.mark.parametrize("killed_on, resumed_on", [("2 ranks", "1 rank, accumulation 2"), ("2 ranks", "3 ranks"), ("1 rank, accumulation 2", "2 ranks")])
+    def test_resume_on_another_split_gives_the_uninterrupted_run(runs, killed_on, resumed_on):
+        check_resume(kind, *runs, killed_on, resumed_on)
+
+    return runs, test_resume_on_another_split_gives_the_uninterrupted_run
 
 
 def check_resume(kind: str, root, flags: list, killed_on: str, resumed_on: str) -> None:
