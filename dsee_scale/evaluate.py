@@ -8,8 +8,10 @@ export, FLOPs per token and measured forward latency of the dense architecture, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import time
 
 import torch
 
@@ -119,9 +121,6 @@ def engine_bleu(engine, tokenizer, rows, samples: int, max_new_tokens: int, whol
     Under ZeRO-3 the model is gathered whole on every rank when `whole_if_fits` and it fits
     (ranks then generate independently); otherwise each token's forward fetches every layer,
     all ranks in step (synced_gpus). Collective."""
-    import contextlib
-    import time
-
     from dsee_scale import dist, zero
 
     model = engine.module

@@ -8,6 +8,7 @@ RunState (where the run is, what it measured) and PruningState (masks, plan; run
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -213,7 +214,8 @@ class Recipe:
             for accum in range(self.accum):
                 batch = self._micro_batch(batches, step, accum)
                 # dropout keyed by each row's place in the global batch: the same masks in any split (backward recomputes under checkpointing)
-                with dropout.rows(cfg.seed, stage, step, batches.micro_positions(accum, self.rank), batch["attention_mask"]):
+                keyed = dropout.rows(cfg.seed, stage, step, batches.micro_positions(accum, self.rank), batch["attention_mask"]) if cfg.row_dropout else contextlib.nullcontext()
+                with keyed:
                     loss = faults.training_loss(engine(**batch, **share).loss, stage, step + 1)
                     engine.backward(loss)
                 engine.step()
