@@ -42,7 +42,7 @@ def shorten(message: str, tmp: Path) -> str:
 def messages() -> list[tuple[str, str]]:
     """(what is wrong, the message it gives) of every case, in the order of the lists."""
     from helpers.bad_inputs import BAD_INPUTS, DATA_MISTAKES, argv
-    from train import main
+    from dsee_scale.cli import main
 
     rows = []
     with tempfile.TemporaryDirectory() as folder, contextlib.chdir(ROOT):  # GLUE's recipes name their files from the root

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from conftest import SHARED_DATA, minilm_dir
-from launch_utils import launch, run_launcher
+from launch_utils import launch, run_launcher, tail_per_rank
 from safetensors.torch import load_file
 
 GLOBAL_BATCH = 6
@@ -56,25 +56,29 @@ def export_output(out, kind: str) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
-def killed_runs(kind: str, root) -> list:
+def killed_runs(kind: str, root, killed_on: set[str]) -> list:
     """The uninterrupted 2-rank run, and runs killed while writing checkpoint tune-4 (latest:
-    tune-2) on 2 ranks and on 1 rank with accumulation 2; returns the flags."""
+    tune-2) on each split of `killed_on`; returns the flags."""
     flags = COMMON + model_flags(kind, root)
     run_launcher("ranks", "launch/train.py", flags + split("2 ranks")[1] + ["--output_dir", root / "reference"], nproc=2)
-    for name in ("2 ranks", "1 rank, accumulation 2"):
+    for name in sorted(killed_on):
         proc = train(flags, root / f"killed on {name}", name, env={"DSEE_FAULT_INJECT": "kill_during_save:tune-4"})
         assert proc.returncode != 0 and not (root / f"killed on {name}" / "summary.json").exists(), proc.stderr[-3000:]
     return flags
 
 
-def resume_tests(kind: str):
-    """The module fixture and the test of one model's file: `runs, test_... = resume_tests(kind)`."""
+EVERY_RESUME = [("2 ranks", "1 rank, accumulation 2"), ("2 ranks", "3 ranks"), ("1 rank, accumulation 2", "2 ranks")]
+
+
+def resume_tests(kind: str, resumes: list[tuple[str, str]]):
+    """The module fixture and the test of one model's file, for each (killed on, resumed on) of
+    `resumes`: `runs, test_... = resume_tests(kind, resumes)`."""
     @pytest.fixture(scope="module")
     def runs(tmp_path_factory):
         root = tmp_path_factory.mktemp(kind)
-        return root, killed_runs(kind, root)
+        return root, killed_runs(kind, root, {killed for killed, _ in resumes})
 
-    @pytest.mark.parametrize("killed_on, resumed_on", [("2 ranks", "1 rank, accumulation 2"), ("2 ranks", "3 ranks"), ("1 rank, accumulation 2", "2 ranks")])
+    @pytest.mark.parametrize("killed_on, resumed_on", resumes)
     def test_resume_on_another_split_gives_the_uninterrupted_run(runs, killed_on, resumed_on):
         check_resume(kind, *runs, killed_on, resumed_on)
 
@@ -86,7 +90,7 @@ def check_resume(kind: str, root, flags: list, killed_on: str, resumed_on: str) 
     out = root / f"{killed_on} -> {resumed_on}"
     shutil.copytree(root / f"killed on {killed_on}", out)
     proc = train(flags, out, resumed_on, "--resume")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail_per_rank(proc.stderr, 6000)
     reference, resumed = finished(root / "reference"), finished(out)
     assert resumed["world_size"] == split(resumed_on)[0]
     assert resumed["losses"].keys() == reference["losses"].keys() == {"tune", "retune"}

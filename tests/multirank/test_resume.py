@@ -123,7 +123,7 @@ def test_structured_run_resumes_after_removal_on_2_and_on_1_rank(structured):
 
 
 def test_a_checkpoint_of_another_run_is_refused_before_launch(unstructured, tmp_path, capsys):
-    from train import main
+    from dsee_scale.cli import main
 
     root, flags, _ = unstructured
     shutil.copytree(root / "reference", tmp_path / "run")

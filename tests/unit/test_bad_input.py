@@ -5,7 +5,7 @@ import time
 
 import pytest
 from conftest import ROOT
-from train import main
+from dsee_scale.cli import main
 
 from helpers.bad_inputs import BAD_INPUTS, argv, write
 

@@ -4,7 +4,7 @@ merges exactly, full fine-tuning trains every weight, a baseline asked to prune 
 import pytest
 import torch
 from conftest import tiny_model
-from train import main
+from dsee_scale.cli import main
 
 from dsee_scale.baselines import apply_peft_lora, merge_peft_lora, train_everything
 from dsee_scale.config import DSEEConfig

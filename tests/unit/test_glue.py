@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import RECIPES, ROOT, SHARED_DATA
-from train import main
+from dsee_scale.cli import main
 
 from dsee_scale.config import TrainConfig, train_config_from_argv
 from dsee_scale.data import check_labels, label_map, load_split, peek_columns, tokenize

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from train import main
+from dsee_scale.cli import main
 
 from helpers.nvme import nvme_config
 
