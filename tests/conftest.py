@@ -12,8 +12,15 @@ tests/helpers/    what tests of both tiers share beyond this file (bad inputs, r
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Both tiers run on DeepSpeed's CPU accelerator, on a GPU host too (ranks inherit this
+# environment): pinned before torch or DeepSpeed look for a device. tests/gpu/ (the `gpu` tier)
+# starts its processes with GPU_HOST_ENV, the environment as it was before these pins.
+GPU_HOST_ENV = dict(os.environ)
+os.environ["DS_ACCELERATOR"] = "cpu"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
