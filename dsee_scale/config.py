@@ -176,7 +176,8 @@ class TrainConfig:
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N examples"})
     support_file: str | None = field(default=None, metadata={"help": "reuse Ω: another run's support.safetensors or a dsee_adapter.safetensors"})
-    ds_config: str = field(default="ds_configs/zero3.json", metadata={"help": "DeepSpeed JSON config"})
+    ds_config: str | None = field(default=None, metadata={"help": "DeepSpeed config: a JSON file or a built-in name (zero3, zero3_bf16, zero3_offload, zero2, zero3_nvme, ...: "
+                                                         "dsee_scale/ds_configs/). Unset: chosen by device: zero3_bf16 on a GPU with native bf16 (Ampere or newer), zero3 (fp32) otherwise"})
     output_dir: str = field(default="runs/default", metadata={"help": "run folder: config, metrics, checkpoints, exports"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
     resume: bool = field(default=False, metadata={"help": "continue the run in output_dir from its latest checkpoint"})

@@ -11,10 +11,33 @@ class ConfigError(ValueError):
     """Bad input found before launch; the message says what to change."""
 
 
-def load_ds_config(path: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist: pass --ds_config ds_configs/zero3.json (or another file in ds_configs/)")
+BUILTIN_DIR = Path(__file__).resolve().parent / "ds_configs"  # package data; a checkout's top-level ds_configs/ links here
+
+
+def builtin_names() -> list[str]:
+    """The DeepSpeed configs dsee_scale ships, by the name --ds_config accepts (zero3, zero3_bf16, ...)."""
+    return sorted(file.stem for file in BUILTIN_DIR.glob("*.json"))
+
+
+def resolve_ds_config(given: str) -> tuple[str, Path]:
+    """--ds_config as (the name a run records, its file): a JSON file, else a built-in config by
+    name (zero3, zero3.json or ds_configs/zero3.json, from any working directory). A built-in is
+    recorded by its bare name however it was given, so that a resume that names it another way,
+    or leaves the device to choose it, is recognised as the same run."""
+    file = Path(given)
+    if file.is_file():
+        return (file.stem if file.resolve().parent == BUILTIN_DIR else given), file
+    name = given.removeprefix("ds_configs/").removesuffix(".json")
+    if name in builtin_names():
+        return name, BUILTIN_DIR / f"{name}.json"
+    raise ConfigError(f"DeepSpeed config {given} does not exist: pass --ds_config a JSON file or a built-in name: {', '.join(builtin_names())} "
+                      f"(or leave it out: chosen by device)")
+
+
+def load_ds_config(given: str) -> dict:
+    """The DeepSpeed config `given` names (resolve_ds_config), refused with the reason when
+    dsee_scale cannot run it."""
+    path, file = resolve_ds_config(given)
     try:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as err:
@@ -68,12 +91,17 @@ def check_nvme_offload(config: dict, path: str) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"DeepSpeed config {path}: offload_param.nvme_path {folder} is not a writable folder ({err.strerror}): choose a folder on a local disk you can write") from None
-    import ctypes.util
-
-    # What DeepSpeed's AsyncIOBuilder compiles against (its own probe needs a real stderr).
-    if ctypes.util.find_library("aio") is None or not any(Path(d, "libaio.h").exists() for d in ("/usr/include", "/usr/local/include")):
+    if not libaio_ready():
         raise ConfigError(f"DeepSpeed config {path}: offload_param to nvme needs DeepSpeed's async_io op, which needs libaio: "
                           f"apt-get install libaio-dev (make setup does), then run again")
+
+
+def libaio_ready() -> bool:
+    """Whether libaio and its header are installed: what DeepSpeed's AsyncIOBuilder (the async_io
+    op of NVMe offload) compiles against; its own probe needs a real stderr."""
+    import ctypes.util
+
+    return ctypes.util.find_library("aio") is not None and any(Path(d, "libaio.h").exists() for d in ("/usr/include", "/usr/local/include"))
 
 
 def check_nvme_buffers(config: dict, model, world: int) -> None:

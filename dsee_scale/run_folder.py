@@ -37,20 +37,24 @@ def run_marker(cfg: TrainConfig, ds_config: dict, world: int) -> dict:
     return {"config": {**cfg.to_dict(), "resume": False, "overwrite": False}, "ds_config": ds_config, "world_size": world}
 
 
-IDENTITY_FIELDS = ("model", "method", "task", "tokenizer", "train_file", "dataset", "dataset_config", "text_column", "text_pair_column", "label_column", "max_length", "max_train_samples", "seed")
+IDENTITY_FIELDS = ("model", "method", "task", "tokenizer", "train_file", "dataset", "dataset_config", "text_column", "text_pair_column", "label_column", "max_length", "max_train_samples", "seed",
+                   "ds_config")
 
 
 def run_identity(cfg: TrainConfig, ds_config: dict) -> dict:
     """What a checkpoint must share with the run that resumes it: the model, the data, DSEE's
-    shape (targets, rank, nnz, ...) and the global batch (the data order depends on it)."""
+    shape (targets, rank, nnz, ...), the global batch (the data order depends on it) and the
+    DeepSpeed config as resolved (validate.choose_ds_config: a default chosen by device is
+    recorded by name, so that a resume on another kind of device is named as such)."""
     return {**{k: getattr(cfg, k) for k in IDENTITY_FIELDS}, "dsee": cfg.dsee.to_dict(), "global_batch": ds_config["train_batch_size"]}
 
 
 def identity_differences(saved: dict, current: dict) -> list[str]:
-    """'field: checkpoint X, now Y' for every difference (DSEE fields by their flag names)."""
+    """'field: checkpoint X, now Y' for every difference (DSEE fields by their flag names). A field
+    the checkpoint does not record (written before the identity had it) is not compared."""
     flat = lambda d: {**{k: v for k, v in d.items() if k != "dsee"}, **{f"dsee.{k}": v for k, v in d.get("dsee", {}).items()}}  # noqa: E731
     before, now = flat(saved), flat(current)
-    return [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    return [f"{k}: checkpoint {before[k]!r}, now {now.get(k)!r}" for k in sorted(before) if before[k] != now.get(k)]
 
 
 def is_writer(folder: Path) -> bool:

@@ -10,8 +10,9 @@ import json
 import os
 from pathlib import Path
 
+from dsee_scale import host
 from dsee_scale.config import TrainConfig
-from dsee_scale.ds_config import ConfigError, check_nvme_buffers, load_ds_config, nvme_offload, resolve_batch_sizes
+from dsee_scale.ds_config import ConfigError, check_nvme_buffers, load_ds_config, nvme_offload, resolve_batch_sizes, resolve_ds_config
 from dsee_scale.run_folder import RUN_MARKER, identity_differences, run_identity, run_marker
 
 
@@ -29,12 +30,6 @@ def launched_rank() -> int:
         if os.environ.get(key):
             return int(os.environ[key])
     return 0
-
-
-def on_cpu() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cpu"
 
 
 def check_output_dir(cfg: TrainConfig, ds_config: dict, world: int) -> None:
@@ -67,6 +62,8 @@ def check_resumable(cfg: TrainConfig, ds_config: dict) -> None:
     differences = identity_differences(state["identity"], run_identity(cfg, ds_config))
     if differences:
         hint = " (set --micro_batch_size / --grad_accum so that micro × accumulation × world size matches)" if any(d.startswith("global_batch") for d in differences) else ""
+        if any(d.startswith("ds_config") for d in differences):
+            hint += " (pass the checkpoint's --ds_config: one left out is chosen by this machine's device)"
         raise ConfigError(f"--resume: the checkpoint in {cfg.output_dir} is of another run: {'; '.join(differences)}{hint}")
 
 
@@ -188,15 +185,31 @@ def check_model_fits(cfg: TrainConfig, ds_config: dict | None = None, world: int
         raise ConfigError(f"tokenizer {source} has {vocab} tokens but the model's vocabulary is {config.vocab_size}: use the model's own tokenizer (--tokenizer)")
 
 
+def choose_ds_config(cfg: TrainConfig) -> None:
+    """cfg.ds_config as the run records it (resolve_ds_config): the device's default where none
+    was given (host.default_ds_config), said once."""
+    if cfg.ds_config is None:
+        cfg.ds_config, why = host.default_ds_config()
+        if launched_rank() == 0:
+            print(f"dsee_scale: DeepSpeed config {cfg.ds_config}, chosen by device: {why} (--ds_config chooses another)", flush=True)
+    cfg.ds_config = resolve_ds_config(cfg.ds_config)[0]
+
+
 def validate_before_launch(cfg: TrainConfig) -> dict:
-    """All cheap checks; returns the DeepSpeed config with batch sizes resolved (and fp32 on CPU)."""
+    """All cheap checks; returns the DeepSpeed config with batch sizes resolved (and fp32 on CPU).
+    First of all, a machine with a GPU that the run would not use is refused."""
+    if refusal := host.silent_cpu_fallback():
+        raise ConfigError(refusal)
+    choose_ds_config(cfg)
     config = load_ds_config(cfg.ds_config)
     world = launched_world_size()
     resolve_batch_sizes(config, cfg.micro_batch_size, cfg.grad_accum, world, cfg.ds_config)
-    if on_cpu():
+    if host.on_cpu():
         for key in ("bf16", "fp16"):
             if config.get(key, {}).get("enabled"):
                 config[key]["enabled"] = False  # fp16 is refused and bf16 is ~10x slower on CPUs
+    elif problem := host.precision_problem(config, cfg.ds_config):
+        raise ConfigError(problem)
     check_output_dir(cfg, config, world)
     if nvme_offload(config) and "prune" in cfg.stages and (cfg.prune.heads or cfg.prune.ffn):
         raise ConfigError(f"structured pruning (prune.heads / prune.ffn) with the backbone on NVMe ({cfg.ds_config}) is not supported: removing "

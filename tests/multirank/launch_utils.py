@@ -117,10 +117,12 @@ def tail_per_rank(output: str, chars: int) -> str:
     return head[-share:] + "".join(tails)
 
 
-def one_process(args: list, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """launch/train.py as a plain single process (world size 1), offline."""
+def one_process(args: list, env: dict[str, str | None] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """launch/train.py as a plain single process (world size 1), offline; `env` adds to this
+    process's environment (None: removes the variable)."""
     # A world of one on a free port: DeepSpeed's default port (29500) would collide with any
     # other single-process run at the same time.
     world = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     full_env = {**os.environ, **world, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    full_env = {key: value for key, value in full_env.items() if value is not None}
     return subprocess.run([sys.executable, "launch/train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
