@@ -57,6 +57,7 @@ StructuredScore = Literal["gradient", "dsee", "weight"]
 StructuredScope = Literal["global", "layer"]
 Stage = Literal["tune", "prune", "retune", "export", "evaluate"]
 Task = Literal["lm", "cls", "reg"]
+DataFormat = Literal["auto", "text", "prompt_completion", "chat", "e2e"]
 Method = Literal["dsee", "peft_lora", "full"]  # the last two: baselines.py, on the same Recipe
 ExportFormat = Literal["hf", "compressed"]
 Metric = Literal["accuracy", "mcc", "acc_f1", "pearson_spearman"]
@@ -170,6 +171,13 @@ class TrainConfig:
     text_column: str = field(default="text", metadata={"help": "column with the input text (classification, JSON LM data)"})
     text_pair_column: str | None = field(default=None, metadata={"help": "second text column for pair tasks"})
     label_column: str = field(default="label", metadata={"help": "label column: class names or integers (cls), numbers (reg)"})
+    data_format: DataFormat = field(default="auto", metadata={"help": "task lm: how rows become tokens and where the loss is. 'text': documents, EOS after each (loss on all); 'prompt_completion': "
+                                    "'prompt' and 'completion' columns (TRL's format; loss on the completion); 'chat': 'messages' lists of {role, content} rendered with the chat template "
+                                    "(loss on assistant turns); 'e2e': 'source' and 'target' (source||target lines; loss on the target). 'auto': by the columns, in that order: messages, "
+                                    "prompt+completion, source+target, the text column. Chat and prompt_completion rows longer than max_length lose the start of their prompt, and are dropped "
+                                    "where the answer alone is longer; text and e2e rows lose their end"})
+    chat_template: str | None = field(default=None, metadata={"help": "chat template for data_format chat: 'chatml' (built in) or a file holding a Jinja template; its <|...|> tokens missing "
+                                      "from the vocabulary are added (a pretrained model's embeddings grow to match). Default: the tokenizer's own"})
     header: bool = field(default=True, metadata={"help": "TSV/CSV files start with a row of column names; false: every row is data and columns are named by position, '0', '1', ... (GLUE's CoLA: --text_column 3 --label_column 1)"})
     metric: Metric | None = field(default=None, metadata={"help": "evaluation metrics of cls/reg runs: accuracy, mcc (Matthews correlation and accuracy; CoLA), acc_f1 (accuracy and F1 of class 1; MRPC), pearson_spearman (with the MSE eval_loss; STS-B); default: accuracy for cls, pearson_spearman for reg"})
     max_length: PositiveInt = field(default=128, metadata={"help": "tokens per example (longer ones are truncated)"})
@@ -226,6 +234,8 @@ class TrainConfig:
                 raise ValueError("export_format compressed stores pruned weights as their non-zeros, and this run prunes none: set prune.sparsity or prune.pattern, or use export_format hf")
             if not (self.prune.keep_sparse or self.export_remask):
                 raise ValueError("export_format compressed needs sparse merged weights, but prune.keep_sparse false merges a dense ΔW: keep prune.keep_sparse true or set export_remask true")
+        if self.task != "lm" and (self.data_format != "auto" or self.chat_template):
+            raise ValueError(f"data_format and chat_template are for --task lm; task {self.task} reads --text_column and --label_column")
         if self.resume and self.overwrite:
             raise ValueError("choose --resume or --overwrite, not both")
 

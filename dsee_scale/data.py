@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dsee_scale.chat import NO_TEMPLATE, adds_bos, answer_labels, check_messages, segments, special_ids
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
@@ -99,14 +101,27 @@ def load_split(cfg, split: str):
     return ds
 
 
+# Columns of each LM data format but text (which reads --text_column), in auto's order of preference.
+FORMAT_COLUMNS = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "e2e": ("source", "target")}
+
+
+def data_format(columns: list[str], cfg) -> str:
+    """An LM dataset's format: --data_format, or (auto) the first of FORMAT_COLUMNS whose columns
+    are all there, else text."""
+    if cfg.data_format != "auto":
+        return cfg.data_format
+    return next((fmt for fmt, needs in FORMAT_COLUMNS.items() if all(c in columns for c in needs)), "text")
+
+
 def check_columns(columns: list[str], cfg, where: str, first_row: dict | None = None) -> None:
     """Name the missing column and the ones present, before any tokenization. `first_row`: a
     TSV/CSV file's first example, to show what each unnamed column (--header false) holds."""
-    needed = []
-    if cfg.task != "lm":
+    if cfg.task == "lm":
+        needed = list(FORMAT_COLUMNS.get(data_format(columns, cfg), (cfg.text_column,)))
+        fix = "set --data_format or --text_column: chat reads 'messages', prompt_completion 'prompt' and 'completion', e2e 'source' and 'target'"
+    else:
         needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-    elif "source" not in columns:
-        needed = [cfg.text_column]
+        fix = "set --text_column / --label_column"
     missing = [c for c in needed if c not in columns]
     if not missing:
         return
@@ -116,7 +131,18 @@ def check_columns(columns: list[str], cfg, where: str, first_row: dict | None = 
         hint = f"; for a file without a header row add --header false: columns are then named 0 to {len(columns) - 1}"
     elif first_row is not None:
         shown = ", ".join(f"{c} ({_clip(first_row.get(c, ''))!r})" for c in columns)
-    raise ValueError(f"{where}: column(s) {missing} not found; columns are {shown} (set --text_column / --label_column{hint})")
+    raise ValueError(f"{where}: column(s) {missing} not found; columns are {shown} ({fix}{hint})")
+
+
+def check_row(fmt: str, example: dict, row: int) -> None:
+    """A row of a chat or prompt_completion dataset holds what its format reads (`row` from 1)."""
+    if fmt == "chat":
+        check_messages(example.get("messages"), row)
+    elif fmt == "prompt_completion":
+        bad = next((c for c in ("prompt", "completion") if not isinstance(example.get(c), str)), None)
+        if bad:
+            raise ValueError(f"row {row}: column {bad!r} holds {type(example.get(bad)).__name__}, not text: prompt_completion rows are two strings "
+                             "(for conversations use a 'messages' column, --data_format chat)")
 
 
 def _clip(text: str, width: int = 30) -> str:
@@ -199,15 +225,19 @@ def label_map(train_ds, cfg) -> dict[str, int]:
 
 def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, labels: dict[str, int] | None = None) -> Dataset:
     """One batched pass → columns input_ids and labels: a class id (cls), a float (reg), or
-    per-token targets with -100 on an LM pair's source (loss on the target only); LM pairs keep
-    source and target for BLEU; cls/reg pairs (text_pair_column) are encoded as the tokenizer's pair.
+    per-token targets, -100 where there is no loss (lm, by data_format: lm_example). cls/reg
+    pairs (text_pair_column) are encoded as the tokenizer's pair; e2e rows keep source and target
+    for BLEU. LM rows also get `truncated` and `targets` (tokens with a loss), for data_counts;
+    rows whose answer cannot fit in max_length are left out.
     datasets caches the result beside a file-backed split, so a rank mapping after rank 0 (see
     dist.main_process_first) reads it instead of tokenizing again."""
     # Plain locals, not cfg: the cache key hashes what `encode` closes over.
     text, pair, label, max_length, task = cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.max_length, cfg.task
-    pairs = task == "lm" and "source" in ds.column_names
+    fmt = data_format(ds.column_names, cfg) if task == "lm" else None
+    if fmt == "chat" and tokenizer.chat_template is None:
+        raise ValueError(NO_TEMPLATE)
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         if task != "lm":
             ids = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=max_length)["input_ids"]
             if task == "reg":
@@ -217,15 +247,76 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, 
             if unknown:
                 raise ValueError(f"label {unknown[0]!r} does not occur in the training data (labels: {', '.join(labels)})")
             return {"input_ids": ids, "labels": [labels[v] for v in values]}
-        if pairs:
-            src = tokenizer([s + " " + PAIR_SEPARATOR for s in batch["source"]], add_special_tokens=False)["input_ids"]
-            tgt = [t + [tokenizer.eos_token_id] for t in tokenizer([" " + t for t in batch["target"]], add_special_tokens=False)["input_ids"]]
-            return {"input_ids": [(s + t)[:max_length] for s, t in zip(src, tgt)], "labels": [([-100] * len(s) + t)[:max_length] for s, t in zip(src, tgt)]}
-        ids = tokenizer(batch[text], truncation=True, max_length=max_length)["input_ids"]
-        return {"input_ids": ids, "labels": ids}
+        out = {"input_ids": [], "labels": [], "truncated": [], "targets": []}
+        for i, index in enumerate(indices):
+            example = {column: values[i] for column, values in batch.items()}
+            check_row(fmt, example, index + 1)
+            fitted = fit(*lm_example(fmt, example, tokenizer, text, index + 1), max_length, tokenizer.bos_token_id)
+            if fitted is not None:
+                out["input_ids"].append(fitted[0])
+                out["labels"].append(fitted[1])
+                out["truncated"].append(fitted[2])
+                out["targets"].append(sum(t != -100 for t in fitted[1][1:]))  # the model shifts labels by one
+        return out
 
-    keep = {"source", "target"} if pairs else set()
-    return ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c not in keep], desc="tokenizing")
+    from datasets.fingerprint import Hasher
+
+    keep = {"source", "target"} if fmt == "e2e" else set()  # e2e never drops a row, so its columns can stay beside the new ones
+    # datasets keys its cache by a hash of `encode`, which leaves out the module functions it calls:
+    # their source goes in the key too, so a cached result never outlives a change to them.
+    code = [Path(__file__).read_text(encoding="utf-8"), Path(__file__).with_name("chat.py").read_text(encoding="utf-8")]
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=[c for c in ds.column_names if c not in keep], desc="tokenizing",
+                  new_fingerprint=Hasher.hash([ds._fingerprint, encode, code]))
+
+
+def lm_example(fmt: str, example: dict, tokenizer: PreTrainedTokenizerBase, text_column: str, row: int) -> tuple[list[int], list[int], int | None]:
+    """(input ids, labels, where the answer starts) of one LM row, before fitting to max_length.
+    BOS as the tokenizer adds it to text (chat: as the template renders it); EOS ends a document,
+    an e2e target and a completion. The answer's start is None where truncation cuts the end
+    (text and e2e, as before this format existed)."""
+    eos = [tokenizer.eos_token_id]
+    if eos == [None] and fmt != "chat":
+        raise ValueError(f"data_format {fmt} ends each row with EOS, and the tokenizer has none: set its eos_token")
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if fmt == "text":
+        ids = bos + encode(example[text_column]) + eos
+        return ids, ids, None
+    if fmt == "e2e":
+        source, target = encode(example["source"] + " " + PAIR_SEPARATOR), encode(" " + example["target"]) + eos
+        return source + target, [-100] * len(source) + target, None
+    if fmt == "prompt_completion":
+        prompt, completion = bos + encode(example["prompt"]), encode(example["completion"]) + eos
+        return prompt + completion, [-100] * len(prompt) + completion, len(prompt)
+    ids, labels, answer, specials = [], [], 0, special_ids(tokenizer)
+    for text, assistant in segments(tokenizer, example["messages"], row):
+        piece = encode(text)
+        if assistant:
+            answer = len(ids)
+        labels += answer_labels(piece, specials) if assistant else [-100] * len(piece)
+        ids += piece
+    return ids, labels, answer
+
+
+def fit(ids: list[int], labels: list[int], answer: int | None, max_length: int, bos: int | None) -> tuple[list[int], list[int], bool] | None:
+    """A row within max_length, and whether it was cut: without an answer start, its end is cut;
+    with one, the prompt loses its start (a leading BOS stays), keeping the end of the question
+    next to the whole answer; None (the row is dropped) where the answer alone does not fit."""
+    if len(ids) <= max_length:
+        return ids, labels, False
+    if answer is None:
+        return ids[:max_length], labels[:max_length], True
+    head = int(bos is not None and ids[0] == bos)
+    room = max_length - head
+    if len(ids) - answer > room:
+        return None
+    cut = len(ids) - room
+    return ids[:head] + ids[cut:], labels[:head] + labels[cut:], True
+
+
+def data_counts(source: Dataset, rows: Dataset, fmt: str) -> dict:
+    """What tokenizing an LM split did, for the log and summary.json's `data`."""
+    return {"format": fmt, "rows": len(rows), "truncated_rows": sum(rows["truncated"]), "dropped_rows": len(source) - len(rows), "target_tokens": sum(rows["targets"])}
 
 
 def collate(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
@@ -346,15 +437,36 @@ def load_tokenizer(cfg, writer: bool) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def corpus_texts(corpus: Path) -> list[str]:
+    """The texts a built-in tokenizer learns from: a JSON(L) file's strings (texts, prompts,
+    message contents; not its keys or syntax), any other file's lines, split at ||."""
+    text = corpus.read_text(encoding="utf-8")
+    if corpus.suffix.lower() not in (".json", ".jsonl"):
+        return [part for line in text.splitlines() for part in line.split(PAIR_SEPARATOR)]
+    import json
+
+    try:
+        records = [json.loads(text)]
+    except json.JSONDecodeError:  # JSON lines
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def strings(value) -> list[str]:
+        if isinstance(value, str):
+            return value.splitlines()
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+        return [s for item in items for s in strings(item)]
+
+    return [s for s in strings(records) if s.strip()]
+
+
 def train_sentencepiece(corpus: Path, folder: Path, vocab_size: int):
     """A SentencePiece tokenizer trained on the corpus, saved as an HF tokenizer folder."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [part for line in corpus.read_text(encoding="utf-8").splitlines() for part in line.split(PAIR_SEPARATOR)]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, model_type="unigram",
+        sentence_iterator=iter(corpus_texts(corpus)), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, model_type="unigram",
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, user_defined_symbols=[PAIR_SEPARATOR], hard_vocab_limit=False, minloglevel=2,
     )
     tokenizer = LlamaTokenizer.from_pretrained(str(folder))

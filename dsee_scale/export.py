@@ -17,6 +17,7 @@ from torch import nn
 
 from dsee_scale import dist
 from dsee_scale.arch import arch_of, attention_layers, ffn_layers
+from dsee_scale.chat import end_of_turn
 from dsee_scale.config import DSEEConfig, PruneConfig
 from dsee_scale.inject import apply_dsee, dsee_layers, dsee_state_dict, load_dsee_state_dict, support_from_layers
 
@@ -222,6 +223,22 @@ def export_hf(model: nn.Module, folder: str | Path, merge: bool = True, remask: 
         config.save_pretrained(str(folder))
     dist.barrier()
     return folder
+
+
+def save_for_generation(model: nn.Module, tokenizer, folder: str | Path) -> None:
+    """The tokenizer (its chat template included) and generation_config.json beside an exported
+    model, so that plain transformers' generate() stops where an answer ends: eos_token_id lists
+    the model's EOS, the tokenizer's and the chat template's end-of-turn token (<|im_end|> for
+    ChatML), pad_token_id the tokenizer's pad. Not collective: run it on one rank."""
+    tokenizer.save_pretrained(str(folder))
+    if not model.can_generate():  # classification and regression heads
+        return
+    config = copy.deepcopy(model.generation_config)
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    eos = list(dict.fromkeys(t for t in (*eos, tokenizer.eos_token_id, end_of_turn(tokenizer)) if t is not None))
+    config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(str(folder))
 
 
 def compressed_format(model: nn.Module, prune: PruneConfig) -> str:

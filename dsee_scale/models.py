@@ -55,6 +55,7 @@ def build_model(
     task: str = "lm",
     ds_config: dict | None = None,
     dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
     **config_overrides,
 ) -> nn.Module:
     """A model from a config (random init), a local folder or a hub name.
@@ -62,7 +63,9 @@ def build_model(
     Under a ZeRO-3 `ds_config`, weights are partitioned as they are created and Hugging Face's
     own initialisation still runs (HfDeepSpeedConfig, kept alive on the model: a bare zero.Init
     would skip it). `config_overrides` set config fields (e.g. num_labels for classification,
-    num_labels=1 and problem_type="regression" for 'reg').
+    num_labels=1 and problem_type="regression" for 'reg'). `vocab_size` above the model's
+    (tokens a chat template added to its tokenizer) grows the embeddings (and an untied LM head)
+    to it, the new rows the old ones' mean, before anything else (DSEE, the engine) sees them.
     """
     if task not in TASK_MODELS:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASK_MODELS)}")
@@ -77,10 +80,23 @@ def build_model(
     for key, value in config_overrides.items():  # set, not passed as kwargs: from_pretrained drops unknown keys
         setattr(config, key, value)
     model = auto.from_config(config, dtype=dtype) if path is None else auto.from_pretrained(path, config=config, dtype=dtype)
+    if vocab_size is not None and vocab_size > model.config.get_text_config().vocab_size:
+        _grow_vocabulary(model, vocab_size, ds_config if hf_ds_config is not None else None)
     if task != "lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
     model._dsee_hf_ds_config = hf_ds_config  # keeps the weakref'd global config alive with the model
     return model
+
+
+def _grow_vocabulary(model: nn.Module, vocab_size: int, zero3_config: dict | None) -> None:
+    """transformers' resize_token_embeddings; under ZeRO-3 (zero3_config) it gathers the old
+    rows into a new matrix that is whole on every rank, which is then handed back to ZeRO-3
+    (partitioned from rank 0's copy: every rank the same new rows)."""
+    model.resize_token_embeddings(vocab_size)
+    if zero3_config is not None:
+        from dsee_scale import zero
+
+        zero.partition_new_parameters(model, zero3_config)
 
 
 def builtin_config(name: str, vocab_size: int | None = None) -> PretrainedConfig:

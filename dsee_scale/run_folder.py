@@ -37,8 +37,8 @@ def run_marker(cfg: TrainConfig, ds_config: dict, world: int) -> dict:
     return {"config": {**cfg.to_dict(), "resume": False, "overwrite": False}, "ds_config": ds_config, "world_size": world}
 
 
-IDENTITY_FIELDS = ("model", "method", "task", "tokenizer", "train_file", "dataset", "dataset_config", "text_column", "text_pair_column", "label_column", "max_length", "max_train_samples", "seed",
-                   "ds_config")
+IDENTITY_FIELDS = ("model", "method", "task", "tokenizer", "train_file", "dataset", "dataset_config", "text_column", "text_pair_column", "label_column",
+                   "data_format", "chat_template", "max_length", "max_train_samples", "seed", "ds_config")
 
 
 def run_identity(cfg: TrainConfig, ds_config: dict) -> dict:

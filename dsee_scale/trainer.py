@@ -24,11 +24,12 @@ from tqdm import tqdm
 from dsee_scale import checkpoint, dist, dropout, faults, run_folder, zero
 from dsee_scale.baselines import apply_peft_lora, merge_peft_lora, train_everything
 from dsee_scale.config import TrainConfig
-from dsee_scale.data import GlobalBatches, check_columns, check_labels, collate, label_map, load_split, load_tokenizer, tokenize
+from dsee_scale.chat import use_chat_template
+from dsee_scale.data import GlobalBatches, check_columns, check_labels, collate, data_counts, data_format, label_map, load_split, load_tokenizer, tokenize
 from dsee_scale.ds_config import nvme_offload
 from dsee_scale.engine import create_engine, init_distributed, torch_optimizer
 from dsee_scale.evaluate import engine_bleu, evaluate_engine
-from dsee_scale.export import atomic_save_file, compressed_format, export_compressed, export_hf, load_support, save_adapter
+from dsee_scale.export import atomic_save_file, compressed_format, export_compressed, export_hf, load_support, save_adapter, save_for_generation
 from dsee_scale.inject import apply_dsee, count_parameters, dsee_layers, support_of
 from dsee_scale.metrics import check_metric
 from dsee_scale.models import build_model, builtin_config
@@ -74,6 +75,8 @@ class Recipe:
         run_folder.use_builtin_data(cfg)
         self.ds_config = zero.with_fetch_defaults(self.ds_config)  # after the run folder recorded the config as given
         self.tokenizer = load_tokenizer(cfg, self.writer)
+        # before the model is built: a builtin model is built with the template's tokens, a pretrained one grows to them
+        self.new_tokens = use_chat_template(self.tokenizer, cfg.chat_template) if cfg.chat_template else 0
         self._load_data()
         saved = checkpoint.load_latest(self.ckpt_dir) if cfg.resume else None
         self._build_model()
@@ -99,7 +102,9 @@ class Recipe:
                              share_frozen=self.cfg.share_frozen_weights, hook_per_block=self.cfg.zero3_hook_per_block)
 
     def _load_data(self) -> None:
-        """Rank 0 loads and tokenizes first; the other ranks then read datasets' cache of it."""
+        """Rank 0 loads and tokenizes first; the other ranks then read datasets' cache of it.
+        LM splits: their format and what fitting them to max_length did are logged and kept in
+        the summary's `data`."""
         cfg = self.cfg
         with dist.main_process_first():
             train_ds = load_split(cfg, "train")
@@ -114,6 +119,15 @@ class Recipe:
                 check_metric(cfg.metric, self.labels)
             self.train_rows = tokenize(train_ds, self.tokenizer, cfg, self.labels)
             self.eval_rows = tokenize(eval_ds, self.tokenizer, cfg, self.labels) if eval_ds is not None else None
+        if cfg.task != "lm":
+            return
+        counts = {split: data_counts(ds, rows, data_format(ds.column_names, cfg)) for split, ds, rows in (("train", train_ds, self.train_rows), ("eval", eval_ds, self.eval_rows)) if ds is not None}
+        for split, c in counts.items():
+            log.info("%s data: format %s%s; %d rows, %d truncated, %d dropped (answer longer than --max_length %d), %d target tokens", split, c["format"],
+                     " (--data_format auto, by its columns)" if cfg.data_format == "auto" else "", c["rows"], c["truncated_rows"], c["dropped_rows"], cfg.max_length, c["target_tokens"])
+        if not len(self.train_rows):
+            raise ValueError(f"every training row's answer is longer than --max_length {cfg.max_length}: raise --max_length")
+        self.state.summary["data"] = counts
 
     def _build_model(self) -> None:
         """The frozen backbone (partitioned as it is built under ZeRO-3) with DSEE on it (or a
@@ -128,7 +142,7 @@ class Recipe:
         dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
         torch.manual_seed(cfg.seed)  # random-init (builtin) models: the same backbone on every rank and every resume
         tic = time.time()
-        self.model = build_model(source, cfg.task, ds_config=self.ds_config, dtype=dtype, **overrides)
+        self.model = build_model(source, cfg.task, ds_config=self.ds_config, dtype=dtype, vocab_size=len(self.tokenizer) if self.new_tokens else None, **overrides)
         self.state.timings["build_s"] = time.time() - tic
         if cfg.gradient_checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -349,7 +363,7 @@ class Recipe:
                 merge_peft_lora(self.model)
             export_hf(self.model, out / "merged", merge=False)
             if dist.is_main():
-                self.tokenizer.save_pretrained(str(out / "merged"))
+                save_for_generation(self.model, self.tokenizer, out / "merged")
             if self.cfg.export_format == "compressed":
                 self._export_compressed(out)
         self.state.summary["export"] = str(out)

@@ -116,6 +116,7 @@ def check_model(cfg: TrainConfig) -> None:
 
 
 def check_data(cfg: TrainConfig) -> None:
+    formats = set()
     for flag, path in (("--train_file", cfg.train_file), ("--eval_file", cfg.eval_file)):
         if path is None:
             continue
@@ -126,7 +127,7 @@ def check_data(cfg: TrainConfig) -> None:
             raise ConfigError(f"{flag} {path} is not a file")
         if not os.access(file, os.R_OK):
             raise ConfigError(f"{flag} {path} is not readable (check its permissions)")
-        from dsee_scale.data import TABLE_SUFFIXES, check_columns, check_labels, peek_columns
+        from dsee_scale.data import TABLE_SUFFIXES, check_columns, check_labels, check_row, data_format, peek_columns
 
         try:
             columns, examples = peek_columns(path, cfg.header)
@@ -137,16 +138,49 @@ def check_data(cfg: TrainConfig) -> None:
                 check_columns(columns, cfg, f"{flag} {path}", first_row=examples[0] if tabular else None)
             if examples and cfg.task != "lm":
                 check_labels([e.get(cfg.label_column) for e in examples], cfg, f"{flag} {path}")
+            if columns and cfg.task == "lm":
+                fmt = data_format(columns, cfg)
+                formats.add(fmt)
+                for row, example in enumerate(examples or [], 1):
+                    try:
+                        check_row(fmt, example, row)
+                    except ValueError as err:
+                        raise ConfigError(f"{flag} {path}: {err}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{flag} {path} cannot be read as UTF-8 text (is it a binary file?)") from None
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    check_chat_template(cfg, formats)
     if cfg.support_file and not Path(cfg.support_file).is_file():
         raise ConfigError(f"--support_file {cfg.support_file} does not exist (a run's support.safetensors or an adapter file)")
     if cfg.task != "lm" and not (cfg.train_file or cfg.dataset):
         raise ConfigError(f"task '{cfg.task}' needs data: pass --train_file (TSV/CSV/JSON with text and label columns) or --dataset")
     if cfg.eval_file is None and cfg.train_file and "evaluate" in cfg.stages:
         raise ConfigError("the evaluate stage needs --eval_file (or drop 'evaluate' from --stages)")
+
+
+def check_chat_template(cfg: TrainConfig, formats: set[str]) -> None:
+    """--chat_template names a template, or chat data has one from its tokenizer: a builtin
+    model's SentencePiece tokenizer has none; a hub tokenizer is checked once downloaded."""
+    from dsee_scale.chat import NO_TEMPLATE, template_text
+    from dsee_scale.models import resolve_model_path
+
+    if cfg.chat_template:
+        try:
+            template_text(cfg.chat_template)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return
+    if "chat" not in formats:
+        return
+    source = cfg.tokenizer or (None if cfg.model.startswith("builtin:") else resolve_model_path(cfg.model))
+    if source is None:
+        raise ConfigError(f"chat data with --model {cfg.model}: {NO_TEMPLATE}")
+    if Path(source).exists():
+        from transformers import AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(source).chat_template is None:
+            raise ConfigError(f"chat data with the tokenizer of {source}: {NO_TEMPLATE}")
 
 
 def check_model_fits(cfg: TrainConfig, ds_config: dict | None = None, world: int = 1) -> None:

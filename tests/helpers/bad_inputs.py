@@ -5,6 +5,7 @@ scripts/bad_input_table.py writes docs/reliability.md's table from the same list
 A flag is a string (or a number, or a path), a TmpPath (a file the case writes into its
 temporary folder first, or a path there that must not exist), or a function giving the value when
 the case runs (a model folder found at run time)."""
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -39,6 +40,19 @@ Case = tuple[str, list[Flag], str]
 TSV = TmpPath("ok.tsv", "sentence\tlabel\ngood film\t1\nbad film\t0\n")
 CLS = ["--task", "cls", "--model", "builtin:tiny-bert", "--train_file", TSV, "--eval_file", TSV, "--text_column", "sentence"]
 
+USER, ANSWER = {"role": "user", "content": "Zizzi ?"}, {"role": "assistant", "content": "Zizzi ."}
+
+
+def chat(*rows) -> TmpPath:
+    """A JSONL file of 'messages' rows, as --train_file and --eval_file."""
+    return TmpPath("chat.jsonl", "".join(json.dumps({"messages": messages}) + "\n" for messages in rows))
+
+
+def chat_flags(*rows, template: str | None = "chatml") -> list[Flag]:
+    data = chat(*rows)
+    return ["--train_file", data, "--eval_file", data] + (["--chat_template", template] if template else [])
+
+
 # Checked before any heavy work, from every rank (tests/unit/test_bad_input.py).
 BAD_INPUTS: list[Case] = [
     ("DeepSpeed config missing", ["--ds_config", "nope.json"], "DeepSpeed config nope.json does not exist"),
@@ -67,6 +81,12 @@ BAD_INPUTS: list[Case] = [
     ("unknown option in a recipe", ["--config", TmpPath("r.yaml", "model: builtin:tiny-gpt2\nlearning_rate: 0.1\n")], "r.yaml: learning_rate: unknown TrainConfig field"),
     ("bad value for a flag", ["--steps", "many"], "--steps: Input should be a valid integer"),
     ("bad value in a recipe", ["--config", TmpPath("lr.yaml", "lr: fast\n")], "lr.yaml: lr: Input should be a valid number"),
+    ("chat data without a chat template", chat_flags([USER, ANSWER], template=None), "chat data with --model builtin:tiny-llama: the tokenizer has no chat template"),
+    ("chat template neither built in nor a file", chat_flags([USER, ANSWER], template="vicuna"), "--chat_template vicuna: neither a built-in template (chatml) nor a file"),
+    ("chat row without an assistant turn", chat_flags([USER, ANSWER], [USER]), "row 2 has no assistant turn"),
+    ("unknown role in a chat row", chat_flags([USER, {"role": "bot", "content": "Zizzi ."}]), "row 1, message 2: unknown role 'bot'; roles are system, user, assistant, tool"),
+    ("chat messages not a list", chat_flags("Zizzi ?"), "row 1: column 'messages' holds str, not a list of {role, content} messages"),
+    ("data format without its columns", ["--data_format", "prompt_completion"] + chat_flags([USER, ANSWER])[:4], "column(s) ['prompt', 'completion'] not found"),
     ("stages out of order", ["--stages", "export,retune"], "stages export,retune are out of order"),
     ("--resume and --overwrite together", ["--resume", "--overwrite"], "choose --resume or --overwrite, not both"),
 ]

@@ -60,13 +60,14 @@ def test_integer_labels_keep_their_values(tmp_path):
 
 
 def test_lm_plain_text_and_jsonl(tmp_path, tokenizer):
+    """Documents, each ending with EOS (more formats: test_llm_data.py)."""
     txt, jsonl = tmp_path / "d.txt", tmp_path / "d.jsonl"
     txt.write_text("hello world\nsecond line\n")
     jsonl.write_text(json.dumps({"text": "hello world"}) + "\n")
     for path in (txt, jsonl):
         cfg = TrainConfig(task="lm", train_file=str(path), eval_file=str(path))
         row = tokenize(load_split(cfg, "train"), tokenizer, cfg)[0]
-        assert row["labels"] == row["input_ids"] == tokenizer("hello world")["input_ids"]
+        assert row["labels"] == row["input_ids"] == tokenizer("hello world")["input_ids"] + [tokenizer.eos_token_id]
 
 
 def test_e2e_pairs_put_the_loss_on_the_target_only(tokenizer):
