@@ -17,6 +17,7 @@ import traceback
 from dsee_scale.checkpoint import CheckpointError
 from dsee_scale.config import train_config_from_argv
 from dsee_scale.ds_config import ConfigError
+from dsee_scale.extras import MissingExtra
 from dsee_scale.trainer import NonFiniteLoss, Recipe
 from dsee_scale.validate import launched_rank
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = train_config_from_argv(argv)
         recipe = Recipe(cfg)
         recipe.setup()
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, MissingExtra) as err:
         if launched_rank() == 0:
             print(f"dsee_scale: error: {err}", file=sys.stderr)
         return 2

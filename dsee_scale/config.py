@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field
 from pydantic.dataclasses import dataclass
 
+from dsee_scale import extras
 from dsee_scale.prune.targets import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 
 
@@ -228,6 +229,7 @@ class TrainConfig:
         if order != sorted(set(order)):
             raise ValueError(f"stages {','.join(self.stages)} are out of order: give each at most once, in the order {','.join(STAGES)} (e.g. retune after export would train merged layers)")
         if self.export_format == "compressed":
+            extras.require("compressed_tensors")
             if not self.export_merged:
                 raise ValueError("export_format compressed converts the merged folder: set export_merged true")
             if not (self.prune.pattern or self.prune.sparsity > 0):

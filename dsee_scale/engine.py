@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from dsee_scale import arch, dist, zero
+from dsee_scale import arch, dist, extras, zero
 from dsee_scale.zero import compat, single_host
 from dsee_scale.inject import adapter_parameters
 from dsee_scale.ds_config import is_zero3, nvme_offload
@@ -31,7 +31,12 @@ def init_distributed(timeout_min: float = 30.0) -> None:
     # DeepSpeed calls collectives that torch marks deprecated, once per call: keep logs readable.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     compat.check_deepspeed()
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timedelta(minutes=timeout_min))
+    try:
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timedelta(minutes=timeout_min))
+    except ModuleNotFoundError as err:  # mpi4py is the 'mpi' extra: DeepSpeed imports it only without a launcher's environment
+        if err.name != "mpi4py":
+            raise
+        raise extras.missing("mpi4py") from err
     atexit.register(end_process_group_at_exit)
     if get_accelerator().device_name() != "cpu":  # one device per rank before the first collective (Ω's broadcasts)
         get_accelerator().set_device(dist.local_rank())

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dsee_scale import dist
+from dsee_scale import dist, extras
 from dsee_scale.arch import arch_of, attention_layers, ffn_layers
 from dsee_scale.chat import end_of_turn
 from dsee_scale.config import DSEEConfig, PruneConfig
@@ -276,6 +276,7 @@ def export_compressed(merged: str | Path, out: str | Path, fmt: str, weights: It
     newest with sparse compressors that accepts transformers 5), one safetensors shard at a time,
     so only one shard is ever in memory (dense and compressed). Not collective: run it on one rank.
     """
+    extras.require("compressed_tensors")
     from compressed_tensors.compressors import BaseCompressor, ModelCompressor
     from compressed_tensors.config import SparsityCompressionConfig
 

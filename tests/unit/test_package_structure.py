@@ -85,6 +85,22 @@ def test_deepspeed_probe_names_the_version_it_was_written_for(monkeypatch):
         compat.check_deepspeed()
 
 
+def test_pyproject_and_constraints_agree_with_the_deepspeed_it_was_written_for():
+    """constraints.txt pins compat.WRITTEN_FOR, and pyproject's range starts there (a pip install
+    without the pins gets a DeepSpeed whose internals the probe accepts)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from dsee_scale.zero import compat
+
+    root = PACKAGE.parent
+    pin = next(line.strip() for line in (root / "constraints.txt").read_text().splitlines() if line.startswith("deepspeed=="))
+    assert pin == f"deepspeed=={compat.WRITTEN_FOR}"
+    required = [Requirement(r) for r in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]]
+    spec = next(r.specifier for r in required if r.name == "deepspeed")
+    assert compat.WRITTEN_FOR in spec and f">={compat.WRITTEN_FOR}" in str(spec).split(","), spec
+
 
 def test_config_metric_choices_are_the_metrics():
     """The metric field is typed by Literal choices: metrics.METRICS must hold exactly those."""
