@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	@touch $@
 
 demo: setup
-	$(LAUNCH) launch/train.py --ds_config ds_configs/zero3.json
+	$(LAUNCH) launch/train.py
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile

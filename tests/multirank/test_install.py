@@ -134,7 +134,8 @@ def test_pip_install_editable_into_an_environment_that_holds_everything(tmp_path
     installed = [line for line in out.stdout.splitlines() if line.startswith("Successfully installed")]
     assert installed == ["Successfully installed dsee_scale-0.1.0"], out.stdout
     assert_dsee_train_runs(venv)
-    # (python -m dsee_scale.doctor runs here: the lead adds it.)
+    doctor = subprocess.run([venv / "bin" / "python", "-m", "dsee_scale.doctor"], capture_output=True, text=True, timeout=120, cwd=venv)
+    assert doctor.returncode == 0 and "verdict: ready to train on cpu" in doctor.stdout, doctor.stdout + doctor.stderr
 
 
 def dists_required_by(name: str) -> set[str]:
