@@ -152,6 +152,9 @@ def install(model: nn.Module) -> int:
                 count += 1
         module.dsee_dropout_site = zlib.crc32(f"{name}#attention".encode())  # read by _attention
     config = getattr(model, "config", None)
+    if config is not None and _attention_dropout(config) > 0 and getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"attention dropout {_attention_dropout(config)} drawn per row would run without this {config.model_type} model's attention logit "
+                         "soft-capping (attn_logit_softcapping): set the model's attention_dropout to 0, or row_dropout false (torch's dropout, per rank)")
     if config is not None and _attention_dropout(config) > 0 and config._attn_implementation != ATTENTION:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask

@@ -119,14 +119,15 @@ def _module_names(model: nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules()}
 
 
-def export_layout(model: nn.Module) -> tuple[dict, dict[str, tuple[str, int, int]]]:
-    """(config fields, {module name: (axis, blocks, size per block)}) for a plain HF folder.
+def export_layout(model: nn.Module) -> tuple[dict, dict[str, tuple[str, list[tuple[int, int]]]]]:
+    """(config fields, {module name: (axis, [(size now, size exported) of each block])}) for a plain HF folder.
 
     HF configs hold one head count and one FFN size for all layers, so every layer is exported
     at the largest kept size, the smaller ones padded with zero heads / neurons (exact: a zero
     neuron and a zero head contribute nothing). BERT and GPT-2 derive head_dim from the head
     count, so their heads are padded back to the original count; LLaMA-style models store
-    head_dim and export the kept count.
+    head_dim and export the kept count. A fused projection pads each of its parts (q, k, v;
+    gate, up) in place.
     """
     if not hasattr(model.config, "dsee_structured"):
         return {}, {}
@@ -142,40 +143,44 @@ def export_layout(model: nn.Module) -> tuple[dict, dict[str, tuple[str, int, int
     else:
         heads = kv = model.config.num_attention_heads
         fields = {}
-    fields[arch.ffn_field] = max(f.size for f in ffns)
+    size = max(f.size for f in ffns)
+    fields[arch.ffn_field] = size
     fields["dsee_dense_fields"] = {key: getattr(model.config, key, None) for key in fields}  # for dense_config()
+    blocks: dict[int, tuple[nn.Module, list[tuple[int, int, int]]]] = {}  # by module: its (first row, rows now, rows exported)
+
+    def block(part: tuple[nn.Module, int], now: int, exported: int) -> None:
+        blocks.setdefault(id(part[0]), (part[0], []))[1].append((part[1], now, exported))
+
     plan = {}
     for attn in attns:
-        if attn.q[0] is attn.k[0]:
-            plan[names[id(attn.q[0])]] = ("out", 3, heads * d)
-        else:
-            plan[names[id(attn.q[0])]] = ("out", 1, heads * d)
-            plan[names[id(attn.k[0])]] = ("out", 1, kv * d)
-            plan[names[id(attn.v[0])]] = ("out", 1, kv * d)
+        block(attn.q, attn.heads * d, heads * d)
+        block(attn.k, attn.kv_heads * d, kv * d)
+        block(attn.v, attn.kv_heads * d, kv * d)
         for module in attn.more:
-            plan[names[id(module)]] = ("out", 1, heads * d)
-        plan[names[id(attn.o)]] = ("in", 1, heads * d)
-    size = max(f.size for f in ffns)
+            block((module, 0), attn.heads * d, heads * d)
+        plan[names[id(attn.o)]] = ("in", [(attn.heads * d, heads * d)])
     for ffn in ffns:
         for up in ffn.ups:
-            plan[names[id(up)]] = ("out", 1, size)
-        plan[names[id(ffn.down)]] = ("in", 1, size)
+            block(up, ffn.size, size)
+        plan[names[id(ffn.down)]] = ("in", [(ffn.size, size)])
+    for module, parts in blocks.values():
+        plan[names[id(module)]] = ("out", [(now, exported) for _, now, exported in sorted(parts)])
     return fields, plan
 
 
-def pad_for_export(tensor: torch.Tensor, pname: str, transposed: bool, axis: str, blocks: int, size: int) -> torch.Tensor:
-    """Zero-pad a weight or bias along its output ('out') or input ('in') axis, block by block."""
+def pad_for_export(tensor: torch.Tensor, pname: str, transposed: bool, axis: str, blocks: list[tuple[int, int]]) -> torch.Tensor:
+    """Zero-pad a weight or bias along its output ('out') or input ('in') axis, block by block:
+    each (size now, size exported) block keeps its entries first, then zeros."""
     if pname == "bias":
         if axis == "in":
             return tensor
         dim = 0
     else:
         dim = (1 if transposed else 0) if axis == "out" else (0 if transposed else 1)
-    parts = tensor.chunk(blocks, dim=dim)
     padded = []
-    for part in parts:
+    for part, (_, exported) in zip(tensor.split([now for now, _ in blocks], dim=dim), blocks):
         shape = list(part.shape)
-        shape[dim] = size - part.shape[dim]
+        shape[dim] = exported - part.shape[dim]
         padded += [part, part.new_zeros(shape)]
     return torch.cat(padded, dim=dim)
 

@@ -2,7 +2,8 @@
 measured latency on a fixed batch.
 
 A matmul with a (d_out × d_in) weight costs 2·d_out·d_in FLOPs per token; attention adds
-2·2·ctx·(heads·head_dim) per layer (QKᵀ and AV) for a context of `ctx` tokens; an unmerged DSEE
+2·2·keys·(heads·head_dim) per layer (QKᵀ and AV), keys = ctx for a context of `ctx` tokens, or the
+layer's sliding window where it is shorter (Gemma's local layers, Mistral, Phi-3); an unmerged DSEE
 adapter adds 2·r·(d_in + d_out) per slice and 2·nnz. The LM head is a matmul like any other (tied or not); embedding lookups, biases,
 norms and softmax are ignored.
 Because shapes are read from the modules, removed heads and neurons count automatically.
@@ -28,13 +29,13 @@ def _attention_width(config) -> tuple[int, int]:
     return layers, heads * head_dim
 
 
-def _query_widths(model: nn.Module) -> list[int] | None:
-    """Per-layer query widths (heads · head_dim after any removal), for a family dsee_scale knows."""
+def _attention_sizes(model: nn.Module, ctx: int) -> list[tuple[int, int]] | None:
+    """Per-layer (query width heads · head_dim after any removal, keys each query sees), for a family dsee_scale knows."""
     from dsee_scale.arch import ARCHS, attention_layers, model_type
 
     if model_type(model) not in ARCHS:
         return None
-    return [a.heads * a.head_dim for a in attention_layers(model)]
+    return [(a.heads * a.head_dim, min(ctx, a.window or ctx)) for a in attention_layers(model)]
 
 
 def inference_flops(model: nn.Module, ctx: int, sparse_zeros: int = 0) -> dict:
@@ -53,11 +54,11 @@ def inference_flops(model: nn.Module, ctx: int, sparse_zeros: int = 0) -> dict:
             out_f, in_f = base_dims(module)
             matmul += 2 * out_f * in_f
     config = getattr(model, "config", None)
-    widths = _query_widths(model)
-    if widths is None and config is not None:
+    sizes = _attention_sizes(model, ctx)
+    if sizes is None and config is not None:
         layers, width = _attention_width(config)
-        widths = [width] * layers
-    attention = sum(4 * ctx * w for w in (widths or []))
+        sizes = [(width, ctx)] * layers
+    attention = sum(4 * keys * width for width, keys in (sizes or []))
     total = matmul + attention + adapters
     return {
         "total": total,

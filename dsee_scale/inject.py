@@ -1,8 +1,10 @@
 """apply_dsee: find target layers, choose Ω, swap in DSEELayer, mark only adapters trainable."""
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,18 +25,18 @@ def _parse_target(spec: str) -> tuple[str, tuple[str, ...] | None]:
     return name, (tuple(p.strip() for p in parts.split(",")) if parts else None)
 
 
-def _slices_for(module_name: str, out_features: int, parts: tuple[str, ...] | None, fused: dict[str, tuple[str, ...]]) -> list[tuple[int, int]]:
+def _slices_for(model: nn.Module, module_name: str, out_features: int, parts: tuple[str, ...] | None, fused: dict[str, Callable[[nn.Module], dict[str, int]]]) -> list[tuple[int, int]]:
     if parts is None:
         return [(0, out_features)]
-    suffix = module_name.rsplit(".", 1)[-1]
-    layout = fused.get(suffix)
-    if layout is None:
+    holder_name, _, suffix = module_name.rpartition(".")
+    if suffix not in fused:
         raise ValueError(f"target '{suffix}:{','.join(parts)}': '{suffix}' is not a fused projection of this model ({', '.join(fused) or 'it has none'})")
-    unknown = [p for p in parts if p not in layout]
+    rows = fused[suffix](model.get_submodule(holder_name))  # the parts' rows, in order, from the module holding the projection
+    unknown = [p for p in parts if p not in rows]
     if unknown:
-        raise ValueError(f"target parts {unknown} of '{suffix}' unknown: choose from {', '.join(layout)}")
-    size = out_features // len(layout)
-    return [(layout.index(p) * size, (layout.index(p) + 1) * size) for p in sorted(parts, key=layout.index)]
+        raise ValueError(f"target parts {unknown} of '{suffix}' unknown: choose from {', '.join(rows)}")
+    starts = dict(zip(rows, itertools.accumulate(rows.values(), initial=0)))
+    return [(starts[p], starts[p] + rows[p]) for p in sorted(parts, key=list(rows).index)]
 
 
 def find_targets(model: nn.Module, config: DSEEConfig) -> list[tuple[str, nn.Module, list[tuple[int, int]]]]:
@@ -61,7 +63,7 @@ def find_targets(model: nn.Module, config: DSEEConfig) -> list[tuple[str, nn.Mod
         else:
             parts = next((p for suffix, p in specs if name == suffix or name.endswith("." + suffix)), False)
         if parts is not False:
-            found.append((name, module, _slices_for(name, base_dims(module)[0], parts, fused)))
+            found.append((name, module, _slices_for(model, name, base_dims(module)[0], parts, fused)))
     if not found:
         wanted = config.target_regex or targets
         linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or weight_is_transposed(m)})

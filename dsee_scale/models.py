@@ -10,27 +10,48 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
+    Phi3Config,
     PretrainedConfig,
+    Qwen3Config,
 )
 
 from dsee_scale.arch import GPT2_SIZES, LLAMA_SIZES
 from dsee_scale.ds_config import is_zero3
 
+TINY_KINDS = ("gpt2", "bert", "llama", "qwen3", "gemma2", "gemma3", "phi3")
 TASK_MODELS = {"lm": AutoModelForCausalLM, "cls": AutoModelForSequenceClassification, "reg": AutoModelForSequenceClassification}
 
 
 def tiny_config(kind: str, vocab_size: int = 128, **overrides) -> PretrainedConfig:
-    """A few-layer config of each supported architecture, sized for tests on 2 CPU cores."""
+    """A few-layer config of each supported architecture, sized for tests on 2 CPU cores.
+
+    The grouped-KV families have 2 KV groups of 2 query heads. Qwen3 and Gemma get head_dim 16 ≠
+    hidden / heads, as their real configs have; Gemma a sliding window of 4 on its first layer
+    (shorter than the tests' rows) and Gemma 2 its soft-capping; Phi-3 fuses q, k, v of unequal
+    widths (GQA) and gate with up.
+    """
+    grouped = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    gemma = dict(grouped, head_dim=16, query_pre_attn_scalar=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     if kind == "gpt2":
         cfg = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     elif kind == "bert":
         cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     elif kind == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        cfg = LlamaConfig(**grouped)
+    elif kind == "qwen3":
+        cfg = Qwen3Config(**grouped, head_dim=16)
+    elif kind == "gemma2":
+        cfg = Gemma2Config(**gemma, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)  # its defaults, named: the tests rely on them
+    elif kind == "gemma3":
+        cfg = Gemma3TextConfig(**gemma)
+    elif kind == "phi3":
+        cfg = Phi3Config(**grouped, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     else:
-        raise ValueError(f"unknown tiny model kind {kind!r}: choose gpt2, bert or llama")
+        raise ValueError(f"unknown tiny model kind {kind!r}: choose {', '.join(TINY_KINDS)}")
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg

@@ -35,6 +35,11 @@ def _params(module: nn.Module) -> list[torch.Tensor]:
     return [p for p in module.parameters()]
 
 
+def _unique(modules: list[nn.Module]) -> list[nn.Module]:
+    """Each module once (a fused projection holds several parts), in order."""
+    return list({id(m): m for m in modules}.values())
+
+
 # ---- scores ----------------------------------------------------------------------------------
 
 def _dense(module: nn.Module, delta: bool) -> torch.Tensor:
@@ -50,8 +55,7 @@ def _static_scores(model: nn.Module, method: str) -> tuple[list[torch.Tensor], l
     delta = method == "dsee"
     heads, neurons = [], []
     for attn in attention_layers(model):
-        modules = {id(m): m for m in (attn.q[0], attn.k[0], attn.v[0], attn.o)}.values()
-        with zero.gathered([p for m in modules for p in _params(m)]):
+        with zero.gathered([p for m in _unique([attn.q[0], attn.k[0], attn.v[0], attn.o]) for p in _params(m)]):
             width = attn.heads * attn.head_dim
             parts = [attn.q, attn.v] if delta else [attn.q, attn.k, attn.v]
             score = torch.zeros(attn.heads, device=frozen_layer(attn.o).weight.device)
@@ -65,8 +69,8 @@ def _static_scores(model: nn.Module, method: str) -> tuple[list[torch.Tensor], l
                 score += _dense(attn.o, False)[:, :width].sum(0).view(attn.heads, attn.head_dim).sum(1)
         heads.append(score)
     for ffn in ffn_layers(model):
-        with zero.gathered([p for m in (*ffn.ups, ffn.down) for p in _params(m)]):
-            score = sum(_dense(m, delta).sum(1) for m in ffn.ups) + _dense(ffn.down, delta).sum(0)
+        with zero.gathered([p for m in _unique([up for up, _ in ffn.ups] + [ffn.down]) for p in _params(m)]):
+            score = sum(_dense(m, delta)[first : first + ffn.size].sum(1) for m, first in ffn.ups) + _dense(ffn.down, delta).sum(0)
         neurons.append(score)
     return heads, neurons
 
@@ -145,16 +149,29 @@ def select(scores: list[torch.Tensor], fraction: float, scope: str, group: list[
 
 # ---- physical removal ------------------------------------------------------------------------
 
-def _rows(module: nn.Module, keep: torch.Tensor, first: int, span: int) -> None:
-    """Keep output rows first + keep (of the span starting at first); other rows untouched."""
+def _rows(module: nn.Module, parts: list[tuple[int, int, torch.Tensor]]) -> None:
+    """Keep, of each part (first row, rows, kept), the rows first + kept; rows outside every
+    part untouched. A fused projection (GPT-2's c_attn, Phi-3's qkv_proj) has several parts."""
     base = frozen_layer(module)
-    out_features = base_dims(base)[0]
-    keep = keep.to(base.weight.device)
-    kept = torch.cat([torch.arange(first, device=keep.device), first + keep, torch.arange(first + span, out_features, device=keep.device)])
+    device = base.weight.device
+    pieces, cursor = [], 0
+    for first, span, keep in sorted(parts, key=lambda part: part[0]):
+        pieces += [torch.arange(cursor, first, device=device), first + keep.to(device)]
+        cursor = first + span
+    kept = torch.cat([*pieces, torch.arange(cursor, base_dims(base)[0], device=device)])
     if isinstance(module, DSEELayer):
         module.keep_rows(kept)
     else:
         keep_base_rows(module, kept)
+
+
+def _rows_by_module(parts: list[tuple[tuple[nn.Module, int], int, torch.Tensor]]) -> None:
+    """_rows for ((module, first row), rows, kept) parts, those of one module cut together."""
+    by_module: dict[int, tuple[nn.Module, list]] = {}
+    for (module, first), span, keep in parts:
+        by_module.setdefault(id(module), (module, []))[1].append((first, span, keep))
+    for module, module_parts in by_module.values():
+        _rows(module, module_parts)
 
 
 def _cols(module: nn.Module, keep: torch.Tensor) -> None:
@@ -174,23 +191,15 @@ def _remove_heads(arch: Arch, attn: Attention, keep_q: torch.Tensor, keep_kv: to
     d = attn.head_dim
     width, kv_width = attn.heads * d, attn.kv_heads * d
     q_rows, kv_rows = _head_rows(keep_q, d), _head_rows(keep_kv, d)
-    if attn.q[0] is attn.k[0]:  # a fused projection (GPT-2's c_attn): q, k, v blocks of equal width
-        fused = attn.q[0]
-        kept = torch.cat([q_rows, width + q_rows, 2 * width + q_rows])
-        _rows(fused, kept, 0, 3 * width)
-    else:
-        _rows(attn.q[0], q_rows, 0, width)
-        _rows(attn.k[0], kv_rows, 0, kv_width)
-        _rows(attn.v[0], kv_rows, 0, kv_width)
+    _rows_by_module([(attn.q, width, q_rows), (attn.k, kv_width, kv_rows), (attn.v, kv_width, kv_rows)])
     for module in attn.more:
-        _rows(module, q_rows, 0, width)
+        _rows(module, [(0, width, q_rows)])
     _cols(attn.o, q_rows)
     arch.set_heads(attn.module, keep_q.numel(), keep_kv.numel(), d)
 
 
 def _remove_neurons(ffn: FFN, keep: torch.Tensor) -> None:
-    for up in ffn.ups:
-        _rows(up, keep, 0, ffn.size)
+    _rows_by_module([(up, ffn.size, keep) for up in ffn.ups])
     _cols(ffn.down, keep)
 
 
@@ -200,7 +209,7 @@ def remove(model: nn.Module, keep_heads: list[torch.Tensor] | None, keep_neurons
     partitioned again). keep_heads lists query heads; KV heads follow their groups."""
     partitioned, arch = zero.zero3_active(model), arch_of(model)
     for i, (attn, ffn) in enumerate(zip(attention_layers(model), ffn_layers(model))):
-        unique = list({id(m): m for m in (attn.q[0], attn.k[0], attn.v[0], attn.o, *attn.more, *ffn.ups, ffn.down)}.values())
+        unique = _unique([attn.q[0], attn.k[0], attn.v[0], attn.o, *attn.more, *(up for up, _ in ffn.ups), ffn.down])
         with zero.gathered([p for m in unique for p in _params(m)]):  # new, smaller plain parameters are built here
             if keep_heads is not None and keep_heads[i].numel() < attn.heads:
                 group = attn.heads // attn.kv_heads

@@ -1,4 +1,5 @@
-"""Structured DSEE in real processes: removal under 2-rank ZeRO-3 keeps the logits and re-tunes;
+"""Structured DSEE in real processes: each family under 2-rank ZeRO-3 (DSEE, exact pruning,
+removal that keeps the logits, re-tuning, a plain reload of its export);
 the recipe scores, removes, re-tunes and exports on 2 ranks; `python -m dsee_scale.evaluate`
 reports a structured export's accuracy and latency."""
 import json
@@ -11,18 +12,42 @@ from launch_utils import RANKS, run_launcher
 from dsee_scale import DSEEConfig, apply_dsee
 from dsee_scale.config import PruneConfig
 from dsee_scale.export import export_hf
-from dsee_scale.structured import compact, structured_prune
+from dsee_scale.structured import compact, ffn_layers, structured_prune
 
 
-@pytest.mark.parametrize("kind, task", [("gpt2", "lm"), ("bert", "cls"), ("llama", "lm")])
-def test_two_rank_zero3_removal_keeps_logits_and_retunes(kind, task, tmp_path):
+# One 2-rank launch per family (LLaMA's stands for Mistral's and Qwen2's: the same layout)
+FAMILIES = [("gpt2", "lm"), ("bert", "cls"), ("llama", "lm"), ("qwen3", "lm"), ("gemma2", "lm"), ("gemma3", "lm"), ("phi3", "lm")]
+
+
+@pytest.mark.parametrize("kind, task", FAMILIES)
+def test_two_rank_zero3_inject_prune_remove_retune_export(kind, task, tmp_path):
+    """Under 2-rank ZeRO-3: DSEE on the family's default targets (one process's), an exact global
+    prune (the masks of torch.nn.utils.prune), removal of heads and neurons that keeps the logits
+    (fused projections cut part by part), re-tuning, and an export that plain transformers reloads
+    with the engine's logits (each layer padded to one HF config)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from dsee_scale import dsee_layers
+    from dsee_scale.models import build_model
+    from helpers.prune_reference import reference_masks
+    from ranks.common import eval_batch
+
     base = tmp_path / "base"
     tiny_model(kind, task).save_pretrained(base)
     run_launcher("ranks", RANKS / "structured_tiny.py", ["--base", base, "--task", task, "--out", tmp_path])
     report = json.loads((tmp_path / "report.json").read_text())
+    tensors = torch.load(tmp_path / "tensors.pt", weights_only=True)
+    single = apply_dsee(build_model(base, task), DSEEConfig(**report["dsee"]))
+    assert report["adapted"] == {name: [list(s) for s in layer.slices] for name, layer in dsee_layers(single).items()}
+    expected = reference_masks(single, 0.5, "global", "merged")
+    assert set(tensors["masks"]) == set(expected) and all(torch.equal(tensors["masks"][n], m) for n, m in expected.items())
     assert report["max_logit_diff"] < 1e-5
-    assert report["heads"] == [2, 2] and report["retune_losses"][-1] < report["retune_losses"][0]
+    assert report["heads"] == [2, 2] and report["ffn"] == [f.size - 7 for f in ffn_layers(single)] and report["retune_losses"][-1] < report["retune_losses"][0]
     assert report["shards_partitioned"]
+    auto = AutoModelForSequenceClassification if task == "cls" else AutoModelForCausalLM
+    plain = auto.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=eval_batch()).logits, tensors["logits"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("score", ["dsee", "gradient"])

@@ -19,10 +19,21 @@ def counted_per_token(model) -> float:
     return counter.get_total_flops() / CTX
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "qwen3", "phi3"])
 def test_analytic_flops_equal_torch_flop_counter(kind):
     model = tiny_model(kind)
     assert inference_flops(model, ctx=CTX)["dense_model"] == counted_per_token(model)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_a_sliding_window_layer_counts_the_keys_in_its_window(kind):
+    """Gemma's first tiny layer sees 4 keys, not CTX: eager attention computes all CTX scores
+    and masks the rest, the analytic count (a decoding token's cost) only the window's. Queries
+    are heads · head_dim = 4 · 16 wide, not hidden = 32."""
+    model = tiny_model(kind)
+    width, window = 4 * 16, model.config.sliding_window
+    assert inference_flops(model, ctx=CTX)["dense_model"] == counted_per_token(model) - 4 * (CTX - window) * width
+    assert inference_flops(model, ctx=2)["attention"] == 2 * 4 * 2 * width  # a context shorter than the window: all of it
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

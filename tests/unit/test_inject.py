@@ -5,17 +5,24 @@ from conftest import tiny_model
 
 from dsee_scale import DSEEConfig, apply_dsee, count_parameters, dsee_layers, load_adapter, save_adapter
 
-# (kind, adapted matrices as (d_out, d_in) per layer, head parameter count) for the tiny configs
-# (hidden 32, 2 layers, 4 heads; LLaMA has 2 KV heads so v_proj is 16 × 32).
+# (kind, adapted matrices (or slices of a fused one) as (d_out, d_in) per layer, head parameter
+# count) for the tiny configs (hidden 32, 2 layers, 4 heads; the grouped-KV families have 2 KV
+# heads so LLaMA's v_proj is 16 × 32; Qwen3 and Gemma have head_dim 16; Phi-3 adapts the q and v
+# rows of its fused qkv_proj).
 EXPECTED = {
     "gpt2": ([(32, 32), (32, 32)], 32 * 2),
     "bert": ([(32, 32), (32, 32)], 32 * 2 + 2),
     "llama": ([(32, 32), (16, 32)], 32 * 2),
     "deberta-v2": ([(32, 32), (32, 32)], 32 * 2 + 2),
+    "qwen3": ([(64, 32), (32, 32)], 32 * 2),
+    "gemma2": ([(64, 32), (32, 32)], 32 * 2),
+    "gemma3": ([(64, 32), (32, 32)], 32 * 2),
+    "phi3": ([(32, 32), (16, 32)], 32 * 2),
 }
+FUSED = ("gpt2", "phi3")  # one adapted matrix per layer
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "deberta-v2"])
+@pytest.mark.parametrize("kind", list(EXPECTED))
 def test_trainable_count_matches_closed_form(kind):
     model = tiny_model(kind, task="cls")
     cfg = DSEEConfig(rank=4, nnz=16, support="magnitude")
@@ -27,7 +34,7 @@ def test_trainable_count_matches_closed_form(kind):
     assert trainable == expected
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert total == sum(p.numel() for p in model.parameters())
-    assert len(dsee_layers(model)) == n_layers * (1 if kind == "gpt2" else 2)
+    assert len(dsee_layers(model)) == n_layers * (1 if kind in FUSED else 2)
 
 
 def test_gpt2_default_targets_q_and_v_of_c_attn():
@@ -38,7 +45,17 @@ def test_gpt2_default_targets_q_and_v_of_c_attn():
     assert ((rows < 32) | (rows >= 64)).all() and ((rows < 32).sum() == 4)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "deberta-v2"])
+def test_phi3_fused_parts_follow_its_grouped_kv_layout():
+    """qkv_proj holds q (4 heads of 8), k and v (2 KV heads of 8 each); gate_up_proj gate, then up."""
+    model = apply_dsee(tiny_model("phi3"), DSEEConfig(rank=2, nnz=4, support="random"))
+    assert dsee_layers(model)["model.layers.0.self_attn.qkv_proj"].slices == [(0, 32), (48, 64)]
+    model = apply_dsee(tiny_model("phi3"), DSEEConfig(targets=["gate_up_proj:up"], rank=2, nnz=4, support="random"))
+    assert dsee_layers(model)["model.layers.0.mlp.gate_up_proj"].slices == [(64, 128)]
+    with pytest.raises(ValueError, match="choose from q, k, v"):
+        apply_dsee(tiny_model("phi3"), DSEEConfig(targets=["qkv_proj:q,o"], support="random"))
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
 def test_adapter_save_load_on_fresh_model_gives_identical_logits(kind, tmp_path):
     cfg = DSEEConfig(rank=4, nnz=8, init="normal", support="magnitude")
     model = apply_dsee(tiny_model(kind, task="cls"), cfg)

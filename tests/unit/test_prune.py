@@ -225,7 +225,7 @@ def test_keep_sparse_retune_merges_exactly_and_stays_as_sparse_as_the_mask(kind)
         assert torch.equal(layer.base.weight.flatten() == 0, masks[f"{name}.weight"].dense()), name
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "deberta-v2"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "deberta-v2", "qwen3", "gemma2", "gemma3", "phi3"])
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
 def test_global_prune_matches_torch_and_prunes_exactly_k(kind, sparsity):
     model = adapted(kind)

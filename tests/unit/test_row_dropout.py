@@ -19,6 +19,9 @@ FAMILIES = {
     "llama": ("lm", dict(attention_dropout=0.1)),
     "bert": ("cls", dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)),
     "deberta-v2": ("cls", dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)),
+    "qwen3": ("lm", dict(attention_dropout=0.1)),
+    "gemma3": ("lm", dict(attention_dropout=0.1)),  # and a sliding-window layer
+    "phi3": ("lm", dict(attention_dropout=0.1, resid_pdrop=0.1, embd_pdrop=0.1)),
 }
 
 
@@ -111,7 +114,7 @@ def test_a_row_gets_its_mask_whatever_its_padding():
     assert torch.equal(alone, in_padding[:, :7])
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "qwen3", "gemma3", "phi3"])
 def test_keyed_attention_computes_the_models_own_attention(kind):
     """The keyed attention (eager, with row-keyed dropout) gives the logits of the model's own
     attention when it drops nothing (p = 1e-9): the same masks (causal, padding) and scaling."""
@@ -149,6 +152,12 @@ def test_attention_dropout_alone_is_applied_and_keyed():
 
     assert not torch.allclose(logits(0), logits(0, train=False))
     assert torch.equal(logits(0), logits(0)) and not torch.equal(logits(0), logits(1))
+
+
+def test_attention_dropout_on_a_soft_capped_model_is_refused():
+    """The keyed attention has no soft-capping (Gemma 2): it would change the model's function."""
+    with pytest.raises(ValueError, match="soft-capping .*attention_dropout to 0, or row_dropout false"):
+        dropout.install(tiny_model("gemma2", "lm", attention_dropout=0.1))
 
 
 def test_left_padding_is_refused():

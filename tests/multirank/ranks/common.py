@@ -73,6 +73,18 @@ def param_collectives(fn: Callable[[], object]) -> int:
     return counting.calls
 
 
+def full_masks(masks: dict) -> dict[str, torch.Tensor]:
+    """Each rank's shard masks (prune's ShardMask) → whole-matrix masks on every rank (test only)."""
+    from dsee_scale import dist
+
+    parts = dist.all_gather_object({n: (m.start, m.dense()) for n, m in masks.items()})
+    result = {}
+    for name in masks:
+        pieces = sorted((part[name] for part in parts), key=lambda x: x[0])
+        result[name] = torch.cat([d for _, d in pieces])
+    return result
+
+
 def start(out: str) -> tuple[int, int, Path, dict]:
     """Join the process group; (rank, world size, output folder, ZeRO-3 test config)."""
     import torch.distributed as dist

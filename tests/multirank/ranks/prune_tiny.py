@@ -5,10 +5,9 @@ import json
 import torch
 import torch.distributed as dist
 
-from common import batch, shard, start
+from common import batch, full_masks, shard, start
 
 from dsee_scale import DSEEConfig, apply_dsee, zero
-from dsee_scale import dist as ddist
 from dsee_scale.engine import create_engine
 from dsee_scale.models import build_model
 from dsee_scale.config import PruneConfig
@@ -29,16 +28,6 @@ DSEE = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="magnitude", init="normal")
 def fresh_model():
     model = build_model(args.base, args.task, ds_config=config)
     return apply_dsee(model, DSEE, ds_config=config)
-
-
-def full_masks(masks):
-    """Each rank's shard masks → whole-matrix masks on every rank (test only)."""
-    parts = ddist.all_gather_object({n: (m.start, m.dense()) for n, m in masks.items()})
-    result = {}
-    for name in masks:
-        pieces = sorted((part[name] for part in parts), key=lambda x: x[0])
-        result[name] = torch.cat([d for _, d in pieces])
-    return result
 
 
 if args.retune or args.resume:
