@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # --model NAME: that recipe's model (a 2-label classifier), sequence length, batch and ds_config.
 RECIPE_MODELS = {"minilm": "launch/recipes/minilm-sst2.yaml"}
+# builtin LLaMA configs (models.builtin_config): tiny-llama for the GPU check's CPU mode, and the sizes
+LLAMA_MODELS = ("tiny-llama", *LLAMA_SIZES)
 
 # Self CPU time of torch ops, by kind: what is left of the step is Python (hooks, DeepSpeed's
 # bookkeeping) and waiting outside an op.
@@ -75,7 +77,7 @@ def apply_optimized_linear(model: torch.nn.Module, adapters: DSEEConfig, world: 
 
 p = argparse.ArgumentParser()
 p.add_argument("--method", choices=["full", "peft_lora", "dsee", "floor", "optimized_linear"], required=True)
-p.add_argument("--model", default="gpt2-medium", help=f"builtin GPT-2 or LLaMA size, 'tiny', or one of {', '.join(RECIPE_MODELS)}: its recipe's model and setting")
+p.add_argument("--model", default="gpt2-medium", help=f"builtin GPT-2 or LLaMA size, 'tiny' (GPT-2), 'tiny-llama', or one of {', '.join(RECIPE_MODELS)}: its recipe's model and setting")
 p.add_argument("--seq", type=int, default=None, help="default: 128, or the recipe's max_length")
 p.add_argument("--batch", type=int, default=None, help="micro-batch per rank; default: 2, or the recipe's")
 p.add_argument("--steps", type=int, default=10)
@@ -89,8 +91,8 @@ p.add_argument("--no_share_frozen_weights", action="store_true", help="ZeRO-3 ga
 p.add_argument("--no_hook_per_block", action="store_true", help="ZeRO-3 hooks every layer, not each transformer block as a whole (create_engine's hook_per_block)")
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
-if args.method == "optimized_linear" and not (args.bf16 and args.model in LLAMA_SIZES):
-    sys.exit(f"--method optimized_linear needs --bf16 and a LLaMA model ({', '.join(LLAMA_SIZES)}): deepspeed.linear builds its layers "
+if args.method == "optimized_linear" and not (args.bf16 and args.model in LLAMA_MODELS):
+    sys.exit(f"--method optimized_linear needs --bf16 and a LLaMA model ({', '.join(LLAMA_MODELS)}): deepspeed.linear builds its layers "
              "in bf16 whatever the model's dtype, and replaces nn.Linear only (not GPT-2's Conv1D)")
 recipe = train_config_from_argv(["--config", RECIPE_MODELS[args.model]]) if args.model in RECIPE_MODELS else None
 args.seq = args.seq or (recipe.max_length if recipe else 128)
@@ -116,7 +118,7 @@ dtype = torch.bfloat16 if args.bf16 else torch.float32
 if recipe:
     model = build_model(recipe.model, recipe.task, ds_config=ds_config, dtype=dtype, num_labels=2)
     config, targets = model.config, recipe.dsee.targets
-elif args.model in LLAMA_SIZES:  # GPT-2's vocabulary (llama-7b keeps its own)
+elif args.model in LLAMA_MODELS:  # GPT-2's vocabulary (llama-7b keeps its own)
     config, targets = builtin_config(f"builtin:{args.model}", vocab_size=50257), ["q_proj", "v_proj"]
     model = build_model(config, "lm", ds_config=None if args.method == "optimized_linear" else ds_config, dtype=dtype)
 else:

@@ -5,9 +5,11 @@ tests/multirank/  tests that start processes: ranks of a launch (started directl
                   deepspeed, torchrun, mpirun, accelerate), launch/train.py as one process,
                   benchmark and check scripts; launch_utils.py starts them, ranks/ holds the rank
                   scripts they run, hostsim/ simulates other CPU hosts in every launched process
-tests/helpers/    what tests of both tiers share beyond this file (bad inputs, reference masks, ...)
+tests/gpu/        the `gpu` tier (`pytest -m gpu tests/gpu`): multirank's rank scripts on CUDA
+                  devices, started with GPU_HOST_ENV; skipped, saying why, without a usable GPU
+tests/helpers/    what tests of every tier share beyond this file (bad inputs, reference masks, ...)
 
-`make test` runs both tiers. Imports need no sys.path edits (pyproject's pythonpath).
+`make test` runs every tier. Imports need no sys.path edits (pyproject's pythonpath).
 """
 import os
 from pathlib import Path

@@ -1,13 +1,16 @@
-"""Reference masks for pruning tests of both tiers: torch.nn.utils.prune and a plain loop over
-N:M groups on dense scores of the same weights, and the input norms of a model's pruned weights
-recorded by hooks (tests only)."""
+"""Reference masks for pruning tests of every tier: torch.nn.utils.prune and a plain loop over
+N:M groups on dense scores of the same weights, the input norms of a model's pruned weights
+recorded by hooks, and prune_tiny.py's results checked against them (tests only)."""
+from pathlib import Path
+
 import torch
 import torch.nn.utils.prune as torch_prune
 from transformers.pytorch_utils import Conv1D
 
-from dsee_scale import DSEEConfig
+from dsee_scale import DSEEConfig, apply_dsee
 from dsee_scale.config import PruneConfig
-from dsee_scale.prune import prune_targets
+from dsee_scale.models import build_model
+from dsee_scale.prune import prune_nm, prune_targets
 
 DSEE = DSEEConfig(rank=4, alpha=8.0, nnz=8, support="magnitude", init="normal")
 DEFAULTS = PruneConfig()
@@ -91,3 +94,38 @@ def recorded_inputs(model, batches) -> dict[str, torch.Tensor]:
 def recorded_input_norms(model, batches) -> dict[str, torch.Tensor]:
     """‖x_j‖ from every input each pruned weight's module saw (test only)."""
     return {name: x.double().norm(dim=0).float() for name, x in recorded_inputs(model, batches).items()}
+
+
+def check_prune_tiny_results(results: dict, base: Path, task: str, on_gpu: bool = False) -> None:
+    """prune_tiny.py's masks.pt against one process here on the same weights: the 2:4 re-fit on all
+    the calibration batches, the ranks' all-reduced input norms, and every case's masks
+    (torch.nn.utils.prune's, or the N:M loop's) with its count of zeros. on_gpu: the ranks ran on
+    GPUs, whose products (ΔW = B·A, activations) round otherwise than this CPU's, so scores within
+    rounding of a threshold may fall on either side: masks scored from |W| alone stay exact, the
+    others may differ in 0.1% of their entries, norms and re-fitted weights agree to looser bounds."""
+    norm_tol, refit_tol = ((1e-4, 1e-5), (1e-3, 1e-4)) if on_gpu else ((1e-5, 1e-6), (1e-4, 1e-5))
+    results = dict(results)
+    reconstructed = results.pop("reconstruct")  # 2:4 + reconstruction: the same weights as one process on all the batches
+    model = apply_dsee(build_model(base, task), DSEE).eval()
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in reconstructed["calibration"]]
+    prune_nm(model, "2:4", score="activation", calibration=(batches, lambda batch: model(**batch)), reconstruct=True)
+    for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
+        torch.testing.assert_close(reconstructed["weights"][t.name], t.param.detach(), rtol=refit_tol[0], atol=refit_tol[1], msg=t.name)
+
+    for key, got in results.items():
+        scope, score, sparsity = key.split("-")
+        model = apply_dsee(build_model(base, task), DSEE)
+        norms = got.get("norms")
+        if norms:  # the ranks' all-reduced norms: those of the whole calibration batch in one process
+            single = recorded_input_norms(model.eval(), [{k: v for k, v in b.items() if k != "labels"} for b in got["calibration"]])
+            for name, norm in norms.items():
+                torch.testing.assert_close(norm, single[name], rtol=norm_tol[0], atol=norm_tol[1])
+        expected = reference_nm_masks(model, 2, 4, score, norms) if scope == "pattern" else reference_masks(model, float(sparsity), scope, score, norms)
+        assert set(got["masks"]) == set(expected)
+        allowed = 1e-3 if on_gpu and score != "weight" else 0.0
+        for name, mask in got["masks"].items():
+            assert mask.shape == expected[name].shape and (mask != expected[name]).float().mean().item() <= allowed, (key, name)
+        if scope == "global":
+            assert got["zeros"] == round(float(sparsity) * got["numel"])
+        if scope == "pattern":
+            assert got["zeros"] * 2 == got["numel"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from conftest import ROOT
@@ -79,14 +80,17 @@ def host_env(host: str | None) -> dict:
     return {"PYTHONPATH": f"{HOSTSIM}:{ROOT}", "DSEE_SIMULATE_HOST": SIMULATED_HOSTS[host]}
 
 
-def launch(launcher: str, script: str, args: list, timeout: int = 300, nproc: int = 2, env: dict | None = None, host: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def launch(launcher: str, script: str, args: list, timeout: int = 300, nproc: int = 2, env: dict | None = None, host: str | None = None, cwd: Path = ROOT,
+           base_env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run script under launcher ("deepspeed", "torchrun", "mpirun", or "ranks": started directly)
     with nproc ranks; host simulates another kind of CPU host. Launched once: a rank that fails,
-    however (an abort at exit included), fails the launch."""
+    however (an abort at exit included), fails the launch. base_env: the environment the ranks
+    start from instead of this process's (the gpu tier's: GPU_HOST_ENV, without the CPU pins)."""
     # One thread per rank under every launcher (torchrun's default; 2 ranks share 2 cores here):
     # float sums that a thread count can reorder then agree to the last bit across launchers.
     # PYTHONFAULTHANDLER: a rank that dies on a signal (an abort: SIGABRT) prints every thread's Python stack.
-    full_env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **host_env(host), **(env or {})}
+    base = os.environ if base_env is None else base_env
+    full_env = {**base, "PATH": f"{VENV_BIN}:{base['PATH']}", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **host_env(host), **(env or {})}
     run_args = [str(a) for a in args]
     if launcher == "ranks":
         return spawn_ranks(script, run_args, nproc, full_env, cwd, timeout, port=(env or {}).get("MASTER_PORT"))

@@ -7,9 +7,7 @@ import torch
 from conftest import tiny_model
 from launch_utils import RANKS, one_process, run_launcher
 
-from dsee_scale import apply_dsee
-from dsee_scale.prune import prune_targets
-from helpers.prune_reference import DEFAULTS, DSEE, recorded_input_norms, reference_masks, reference_nm_masks
+from helpers.prune_reference import check_prune_tiny_results
 
 
 @pytest.mark.parametrize("kind, task", [("gpt2", "lm"), ("bert", "cls")])
@@ -17,33 +15,7 @@ def test_two_rank_zero3_masks_equal_single_process(kind, task, tmp_path):
     base = tmp_path / "base"
     tiny_model(kind, task).save_pretrained(base)
     run_launcher("ranks", RANKS / "prune_tiny.py", ["--base", base, "--task", task, "--out", tmp_path])
-    results = torch.load(tmp_path / "masks.pt", weights_only=True)
-    from dsee_scale.models import build_model
-    from dsee_scale.prune import prune_nm
-
-    reconstructed = results.pop("reconstruct")  # 2:4 + reconstruction: the same weights as one process on all the batches
-    model = apply_dsee(build_model(base, task), DSEE).eval()
-    batches = [{k: v for k, v in b.items() if k != "labels"} for b in reconstructed["calibration"]]
-    prune_nm(model, "2:4", score="activation", calibration=(batches, lambda batch: model(**batch)), reconstruct=True)
-    for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
-        torch.testing.assert_close(reconstructed["weights"][t.name], t.param.detach(), rtol=1e-4, atol=1e-5, msg=t.name)
-
-    for key, got in results.items():
-        scope, score, sparsity = key.split("-")
-        model = apply_dsee(build_model(base, task), DSEE)
-        norms = got.get("norms")
-        if norms:  # the ranks' all-reduced norms: those of the whole calibration batch in one process
-            single = recorded_input_norms(model.eval(), [{k: v for k, v in b.items() if k != "labels"} for b in got["calibration"]])
-            for name, norm in norms.items():
-                torch.testing.assert_close(norm, single[name], rtol=1e-5, atol=1e-6)
-        expected = reference_nm_masks(model, 2, 4, score, norms) if scope == "pattern" else reference_masks(model, float(sparsity), scope, score, norms)
-        assert set(got["masks"]) == set(expected)
-        for name, mask in got["masks"].items():
-            assert torch.equal(mask, expected[name]), (key, name)
-        if scope == "global":
-            assert got["zeros"] == round(float(sparsity) * got["numel"])
-        if scope == "pattern":
-            assert got["zeros"] * 2 == got["numel"]
+    check_prune_tiny_results(torch.load(tmp_path / "masks.pt", weights_only=True), base, task)
 
 
 def test_pruned_entries_stay_zero_through_retuning_and_reload(tmp_path):

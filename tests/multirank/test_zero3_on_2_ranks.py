@@ -8,33 +8,14 @@ import pytest
 import torch
 from conftest import tiny_model
 from launch_utils import RANKS, SIMULATED_HOSTS, run_launcher
-from ranks.common import batch, eval_batch
+from ranks.common import eval_batch, reference_run
 from safetensors.torch import load_file
-
-from dsee_scale import DSEEConfig, apply_dsee, dsee_state_dict
 
 SCRIPT = RANKS / "zero3_tiny.py"
 KINDS = {"gpt2": "lm", "bert": "cls", "llama": "lm"}
 # DeepSpeed keeps the tiny models' small frozen tensors and the S values whole itself, beside
 # zero.keep_whole's A and B: both kinds in its re-gather after each step and checkpoint load
 PERSISTENCE = ["--persistence", 100]
-
-
-def reference_run(base: Path, task: str, steps: int):
-    """The same training in one process, without DeepSpeed, on the global batch."""
-    from dsee_scale.models import build_model
-
-    model = build_model(base, task)
-    apply_dsee(model, DSEEConfig(rank=4, alpha=8.0, nnz=8, support="grebsmo", init="lora"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    losses = []
-    for step in range(steps):
-        loss = model(**batch(step, task)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, dsee_state_dict(model), model
 
 
 @pytest.fixture(scope="module", params=list(SIMULATED_HOSTS))

@@ -1,4 +1,6 @@
-"""2-rank ZeRO-3 pruning of tiny models: writes full masks (rank 0) and zero-checks to --out."""
+"""2-rank ZeRO-3 pruning of tiny models: writes full masks (rank 0) and zero-checks to --out.
+Batches go to the engine's device and what is written to the CPU: the CPU tier runs it on CPU
+ranks, the gpu tier (tests/gpu) on GPU shards."""
 import argparse
 import json
 
@@ -38,7 +40,7 @@ if args.retune or args.resume:
         engine.load_checkpoint(args.resume)
         reapply_masks(model, masks)  # masks recomputed from the same weights: same positions
     for step in range(args.retune):
-        loss = engine(**shard(batch(step, args.task), rank, world)).loss
+        loss = engine(**shard(batch(step, args.task), rank, world, engine.device)).loss
         engine.backward(loss)
         engine.step()
     params = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
@@ -71,11 +73,11 @@ else:
         model = fresh_model()
         engine = create_engine(model, config, lr=1e-2)
         engine.eval()
-        mine = ([shard(b, rank, world) for b in calibration], lambda b: engine(**b))
+        mine = ([shard(b, rank, world, engine.device) for b in calibration], lambda b: engine(**b))
         targets = prune_targets(model, PruneConfig().include, PruneConfig().exclude)
         input_norms(targets, *mine)  # what pruning computes inside, kept for the test's reference
         masks = full_masks(prune(model, mine))
-        norms = {t.name: t.input_norm for t in targets}
+        norms = {t.name: t.input_norm.cpu() for t in targets}
         report = sparsity_report(model)
         results[key] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"], "norms": norms, "calibration": calibration}
         engine.destroy()
@@ -83,11 +85,11 @@ else:
     model = fresh_model()
     engine = create_engine(model, config, lr=1e-2)
     engine.eval()
-    prune_nm(model, "2:4", score="activation", calibration=([shard(b, rank, world) for b in calibration], lambda b: engine(**b)), reconstruct=True)
+    prune_nm(model, "2:4", score="activation", calibration=([shard(b, rank, world, engine.device) for b in calibration], lambda b: engine(**b)), reconstruct=True)
     weights = {}
     for t in prune_targets(model, PruneConfig().include, PruneConfig().exclude):
         with zero.gathered([t.param]):
-            weights[t.name] = t.param.detach().clone()
+            weights[t.name] = t.param.detach().to("cpu", copy=True)  # a copy: the gathered memory is released after
     results["reconstruct"] = {"weights": weights, "calibration": calibration}
     engine.destroy()
     if rank == 0:
