@@ -48,6 +48,7 @@ class Arch:
     ffn_field: str  # the config field of the FFN size
     head_dim_in_config: bool  # True: exports store head_dim and the kept head count; False: heads are padded back
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # fused projections and their equal parts
+    packs: bool = False  # its causal LM takes position ids and a 4-D attention mask as given: packed rows can be kept apart (packing.py)
 
 
 ARCHS: dict[str, Arch] = {}
@@ -118,7 +119,7 @@ def _gpt2_set_heads(module: nn.Module, heads: int, kv_heads: int, head_dim: int)
 register(Arch(
     model_types=("gpt2",), targets=("c_attn:q,v",), blocks=lambda m: list(m.transformer.h), attention=_gpt2_attention,
     ffn=lambda b: FFN([b.mlp.c_fc], b.mlp.c_proj, _out(b.mlp.c_fc)), set_heads=_gpt2_set_heads,
-    ffn_field="n_inner", head_dim_in_config=False, fused={"c_attn": ("q", "k", "v")},
+    ffn_field="n_inner", head_dim_in_config=False, fused={"c_attn": ("q", "k", "v")}, packs=True,
 ))
 
 
@@ -153,7 +154,7 @@ def _llama_set_heads(module: nn.Module, heads: int, kv_heads: int, head_dim: int
 register(Arch(
     model_types=("llama", "mistral", "qwen2"), targets=("q_proj", "v_proj"), blocks=lambda m: list(m.model.layers), attention=_llama_attention,
     ffn=lambda b: FFN([b.mlp.gate_proj, b.mlp.up_proj], b.mlp.down_proj, _out(b.mlp.gate_proj)), set_heads=_llama_set_heads,
-    ffn_field="intermediate_size", head_dim_in_config=True,
+    ffn_field="intermediate_size", head_dim_in_config=True, packs=True,
 ))
 
 
