@@ -52,6 +52,9 @@ class Arch:
     head_dim_in_config: bool  # True: exports store head_dim and the kept head count; False: heads are padded back
     # fused projections by name → their parts' output rows, in order, read off the module that holds the projection
     fused: dict[str, Callable[[nn.Module], dict[str, int]]] = field(default_factory=dict)
+    # the model types of this entry whose causal LM takes position ids and a 4-D attention mask as given,
+    # verified by tests/unit/test_packing.py: packed rows can be kept apart (packing.py)
+    packs: tuple[str, ...] = ()
 
 
 ARCHS: dict[str, Arch] = {}
@@ -126,7 +129,7 @@ def _gpt2_set_heads(module: nn.Module, heads: int, kv_heads: int, head_dim: int)
 register(Arch(
     model_types=("gpt2",), targets=("c_attn:q,v",), blocks=lambda m: list(m.transformer.h), attention=lambda b: _gpt2_attention(b.attn),
     ffn=lambda b: FFN([(b.mlp.c_fc, 0)], b.mlp.c_proj, _out(b.mlp.c_fc)), set_heads=_gpt2_set_heads,
-    ffn_field="n_inner", head_dim_in_config=False, fused={"c_attn": lambda a: _qkv_parts(_gpt2_attention(a))},
+    ffn_field="n_inner", head_dim_in_config=False, fused={"c_attn": lambda a: _qkv_parts(_gpt2_attention(a))}, packs=("gpt2",),
 ))
 
 
@@ -175,7 +178,7 @@ def _llama_ffn(block: nn.Module) -> FFN:
 
 register(Arch(
     model_types=("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"), targets=("q_proj", "v_proj"), blocks=lambda m: list(m.model.layers),
-    attention=_llama_attention, ffn=_llama_ffn, set_heads=_llama_set_heads, ffn_field="intermediate_size", head_dim_in_config=True,
+    attention=_llama_attention, ffn=_llama_ffn, set_heads=_llama_set_heads, ffn_field="intermediate_size", head_dim_in_config=True, packs=("llama", "mistral", "qwen2"),
 ))
 
 

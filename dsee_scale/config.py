@@ -182,6 +182,9 @@ class TrainConfig:
     header: bool = field(default=True, metadata={"help": "TSV/CSV files start with a row of column names; false: every row is data and columns are named by position, '0', '1', ... (GLUE's CoLA: --text_column 3 --label_column 1)"})
     metric: Metric | None = field(default=None, metadata={"help": "evaluation metrics of cls/reg runs: accuracy, mcc (Matthews correlation and accuracy; CoLA), acc_f1 (accuracy and F1 of class 1; MRPC), pearson_spearman (with the MSE eval_loss; STS-B); default: accuracy for cls, pearson_spearman for reg"})
     max_length: PositiveInt = field(default=128, metadata={"help": "tokens per example (longer ones are truncated)"})
+    packing: bool = field(default=False, metadata={"help": "task lm: train on the rows concatenated into --max_length windows (best-fit, fixed by the data and --seed) instead of padded "
+                          "rows, for throughput on rows of varied length; each row keeps its own position ids, attention (no row sees another) and loss, as unpacked. "
+                          "--micro_batch_size then counts windows; evaluation and pruning's calibration read the rows unpacked (docs/design.md, Packing)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N examples"})
     support_file: str | None = field(default=None, metadata={"help": "reuse Ω: another run's support.safetensors or a dsee_adapter.safetensors"})
@@ -236,6 +239,8 @@ class TrainConfig:
                 raise ValueError("export_format compressed stores pruned weights as their non-zeros, and this run prunes none: set prune.sparsity or prune.pattern, or use export_format hf")
             if not (self.prune.keep_sparse or self.export_remask):
                 raise ValueError("export_format compressed needs sparse merged weights, but prune.keep_sparse false merges a dense ΔW: keep prune.keep_sparse true or set export_remask true")
+        if self.task != "lm" and self.packing:
+            raise ValueError(f"packing concatenates causal-LM rows (--task lm); a task {self.task} row is one example with its own label: drop --packing")
         if self.task != "lm" and (self.data_format != "auto" or self.chat_template):
             raise ValueError(f"data_format and chat_template are for --task lm; task {self.task} reads --text_column and --label_column")
         if self.resume and self.overwrite:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dsee_scale import packing
 from dsee_scale.chat import NO_TEMPLATE, adds_bos, answer_labels, check_messages, segments, special_ids
 
 if TYPE_CHECKING:
@@ -328,7 +329,18 @@ def collate(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[s
     if isinstance(labels[0], list):
         width = max(map(len, labels))
         labels = [row + [-100] * (width - len(row)) for row in labels]
-    return dict(tokenizer.pad({"input_ids": rows["input_ids"], "labels": labels}, padding_side="right", return_attention_mask=True, return_tensors="pt"))
+    batch = dict(tokenizer.pad({"input_ids": rows["input_ids"], "labels": labels}, padding_side="right", return_attention_mask=True, return_tensors="pt"))
+    if "lengths" in rows:  # packed windows (packing.pack): position ids restart at each row
+        batch["position_ids"] = packing.position_ids(rows["lengths"], batch["input_ids"].shape[1])
+    return batch
+
+
+def batch_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(examples, real tokens) of a collated micro-batch, on its device: a packed window holds an
+    example wherever a real token's position id is 0."""
+    real = batch["attention_mask"].bool()
+    examples = (batch["position_ids"] == 0).logical_and(real).sum() if "position_ids" in batch else torch.tensor(real.shape[0], device=real.device)
+    return torch.stack([examples, real.sum()])
 
 
 @functools.lru_cache(maxsize=2)

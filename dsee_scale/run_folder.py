@@ -38,7 +38,7 @@ def run_marker(cfg: TrainConfig, ds_config: dict, world: int) -> dict:
 
 
 IDENTITY_FIELDS = ("model", "method", "task", "tokenizer", "train_file", "dataset", "dataset_config", "text_column", "text_pair_column", "label_column",
-                   "data_format", "chat_template", "max_length", "max_train_samples", "seed", "ds_config")
+                   "data_format", "chat_template", "max_length", "packing", "max_train_samples", "seed", "ds_config")
 
 
 def run_identity(cfg: TrainConfig, ds_config: dict) -> dict:

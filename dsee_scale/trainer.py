@@ -16,16 +16,17 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from dsee_scale import checkpoint, dist, dropout, faults, run_folder, zero
+from dsee_scale import checkpoint, dist, dropout, faults, packing, run_folder, zero
 from dsee_scale.baselines import apply_peft_lora, merge_peft_lora, train_everything
 from dsee_scale.config import TrainConfig
 from dsee_scale.chat import use_chat_template
-from dsee_scale.data import GlobalBatches, check_columns, check_labels, collate, data_counts, data_format, label_map, load_split, load_tokenizer, tokenize
+from dsee_scale.data import GlobalBatches, batch_counts, check_columns, check_labels, collate, data_counts, data_format, label_map, load_split, load_tokenizer, tokenize
 from dsee_scale.ds_config import nvme_offload
 from dsee_scale.engine import create_engine, init_distributed, torch_optimizer
 from dsee_scale.evaluate import engine_bleu, evaluate_engine
@@ -37,6 +38,9 @@ from dsee_scale.prune import PRUNE_SCORES, prune_nm, prune_unstructured, sparsit
 from dsee_scale.run_state import CHECKPOINTED, PruningState, RunState
 from dsee_scale.structured import plan_tensors, remove, structured_prune
 from dsee_scale.validate import validate_before_launch
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 log = logging.getLogger("dsee_scale")
 
@@ -55,6 +59,7 @@ class Recipe:
         self.state = RunState()  # where the run is and what it measured (checkpointed)
         self.pruning = PruningState()  # what pruning decided (checkpointed)
         self.compressed_format: str | None = None  # export_format compressed: sparse-bitmask or sparse-24-bitmask
+        self.train_windows: Dataset | None = None  # --packing: the training rows packed into windows (packing.pack), what training steps read
         self.metrics = None
 
     # ---- setup -------------------------------------------------------------------------------
@@ -104,7 +109,7 @@ class Recipe:
     def _load_data(self) -> None:
         """Rank 0 loads and tokenizes first; the other ranks then read datasets' cache of it.
         LM splits: their format and what fitting them to max_length did are logged and kept in
-        the summary's `data`."""
+        the summary's `data`; with --packing, the training rows are packed (every rank alike)."""
         cfg = self.cfg
         with dist.main_process_first():
             train_ds = load_split(cfg, "train")
@@ -127,6 +132,12 @@ class Recipe:
                      " (--data_format auto, by its columns)" if cfg.data_format == "auto" else "", c["rows"], c["truncated_rows"], c["dropped_rows"], cfg.max_length, c["target_tokens"])
         if not len(self.train_rows):
             raise ValueError(f"every training row's answer is longer than --max_length {cfg.max_length}: raise --max_length")
+        if cfg.packing:
+            self.train_windows = packing.pack(self.train_rows, cfg.max_length, cfg.seed)
+            tokens = sum(map(len, self.train_windows["input_ids"]))
+            counts["train"]["packing"] = {"windows": len(self.train_windows), "fill": tokens / (len(self.train_windows) * cfg.max_length)}
+            log.info("packing: %d training rows in %d windows of --max_length %d, %.1f%% of their tokens real", len(self.train_rows), len(self.train_windows),
+                     cfg.max_length, 100 * counts["train"]["packing"]["fill"])
         self.state.summary["data"] = counts
 
     def _build_model(self) -> None:
@@ -139,10 +150,10 @@ class Recipe:
         elif cfg.task == "reg":
             overrides = {"num_labels": 1, "problem_type": "regression"}  # one output; HF's loss is then the MSE
         source = builtin_config(cfg.model, vocab_size=len(self.tokenizer)) if cfg.model.startswith("builtin:") else cfg.model
-        dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
+        self.dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
         torch.manual_seed(cfg.seed)  # random-init (builtin) models: the same backbone on every rank and every resume
         tic = time.time()
-        self.model = build_model(source, cfg.task, ds_config=self.ds_config, dtype=dtype, vocab_size=len(self.tokenizer) if self.new_tokens else None, **overrides)
+        self.model = build_model(source, cfg.task, ds_config=self.ds_config, dtype=self.dtype, vocab_size=len(self.tokenizer) if self.new_tokens else None, **overrides)
         self.state.timings["build_s"] = time.time() - tic
         if cfg.gradient_checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -157,6 +168,8 @@ class Recipe:
             train_everything(self.model)
         if cfg.row_dropout:
             dropout.install(self.model)  # the backbone's, the adapters' and the head's dropout, keyed by row
+        if cfg.packing:
+            packing.check_model(self.model.config, cfg.max_length)  # the attention as installed (a hub model is first seen here)
         on_nvme = zero.on_nvme_count(self.model)
         if on_nvme:
             self.state.summary["nvme_params"] = on_nvme  # weights whose shards live on NVMe (ZeRO-Infinity)
@@ -196,22 +209,29 @@ class Recipe:
         return get_scheduler(self.cfg.lr_scheduler, optimizer, num_warmup_steps=self.cfg.warmup_steps, num_training_steps=steps,
                              scheduler_specific_kwargs={"last_epoch": start - 1})
 
-    def _micro_batch(self, batches: GlobalBatches, step: int, accum: int) -> dict:
-        """This rank's training micro-batch, collated and on the device."""
-        batch = collate(self.train_rows[batches.micro_indices(step, accum, self.rank)], self.tokenizer)
+    def _micro_batch(self, rows: Dataset, batches: GlobalBatches, step: int, accum: int) -> dict:
+        """This rank's micro-batch of `rows` (tokenized rows, or packed windows), collated and on the device."""
+        batch = collate(rows[batches.micro_indices(step, accum, self.rank)], self.tokenizer)
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 
-    def _loss_share(self, batches: GlobalBatches, step: int) -> dict:
+    def _model_inputs(self, batch: dict) -> dict:
+        """A training micro-batch as the model takes it: packed windows get their rows' attention (packing.model_inputs)."""
+        if "position_ids" not in batch:
+            return batch
+        return packing.model_inputs(batch, self.model.config._attn_implementation, self.dtype)
+
+    def _loss_share(self, rows: Dataset, batches: GlobalBatches, step: int) -> dict:
         """The LM loss's normaliser for this step (GlobalBatches.loss_share)."""
         if self.cfg.task != "lm":
             return {}
-        return batches.loss_share(self.train_rows[batches.global_indices(step)]["labels"])
+        return batches.loss_share(rows[batches.global_indices(step)]["labels"])
 
     def train(self, stage: str, steps: int) -> None:
         """Optimizer steps of `stage` ('tune' or 'retune'); resumes from the checkpointed step."""
         cfg, engine = self.cfg, self.engine
         start = self.state.start_step(stage)
-        batches = GlobalBatches(len(self.train_rows), self.micro, self.accum, self.world, seed=cfg.seed + (1 if stage == "retune" else 0))
+        rows = self.train_rows if self.train_windows is None else self.train_windows  # a packed window is one row of the global batch
+        batches = GlobalBatches(len(rows), self.micro, self.accum, self.world, seed=cfg.seed + (1 if stage == "retune" else 0))
         schedule = self._schedule(steps, start)
         if schedule is not None and cfg.warmup_steps > steps:
             log.warning("warm-up (%d steps) is longer than the %s stage (%d steps): the LR never reaches --lr", cfg.warmup_steps, stage, steps)
@@ -220,23 +240,27 @@ class Recipe:
         # carriage returns, so there the log_every records below are logged instead.
         bar = tqdm(range(start, steps), desc=stage, disable=not (dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True)
         window, tic, stage_tic = [], time.time(), time.time()
+        examples = tokens = stage_tokens = 0.0  # examples and real input tokens since the last log record; real input tokens of the stage
         for step in bar:
             torch.manual_seed(dropout.seed_of(cfg.seed, stage, step, self.rank))  # draws outside dropout.rows (torch's own) depend on where the run is too
             lr = engine.get_lr()[0]
-            share = self._loss_share(batches, step)
-            total = torch.zeros(1, device=engine.device)  # summed on the device: one sync per step, not per micro-step
+            share = self._loss_share(rows, batches, step)
+            # loss, examples, real input tokens: summed on the device, one sync per step, not per micro-step
+            total = torch.zeros(3, dtype=torch.float64, device=engine.device)
             for accum in range(self.accum):
-                batch = self._micro_batch(batches, step, accum)
-                # dropout keyed by each row's place in the global batch: the same masks in any split (backward recomputes under checkpointing)
+                batch = self._micro_batch(rows, batches, step, accum)
+                # dropout keyed by each row's (or packed window's) place in the global batch: the same masks in any split (backward recomputes under checkpointing)
                 keyed = dropout.rows(cfg.seed, stage, step, batches.micro_positions(accum, self.rank), batch["attention_mask"]) if cfg.row_dropout else contextlib.nullcontext()
                 with keyed:
-                    loss = faults.training_loss(engine(**batch, **share).loss, stage, step + 1)
+                    loss = faults.training_loss(engine(**self._model_inputs(batch), **share).loss, stage, step + 1)
                     engine.backward(loss)
                 engine.step()
-                total += loss.detach().float()
+                total += torch.cat([loss.detach().double().reshape(1) / self.accum, batch_counts(batch).double()])
             if schedule is not None:
                 schedule.step()
-            loss_value = float(dist.all_reduce(total / self.accum)) / self.world
+            loss_sum, step_examples, step_tokens = dist.all_reduce(total).tolist()
+            loss_value = loss_sum / self.world
+            examples, tokens, stage_tokens = examples + step_examples, tokens + step_tokens, stage_tokens + step_tokens
             if math.isfinite(loss_value):
                 window.append(loss_value)
                 self.state.losses.setdefault(stage, []).append(loss_value)
@@ -244,14 +268,13 @@ class Recipe:
                 self._skip_or_stop(stage, step + 1, loss_value)
             if window and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
                 elapsed = time.time() - tic
-                samples = len(window) * batches.global_batch
-                record = {"stage": stage, "step": step + 1, "loss": sum(window) / len(window), "lr": lr, "samples_per_s": samples / elapsed}
-                bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
+                record = {"stage": stage, "step": step + 1, "loss": sum(window) / len(window), "lr": lr, "samples_per_s": examples / elapsed, "tokens_per_s": tokens / elapsed}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}", tps=f"{record['tokens_per_s']:.0f}")
                 if bar.disable:
-                    log.info("%s step %d/%d: loss %.4f, %.1f samples/s", stage, step + 1, steps, record["loss"], record["samples_per_s"])
+                    log.info("%s step %d/%d: loss %.4f, %.1f samples/s, %.0f tokens/s", stage, step + 1, steps, record["loss"], record["samples_per_s"], record["tokens_per_s"])
                 if self.metrics:
                     self.metrics.write(record)
-                window, tic = [], time.time()
+                window, examples, tokens, tic = [], 0.0, 0.0, time.time()
             self.state.stage, self.state.step = stage, step + 1
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 self.measure(tag=f"{stage}-{step + 1}")
@@ -260,7 +283,9 @@ class Recipe:
                 self.save_checkpoint()
         bar.close()
         if steps > start:
-            self.state.timings[f"{stage}_s_per_step"] = (time.time() - stage_tic) / (steps - start)
+            elapsed = time.time() - stage_tic
+            self.state.timings[f"{stage}_s_per_step"] = elapsed / (steps - start)
+            self.state.timings[f"{stage}_tokens_per_s"] = stage_tokens / elapsed  # real (non-padding) input tokens, packed or not
 
     def _skip_or_stop(self, stage: str, step: int, loss_value: float) -> None:
         """A non-finite loss stops the run, unless --skip_nonfinite allows one more skipped step
@@ -322,7 +347,7 @@ class Recipe:
         """This rank's micro-batches of the first n global batches of their own shuffle, split as
         training splits them: the same rows on any ranks × accumulation, so the same scores."""
         batches = GlobalBatches(len(self.train_rows), self.micro, self.accum, self.world, seed=self.cfg.seed + 7)
-        return [self._micro_batch(batches, s, a) for s in range(n) for a in range(self.accum)]
+        return [self._micro_batch(self.train_rows, batches, s, a) for s in range(n) for a in range(self.accum)]
 
     # ---- evaluation and export ---------------------------------------------------------------
     def measure(self, tag: str, bleu: bool = True) -> dict:

@@ -184,14 +184,15 @@ def check_chat_template(cfg: TrainConfig, formats: set[str]) -> None:
 
 
 def check_model_fits(cfg: TrainConfig, ds_config: dict | None = None, world: int = 1) -> None:
-    """Targets, rank and nnz against the model's shapes, the tokenizer against its vocabulary
-    and NVMe swap buffers against its shards, on a model built on the meta device (no weights
-    are loaded or allocated)."""
+    """Targets, rank and nnz against the model's shapes, the tokenizer against its vocabulary,
+    NVMe swap buffers against its shards and --packing against its attention, on a model built
+    on the meta device (no weights are loaded or allocated)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from dsee_scale.inject import check_targets
     from dsee_scale.models import TASK_MODELS, builtin_config, resolve_model_path
+    from dsee_scale.packing import check_model as check_packing
 
     builtin = cfg.model.startswith("builtin:")
     if not builtin and not Path(resolve_model_path(cfg.model)).exists():
@@ -212,6 +213,8 @@ def check_model_fits(cfg: TrainConfig, ds_config: dict | None = None, world: int
         model = model_class(config)
     try:
         check_targets(model, cfg.dsee)
+        if cfg.packing:
+            check_packing(model.config, cfg.max_length)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_nvme_buffers(ds_config or {}, model, world)

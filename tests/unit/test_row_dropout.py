@@ -2,14 +2,15 @@
 attention's, the adapters' and the head's), one global batch split over any world size,
 micro-batch and accumulation gives the same loss and the same adapter gradients, as the
 trainer computes them (GlobalBatches' rows and loss share, dropout.rows, DeepSpeed's averaging
-over micro-steps and ranks), in one process."""
+over micro-steps and ranks), in one process; packed windows (--packing) are keyed as rows."""
 import random
+from collections.abc import Callable
 
 import pytest
 import torch
 from conftest import tiny_model
 
-from dsee_scale import DSEEConfig, apply_dsee, dropout
+from dsee_scale import DSEEConfig, apply_dsee, dropout, packing
 from dsee_scale.data import GlobalBatches
 
 GLOBAL = 12
@@ -36,12 +37,15 @@ def make_rows(task: str, n: int = 2 * GLOBAL) -> list[dict]:
 
 
 def pad(rows: list[dict], task: str) -> dict:
-    """Right padding, as data.collate pads."""
+    """Right padding, as data.collate pads (packed windows: with their position ids)."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows])
     mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
     labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows]) if task == "lm" else torch.tensor([r["labels"] for r in rows])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if "lengths" in rows[0]:
+        batch["position_ids"] = packing.position_ids([r["lengths"] for r in rows], width)
+    return batch
 
 
 def model_with_adapters(kind: str):
@@ -52,8 +56,9 @@ def model_with_adapters(kind: str):
     return model.train(), task
 
 
-def one_step(model, task: str, rows: list[dict], world: int, micro: int, accum: int, step: int = 0) -> tuple[float, dict]:
-    """The loss the trainer logs and the gradient DeepSpeed applies for one step of this split."""
+def one_step(model, task: str, rows: list[dict], world: int, micro: int, accum: int, step: int = 0, inputs: Callable[[dict], dict] = lambda b: b) -> tuple[float, dict]:
+    """The loss the trainer logs and the gradient DeepSpeed applies for one step of this split;
+    `inputs`: a micro-batch as the model takes it (the trainer's _model_inputs)."""
     batches = GlobalBatches(len(rows), micro, accum, world, seed=3)
     share = batches.loss_share([rows[i]["labels"] for i in batches.global_indices(step)]) if task == "lm" else {}
     model.zero_grad()
@@ -62,28 +67,43 @@ def one_step(model, task: str, rows: list[dict], world: int, micro: int, accum: 
         for a in range(accum):
             batch = pad([rows[i] for i in batches.micro_indices(step, a, rank)], task)
             with dropout.rows(7, "tune", step, batches.micro_positions(a, rank), batch["attention_mask"]):
-                loss = model(**batch, **share).loss
+                loss = model(**inputs(batch), **share).loss
                 (loss / (accum * world)).backward()  # DeepSpeed: the loss over accumulation, gradients averaged over ranks
             losses.append(loss.item())
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return sum(losses) / len(losses), grads
 
 
-@pytest.mark.parametrize("kind", list(FAMILIES))
-def test_every_split_of_a_global_batch_gives_the_same_loss_and_gradients(kind):
-    model, task = model_with_adapters(kind)
-    rows = make_rows(task)
-    reference_loss, reference = one_step(model, task, rows, 1, GLOBAL, 1)
+def assert_every_split_alike(model, task: str, rows: list[dict], inputs: Callable[[dict], dict] = lambda b: b) -> None:
+    reference_loss, reference = one_step(model, task, rows, 1, GLOBAL, 1, inputs=inputs)
     model.eval()
-    undropped = one_step(model, task, rows, 1, GLOBAL, 1)[0]
+    undropped = one_step(model, task, rows, 1, GLOBAL, 1, inputs=inputs)[0]
     model.train()
     assert abs(reference_loss - undropped) > 1e-5  # dropout is on
     for world, micro, accum in SPLITS:
-        loss, grads = one_step(model, task, rows, world, micro, accum)
+        loss, grads = one_step(model, task, rows, world, micro, accum, inputs=inputs)
         assert loss == pytest.approx(reference_loss, rel=1e-6, abs=0), (world, micro, accum)
         for name, grad in grads.items():
             scale = reference[name].abs().max().item()  # rtol 1e-6 of the tensor's scale: sums over rows regroup by split
             torch.testing.assert_close(grad, reference[name], rtol=1e-6, atol=1e-6 * scale, msg=lambda m, name=name: f"{name}, split {(world, micro, accum)}: {m}")
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_every_split_of_a_global_batch_gives_the_same_loss_and_gradients(kind):
+    model, task = model_with_adapters(kind)
+    assert_every_split_alike(model, task, make_rows(task))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_packed_windows_are_keyed_as_rows_in_every_split(kind):
+    """--packing: a window is one row of the global batch, its dropout drawn from its place there
+    over its real tokens (its rows together), so every split gives the same loss and gradients."""
+    from datasets import Dataset
+
+    model, task = model_with_adapters(kind)
+    windows = packing.pack(Dataset.from_list(make_rows(task, 6 * GLOBAL)), 32, seed=0).to_list()
+    assert len(windows) >= 2 * GLOBAL and any(len(w["lengths"]) > 1 for w in windows)
+    assert_every_split_alike(model, task, windows, lambda batch: packing.model_inputs(batch, model.config._attn_implementation, torch.float32))
 
 
 def test_masks_differ_by_step_and_row_and_keep_the_rate():
