@@ -87,6 +87,8 @@ BAD_INPUTS: list[Case] = [
     ("unknown role in a chat row", chat_flags([USER, {"role": "bot", "content": "Zizzi ."}]), "row 1, message 2: unknown role 'bot'; roles are system, user, assistant, tool"),
     ("chat messages not a list", chat_flags("Zizzi ?"), "row 1: column 'messages' holds str, not a list of {role, content} messages"),
     ("data format without its columns", ["--data_format", "prompt_completion"] + chat_flags([USER, ANSWER])[:4], "column(s) ['prompt', 'completion'] not found"),
+    ("perplexity text missing", ["--eval_perplexity", TmpPath("wiki.txt")], "wiki.txt is not a file (a plain text file, e.g. ../shared/data/wikitext2/test.txt)"),
+    ("perplexity of a classifier", CLS + ["--eval_perplexity", TmpPath("wiki.txt", "Some text .\n")], "eval_perplexity measures a language model's perplexity: it is for --task lm, not cls"),
     ("stages out of order", ["--stages", "export,retune"], "stages export,retune are out of order"),
     ("--resume and --overwrite together", ["--resume", "--overwrite"], "choose --resume or --overwrite, not both"),
 ]
