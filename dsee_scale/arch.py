@@ -76,6 +76,13 @@ def arch_of(model: nn.Module) -> Arch:
     return ARCHS[model_type(model)]
 
 
+def logits_are_head_output(model: nn.Module) -> bool:
+    """Whether a causal LM's logits are what its output embeddings return, nothing applied after
+    them (no soft-capping or scaling, as some other families have): true of every family here.
+    Evaluation then runs the head itself on a chunk of positions at a time (evaluate.lm_sums)."""
+    return model_type(model) in ARCHS
+
+
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a model of a family dsee_scale knows, PEFT's wrapper looked
     through; none for another model."""

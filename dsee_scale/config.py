@@ -187,6 +187,9 @@ class TrainConfig:
                           "--micro_batch_size then counts windows; evaluation and pruning's calibration read the rows unpacked (docs/design.md, Packing)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N examples"})
+    eval_perplexity: str | None = field(default=None, metadata={"help": "a plain text file (e.g. ../shared/data/wikitext2/test.txt) whose perplexity is measured before "
+                                        "the first stage and after tune, prune, retune and evaluate (summary.json's perplexity), as SparseGPT and Wanda measure it: "
+                                        "the text tokenized once, in windows of max_length tokens"})
     support_file: str | None = field(default=None, metadata={"help": "reuse Ω: another run's support.safetensors or a dsee_adapter.safetensors"})
     ds_config: str | None = field(default=None, metadata={"help": "DeepSpeed config: a JSON file or a built-in name (zero3, zero3_bf16, zero3_offload, zero2, zero3_nvme, ...: "
                                                          "dsee_scale/ds_configs/). Unset: chosen by device: zero3_bf16 on a GPU with native bf16 (Ampere or newer), zero3 (fp32) otherwise"})
@@ -243,6 +246,8 @@ class TrainConfig:
             raise ValueError(f"packing concatenates causal-LM rows (--task lm); a task {self.task} row is one example with its own label: drop --packing")
         if self.task != "lm" and (self.data_format != "auto" or self.chat_template):
             raise ValueError(f"data_format and chat_template are for --task lm; task {self.task} reads --text_column and --label_column")
+        if self.eval_perplexity and self.task != "lm":
+            raise ValueError(f"eval_perplexity measures a language model's perplexity: it is for --task lm, not {self.task}")
         if self.resume and self.overwrite:
             raise ValueError("choose --resume or --overwrite, not both")
 

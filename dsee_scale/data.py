@@ -320,6 +320,21 @@ def data_counts(source: Dataset, rows: Dataset, fmt: str) -> dict:
     return {"format": fmt, "rows": len(rows), "truncated_rows": sum(rows["truncated"]), "dropped_rows": len(source) - len(rows), "target_tokens": sum(rows["targets"])}
 
 
+def text_windows(path: str, tokenizer: PreTrainedTokenizerBase, length: int) -> Dataset:
+    """A plain text file as the SparseGPT/Wanda perplexity protocol reads it: the whole text
+    tokenized once (as the tokenizer encodes one document: a BOS first where it adds one) and cut
+    into windows of exactly `length` tokens, the last partial window dropped; every token of a
+    window but its first is predicted. Rows of input_ids = labels, for evaluate.evaluate_rows."""
+    import datasets
+
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tokenizer(text, verbose=False)["input_ids"]  # verbose: no warning that the text is longer than the model's context
+    windows = [ids[start : start + length] for start in range(0, len(ids) - length + 1, length)]
+    if not windows:
+        raise ValueError(f"--eval_perplexity {path}: {len(ids)} tokens, fewer than one window of --max_length {length}: give a longer text or a lower --max_length")
+    return datasets.Dataset.from_dict({"input_ids": windows, "labels": windows})
+
+
 def collate(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
     """Tokenized rows (columns, as `Dataset[indices]` gives them) as host tensors; the caller moves
     them to its device in one copy. Right-padded whatever the tokenizer's own side (LLaMA
@@ -444,6 +459,11 @@ def load_tokenizer(cfg, writer: bool) -> PreTrainedTokenizerBase:
             train_sentencepiece(Path(cfg.train_file), folder, vocab_size=512)
         dist.barrier()
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return with_pad_token(tokenizer)
+
+
+def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer, with its EOS (or UNK) as the pad token where it has none: collate pads."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer

@@ -4,6 +4,8 @@
 re-computes the run's metric in a process without DeepSpeed; `--latency` adds, for a structured
 export, FLOPs per token and measured forward latency of the dense architecture, the folder as
 `from_pretrained` loads it, and the compacted model (structured.compact), on a fixed batch.
+`--eval_perplexity FILE` adds the perplexity of a plain text (data.text_windows), `--harness
+TASKS` lm-evaluation-harness's tasks (the `eval` extra): what pruning cost, as the field reports it.
 """
 from __future__ import annotations
 
@@ -12,17 +14,81 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
+from torch import nn
+
+# Target tokens whose logits exist at once in LM evaluation, in fp32: 1024 × a 128k vocabulary is 512 MiB.
+CHUNK_TOKENS = 1024
 
 
-def metric_sums(logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """LM: (summed token loss, tokens); rows with real == False (padding rows) are not counted."""
-    real = real.to(logits.device)
-    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    counted = (targets != -100) & real[:, None]
-    return torch.stack([(losses * counted).sum().double(), counted.sum().double()])
+def lm_sums(model: nn.Module, forward: Callable, batch: dict[str, torch.Tensor], real: torch.Tensor, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """LM: (summed token loss, tokens) of a batch; rows with real == False (padding rows) are not
+    counted. `forward` calls `model` (a DeepSpeed engine around it, or the model itself).
+
+    The model is called without labels: its own loss takes an fp32 copy of the B×T×V logits (and
+    log-softmax another), which outgrows the model itself with a 128k vocabulary. The
+    cross-entropy runs over `chunk` target tokens at a time instead, in fp32; where the logits are
+    the head's output as is (arch.logits_are_head_output) and the head is one layer, the head too
+    runs per chunk, on the final hidden states, so that no B×T×V tensor exists at all."""
+    from dsee_scale.arch import logits_are_head_output
+
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    counted = (targets != -100) & real.to(labels.device)[:, None]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    head = model.get_output_embeddings() if logits_are_head_output(model) else None
+    # A head that wraps another module (an adapter on it) would call that module, and ZeRO-3's
+    # hooks with it, once per chunk: a number that differs between ranks.
+    if head is None or next(head.children(), None) is not None:
+        total = _chunked_loss(forward(**inputs).logits, lambda logits: logits, targets, counted, chunk)
+    else:
+        with _loss_in_head(head, targets, counted, chunk) as totals:
+            forward(**inputs)
+        if len(totals) != 1:
+            raise RuntimeError(f"{type(model).__name__} called its output embeddings {len(totals)} times in one forward, not once: "
+                               "evaluation cannot take its loss from the head (arch.logits_are_head_output)")
+        total = totals[0]
+    return torch.stack([total, counted.sum().double()])
+
+
+def _chunked_loss(features: torch.Tensor, to_logits: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor, counted: torch.Tensor,
+                  chunk: int) -> torch.Tensor:
+    """Summed cross-entropy (float64) of the counted positions, `chunk` at a time: position t of
+    `features` (B×T×V logits, or the hidden states that `to_logits` maps to logits) predicts
+    targets[:, t]."""
+    rows, cols = counted.nonzero(as_tuple=True)
+    total = torch.zeros((), dtype=torch.float64, device=features.device)
+    for start in range(0, len(rows), chunk):
+        r, c = rows[start : start + chunk], cols[start : start + chunk]
+        total += torch.nn.functional.cross_entropy(to_logits(features[r, c]).float(), targets[r, c], reduction="sum").double()
+    return total
+
+
+@contextlib.contextmanager
+def _loss_in_head(head: nn.Module, targets: torch.Tensor, counted: torch.Tensor, chunk: int) -> Iterator[list[torch.Tensor]]:
+    """While open, the head computes the chunked loss of its input (the final hidden states) into
+    the list it yields and returns logits of width 0. It runs inside the model's forward, where
+    ZeRO-3 has gathered the head's weights (its module hooks are untouched)."""
+    totals: list[torch.Tensor] = []
+    own, compute = vars(head).get("forward"), head.forward
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[:2] != (targets.shape[0], targets.shape[1] + 1):
+            raise RuntimeError(f"the output embeddings got hidden states of shape {tuple(hidden.shape)} for a batch of {tuple(counted.shape)} targets")
+        totals.append(_chunked_loss(hidden, compute, targets, counted, chunk))
+        return hidden.new_zeros((*hidden.shape[:-1], 0))
+
+    head.forward = forward
+    try:
+        yield totals
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def finish(sums: torch.Tensor) -> dict:
@@ -31,10 +97,10 @@ def finish(sums: torch.Tensor) -> dict:
 
 
 class Tally:
-    """What a task's metric needs from each evaluation batch: LM token-loss sums (all-reduced),
-    or, for cls/reg, every real row's prediction and label, gathered in rank order (each rank
-    holds a contiguous share of the rows, so every row is counted once, in order) for
-    metrics.compute. `result` is collective; without a process group it is this process's."""
+    """What a task's metric needs from each evaluation batch: LM token-loss sums (lm_sums; `sums`,
+    all-reduced), or, for cls/reg, every real row's prediction and label (`add`), gathered in rank
+    order (each rank holds a contiguous share of the rows, so every row is counted once, in order)
+    for metrics.compute. `result` is collective; without a process group it is this process's."""
 
     def __init__(self, task: str, metric: str | None, device: torch.device) -> None:
         self.task, self.metric = task, metric
@@ -43,9 +109,7 @@ class Tally:
         self.labels: list[torch.Tensor] = []
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> None:
-        if self.task == "lm":
-            self.sums += metric_sums(logits, labels, real)
-            return
+        """cls/reg: one batch's predictions and labels, rows with real == False left out."""
         real = real.to(logits.device)
         preds = logits.argmax(-1) if self.task == "cls" else logits[:, 0].float()
         self.preds.append(preds[real].cpu())
@@ -81,16 +145,28 @@ def _my_batches(rows, micro: int, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate_engine(engine, rows, tokenizer, task: str, micro: int, metric: str | None = None) -> dict:
-    """The task's metrics of a (DeepSpeed) engine on tokenized rows, split over the ranks. Collective."""
+def evaluate_rows(model: nn.Module, rows, tokenizer, task: str, micro: int, metric: str | None = None, forward: Callable | None = None,
+                  device: torch.device | None = None) -> dict:
+    """The task's metrics of a model on tokenized rows, split over the ranks; the model is called
+    without labels (`forward`: a DeepSpeed engine around it; default the model). Collective."""
     from dsee_scale.data import collate
 
-    engine.eval()
-    tally = Tally(task, metric, engine.device)
-    for batch_rows, real in _my_batches(rows, micro, engine.device):
-        batch = {k: v.to(engine.device) for k, v in collate(batch_rows, tokenizer).items()}
-        tally.add(engine(**batch).logits, batch["labels"], real)
+    forward = forward or model
+    device = device or next(model.parameters()).device
+    tally = Tally(task, metric, device)
+    for batch_rows, real in _my_batches(rows, micro, device):
+        batch = {k: v.to(device) for k, v in collate(batch_rows, tokenizer).items()}
+        if task == "lm":
+            tally.sums += lm_sums(model, forward, batch, real)
+        else:
+            tally.add(forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"], real)
     return tally.result()
+
+
+def evaluate_engine(engine, rows, tokenizer, task: str, micro: int, metric: str | None = None) -> dict:
+    """evaluate_rows on a (DeepSpeed) engine's model. Collective."""
+    engine.eval()
+    return evaluate_rows(engine.module, rows, tokenizer, task, micro, metric, forward=engine, device=engine.device)
 
 
 def corpus_bleu(model, tokenizer, rows, samples: int, max_new_tokens: int, synced_gpus: bool) -> tuple[float, int]:
@@ -149,36 +225,66 @@ def generate(model, tokenizer, source: str, max_new_tokens: int, synced_gpus: bo
 
 
 @torch.no_grad()
-def evaluate_folder(model_dir: str, eval_file: str, task: str, batch_size: int = 8, latency_batch: int = 0, **data_options) -> dict:
-    """Load an exported HF folder (model + tokenizer) with plain transformers and evaluate it;
-    latency_batch > 0 adds `structured_latency` on the first latency_batch evaluation rows."""
+def evaluate_folder(model_dir: str, eval_file: str | None, task: str = "lm", batch_size: int = 8, latency_batch: int = 0, perplexity_file: str | None = None,
+                    **data_options) -> dict:
+    """Load an exported HF folder (model + tokenizer) with plain transformers and evaluate it on
+    eval_file's rows; perplexity_file adds `text_perplexity` (data.text_windows of max_length
+    tokens), latency_batch > 0 `structured_latency` on the first latency_batch evaluation rows."""
     from transformers import AutoTokenizer
 
     from dsee_scale.config import TrainConfig
-    from dsee_scale.data import check_labels, collate, load_split, tokenize
+    from dsee_scale.data import check_labels, collate, load_split, text_windows, tokenize, with_pad_token
     from dsee_scale.models import TASK_MODELS
 
-    cfg = TrainConfig(task=task, eval_file=eval_file, train_file=eval_file, **data_options)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cfg = TrainConfig(task=task, eval_file=eval_file, train_file=eval_file, eval_perplexity=perplexity_file, **data_options)
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_dir))
     model = TASK_MODELS[task].from_pretrained(model_dir).eval()
-    labels = getattr(model.config, "dsee_label_map", None)
-    if task == "cls" and not labels:
-        raise ValueError(f"{model_dir}: the config has no dsee_label_map (was it exported by dsee_scale?)")
-    data = load_split(cfg, "eval")
-    if task != "lm":
-        check_labels(data[cfg.label_column], cfg, eval_file)
-    rows = tokenize(data, tokenizer, cfg, labels)
-    device = next(model.parameters()).device
-    tally = Tally(task, cfg.metric, device)
-    for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], tokenizer).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        tally.add(logits, batch["labels"], torch.ones(len(batch["input_ids"]), dtype=torch.bool, device=device))
-    result = tally.result()
-    if latency_batch:
-        batch = collate(rows[:latency_batch], tokenizer)
-        result["latency"] = structured_latency(model_dir, task, {k: batch[k] for k in ("input_ids", "attention_mask")})
+    result = {}
+    if eval_file:
+        labels = getattr(model.config, "dsee_label_map", None)
+        if task == "cls" and not labels:
+            raise ValueError(f"{model_dir}: the config has no dsee_label_map (was it exported by dsee_scale?)")
+        data = load_split(cfg, "eval")
+        if task != "lm":
+            check_labels(data[cfg.label_column], cfg, eval_file)
+        rows = tokenize(data, tokenizer, cfg, labels)
+        result = evaluate_rows(model, rows, tokenizer, task, batch_size, cfg.metric)
+        if latency_batch:
+            batch = collate(rows[:latency_batch], tokenizer)
+            result["latency"] = structured_latency(model_dir, task, {k: batch[k] for k in ("input_ids", "attention_mask")})
+    if perplexity_file:
+        windows = text_windows(perplexity_file, tokenizer, cfg.max_length)
+        ppl = evaluate_rows(model, windows, tokenizer, "lm", batch_size)["perplexity"]
+        result["text_perplexity"] = {"file": perplexity_file, "window": cfg.max_length, "windows": len(windows), "perplexity": ppl}
     return result
+
+
+def harness(model_dir: str, tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None, limit: int | None = None,
+            batch_size: int = 8) -> dict:
+    """lm-evaluation-harness tasks (zero-shot unless num_fewshot) on an exported folder, through
+    its Python API: simple_evaluate over an HFLM that loads the folder. `include_path`: a folder of
+    task YAMLs (local data: offline); it is indexed alone first, and lm-eval's own few thousand
+    tasks (~20 s to index; their data comes from the hub) only when a task is not there.
+    Returns lm-eval's results, sample counts, shots and task versions."""
+    from dsee_scale import extras
+
+    extras.require("lm_eval")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if include_path and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"--include_path {include_path} is not a folder (of lm-eval task YAMLs)")
+    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or not set(tasks) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=include_path)
+    unknown = [task for task in tasks if task not in manager.all_tasks and not Path(task).is_file()]
+    if unknown:
+        raise ValueError(f"--harness: lm-eval knows no task {', '.join(map(repr, unknown))}: name one of its tasks (`lm-eval ls tasks`) or of "
+                         "--include_path's YAMLs, or give a task YAML's path")
+    model = HFLM(pretrained=model_dir, device="cuda" if torch.cuda.is_available() else "cpu", batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False)
+    return {key: out[key] for key in ("results", "groups", "n-samples", "n-shot", "versions") if key in out}
 
 
 def structured_latency(model_dir: str, task: str, batch: dict[str, torch.Tensor], repeats: int = 20) -> dict:
@@ -205,21 +311,43 @@ def structured_latency(model_dir: str, task: str, batch: dict[str, torch.Tensor]
 
 def main() -> None:
     from dsee_scale.config import TASKS
+    from dsee_scale.extras import MissingExtra, require
 
-    p = argparse.ArgumentParser(description="Evaluate an exported model folder without DeepSpeed.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--eval_file", required=True)
+    p = argparse.ArgumentParser(description="Evaluate an exported model folder without DeepSpeed: its run's metric on --eval_file, "
+                                            "the perplexity of a text (--eval_perplexity), lm-evaluation-harness tasks (--harness).")
+    p.add_argument("--model", required=True, help="an exported folder (a run's export/merged)")
+    p.add_argument("--eval_file", help="rows of --task, read as training reads them")
     p.add_argument("--task", default="lm", choices=TASKS)
     p.add_argument("--text_column", default="text")
     p.add_argument("--text_pair_column", default=None)
     p.add_argument("--label_column", default="label")
     p.add_argument("--header", default="true", choices=["true", "false"], help="false: a TSV/CSV file without a header row (columns named 0, 1, ...)")
     p.add_argument("--metric", default=None, help="cls/reg metrics (as launch/train.py --metric); default: the task's")
-    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--max_length", type=int, default=128, help="tokens per row; --eval_perplexity: tokens per window (SparseGPT and Wanda use the model's context, 4096 for LLaMA-2)")
+    p.add_argument("--batch_size", type=int, default=8, help="rows (windows) per forward")
     p.add_argument("--latency", type=int, default=0, metavar="N", help="structured exports: FLOPs and CPU latency (dense vs exported vs compacted) on the first N evaluation rows")
+    p.add_argument("--eval_perplexity", metavar="FILE", help="perplexity of a plain text file (e.g. WikiText-2's test split) in windows of --max_length tokens, as SparseGPT and Wanda measure it")
+    p.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated (the 'eval' extra: pip install -e '.[eval]')")
+    p.add_argument("--include_path", metavar="DIR", help="--harness: a folder of task YAMLs (tasks on local files run offline)")
+    p.add_argument("--num_fewshot", type=int, default=None, help="--harness: examples in each prompt (default: each task's own, mostly 0)")
+    p.add_argument("--limit", type=int, default=None, help="--harness: only the first N examples of each task")
     args = p.parse_args()
-    result = evaluate_folder(args.model, args.eval_file, args.task, latency_batch=args.latency, text_column=args.text_column, text_pair_column=args.text_pair_column,
-                             label_column=args.label_column, header=args.header == "true", metric=args.metric, max_length=args.max_length)
+    if not (args.eval_file or args.eval_perplexity or args.harness):
+        p.error("nothing to evaluate: give --eval_file, --eval_perplexity and/or --harness")
+    if args.latency and not args.eval_file:
+        p.error("--latency times the first N rows of --eval_file: give --eval_file")
+    try:
+        if args.harness:
+            require("lm_eval")  # before any model is loaded
+        result = {}
+        if args.eval_file or args.eval_perplexity:
+            result = evaluate_folder(args.model, args.eval_file, args.task, batch_size=args.batch_size, latency_batch=args.latency, perplexity_file=args.eval_perplexity,
+                                     text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
+                                     header=args.header == "true", metric=args.metric, max_length=args.max_length)
+        if args.harness:
+            result["harness"] = harness(args.model, args.harness.split(","), args.include_path, args.num_fewshot, args.limit, args.batch_size)
+    except (MissingExtra, ValueError, FileNotFoundError) as err:
+        p.exit(2, f"dsee_scale.evaluate: error: {err}\n")
     print(json.dumps(result))
 
 

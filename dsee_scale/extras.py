@@ -9,6 +9,7 @@ EXTRAS = {
     "mpi4py": ("mpi", "finding the ranks without a launcher's environment (mpirun, srun or a plain process: DeepSpeed asks MPI; "
                       "deepspeed and torchrun need no MPI)"),
     "compressed_tensors": ("compressed", "--export_format compressed"),
+    "lm_eval": ("eval", "--harness (lm-evaluation-harness)"),
 }
 
 

@@ -150,6 +150,8 @@ def format_summary(s: dict) -> str:
     for label in ("before", "after"):
         for key, value in (s.get(label) or {}).items():
             rows.append((f"{key} ({label})", f"{value:.4f}"))
+    text = s.get("perplexity") or {}
+    rows += [(f"perplexity of {Path(text['file']).name} ({key})", f"{value:.4f}") for key, value in text.items() if isinstance(value, float)]
     rows += [("sparsity (backbone / final model)", f"{100 * s.get('sparsity', 0.0):.1f}% / {100 * s.get('final_sparsity', 0.0):.1f}%"), ("FLOPs saved (dense-equivalent)", f"{100 * s.get('flops_saved', 0.0):.1f}%"), ("wall time", f"{s.get('wall_s', 0.0):.1f} s")]
     width = max(len(k) for k, _ in rows)
     line = "+" + "-" * (width + 2) + "+" + "-" * 44 + "+"

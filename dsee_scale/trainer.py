@@ -26,7 +26,7 @@ from dsee_scale import checkpoint, dist, dropout, faults, packing, run_folder, z
 from dsee_scale.baselines import apply_peft_lora, merge_peft_lora, train_everything
 from dsee_scale.config import TrainConfig
 from dsee_scale.chat import use_chat_template
-from dsee_scale.data import GlobalBatches, batch_counts, check_columns, check_labels, collate, data_counts, data_format, label_map, load_split, load_tokenizer, tokenize
+from dsee_scale.data import GlobalBatches, batch_counts, check_columns, check_labels, collate, data_counts, data_format, label_map, load_split, load_tokenizer, text_windows, tokenize
 from dsee_scale.ds_config import nvme_offload
 from dsee_scale.engine import create_engine, init_distributed, torch_optimizer
 from dsee_scale.evaluate import engine_bleu, evaluate_engine
@@ -83,6 +83,7 @@ class Recipe:
         # before the model is built: a builtin model is built with the template's tokens, a pretrained one grows to them
         self.new_tokens = use_chat_template(self.tokenizer, cfg.chat_template) if cfg.chat_template else 0
         self._load_data()
+        self.perplexity_rows = text_windows(cfg.eval_perplexity, self.tokenizer, cfg.max_length) if cfg.eval_perplexity else None
         saved = checkpoint.load_latest(self.ckpt_dir) if cfg.resume else None
         self._build_model()
         if cfg.export_format == "compressed":
@@ -366,8 +367,25 @@ class Recipe:
         log.info("evaluation %s: %s", tag, result)
         return result
 
+    def measure_perplexity(self, key: str) -> None:
+        """The perplexity of --eval_perplexity's text (data.text_windows) as the model now is, kept
+        in summary.json's `perplexity` under `key`: before, the stage just run, or after (the
+        evaluate stage's). The model's mode is kept: the next stage (pruning's gradient scores) sees
+        it as it would without this. Collective."""
+        if self.perplexity_rows is None:
+            return
+        training = self.engine.module.training
+        result = evaluate_engine(self.engine, self.perplexity_rows, self.tokenizer, "lm", self.micro)
+        self.engine.train(training)
+        record = self.state.summary.setdefault("perplexity", {"file": self.cfg.eval_perplexity, "window": self.cfg.max_length, "windows": len(self.perplexity_rows)})
+        record[key] = result["perplexity"]
+        if self.metrics:
+            self.metrics.write({"stage": "perplexity", "tag": key, **result})
+        log.info("perplexity of %s (%d windows of %d tokens), %s: %.4f", record["file"], record["windows"], record["window"], key, result["perplexity"])
+
     def evaluate(self) -> None:
         self.state.summary["after"] = self.measure(tag="final")
+        self.measure_perplexity("after")
 
     def export(self) -> None:
         """Adapter-only file, then the adapters merged in place (exactly, or re-masked with
@@ -438,10 +456,14 @@ class Recipe:
         tic = time.time()
         if "before" not in self.state.summary and "evaluate" in cfg.stages and self.state.stage is None:
             self.state.summary["before"] = self.measure(tag="before", bleu=False)
+        if "before" not in self.state.summary.get("perplexity", {}) and self.state.stage is None:
+            self.measure_perplexity("before")
         for stage in cfg.stages:
             if stage in self.state.finished:
                 continue
             getattr(self, stage)()
+            if stage in CHECKPOINTED:  # the stages that change the model (export merges it as it is)
+                self.measure_perplexity(stage)
             self.state.finish(stage)
             if stage in CHECKPOINTED:
                 self.save_checkpoint()

@@ -151,6 +151,8 @@ def check_data(cfg: TrainConfig) -> None:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     check_chat_template(cfg, formats)
+    if cfg.eval_perplexity and not Path(cfg.eval_perplexity).is_file():
+        raise ConfigError(f"--eval_perplexity {cfg.eval_perplexity} is not a file (a plain text file, e.g. ../shared/data/wikitext2/test.txt)")
     if cfg.support_file and not Path(cfg.support_file).is_file():
         raise ConfigError(f"--support_file {cfg.support_file} does not exist (a run's support.safetensors or an adapter file)")
     if cfg.task != "lm" and not (cfg.train_file or cfg.dataset):

@@ -89,6 +89,8 @@ BAD_INPUTS: list[Case] = [
     ("data format without its columns", ["--data_format", "prompt_completion"] + chat_flags([USER, ANSWER])[:4], "column(s) ['prompt', 'completion'] not found"),
     ("--packing with a classification task", CLS + ["--packing"], "packing concatenates causal-LM rows (--task lm)"),
     ("--packing on a model whose rows it cannot keep apart", ["--model", "builtin:tiny-bert", "--packing"], "--packing: model type 'bert' is not one whose rows dsee_scale keeps apart"),
+    ("perplexity text missing", ["--eval_perplexity", TmpPath("wiki.txt")], "wiki.txt is not a file (a plain text file, e.g. ../shared/data/wikitext2/test.txt)"),
+    ("perplexity of a classifier", CLS + ["--eval_perplexity", TmpPath("wiki.txt", "Some text .\n")], "eval_perplexity measures a language model's perplexity: it is for --task lm, not cls"),
     ("stages out of order", ["--stages", "export,retune"], "stages export,retune are out of order"),
     ("--resume and --overwrite together", ["--resume", "--overwrite"], "choose --resume or --overwrite, not both"),
 ]
