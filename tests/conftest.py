@@ -41,7 +41,7 @@ torch.set_num_threads(1)
 # The longest files first: `make test` runs files on 2 xdist workers (--dist loadfile), which
 # take them in collection order, so a long file collected last would end the run alone.
 LONGEST_FIRST = ("test_gpu_check.py", "test_launchers.py", "test_resume.py", "test_resume_dropout_minilm.py", "test_resume_dropout_gpt2.py", "test_reliability_of_runs.py", "test_zero3_on_2_ranks.py", "test_infinity.py",
-                 "test_generation.py", "test_baselines_runs.py", "test_structured_runs.py")
+                 "test_generation.py", "test_baselines_runs.py", "test_structured_runs.py", "test_perplexity_runs.py", "test_chat_runs.py", "test_install.py", "test_packing_runs.py")
 MULTIRANK = Path(__file__).resolve().parent / "multirank"
 
 
