@@ -67,13 +67,15 @@ def test_pretrained_model_grows_its_embeddings_for_the_template_tokens_under_two
 def test_the_llama_instruct_recipe_runs_on_the_cpu_with_a_tiny_model(tmp_path):
     """launch/recipes/llama-instruct.yaml as shipped (chat data, gradient checkpointing, lr 2e-4, cosine
     schedule, accumulation, the DeepSpeed config chosen by device: zero3 here, zero3_bf16 on GPUs),
-    with what needs a GPU and the hub overridden: builtin:tiny-llama with ChatML, a few steps, short rows."""
-    from conftest import RECIPES
+    with what needs a GPU and the hub overridden: builtin:tiny-llama with ChatML, a few steps, short rows;
+    packed rows, and the perplexity of a text file measured before and after each stage."""
+    from conftest import RECIPES, SHARED_DATA
     from transformers import AutoTokenizer
 
-    data, out = write_chat(tmp_path / "chat.jsonl", 16), tmp_path / "run"
+    data, out, text = write_chat(tmp_path / "chat.jsonl", 16), tmp_path / "run", tmp_path / "wiki.txt"
+    text.write_text("".join((SHARED_DATA / "wikitext2" / "test.txt").read_text().splitlines(keepends=True)[:60]))
     proc = one_process(["--config", RECIPES / "llama-instruct.yaml", "--model", "builtin:tiny-llama", "--chat_template", "chatml", "--train_file", data, "--eval_file", data,
-                        "--output_dir", out, "--max_length", 48, "--steps", 2, "--retune_steps", 1, "--warmup_steps", 1, "--grad_accum", 2])
+                        "--output_dir", out, "--max_length", 160, "--steps", 2, "--retune_steps", 1, "--warmup_steps", 1, "--grad_accum", 2, "--eval_perplexity", text])
     assert proc.returncode == 0, tail_per_rank(proc.stdout + proc.stderr, 6000)
     assert "DeepSpeed config zero3, chosen by device" in proc.stdout
     config = json.loads((out / "config.json").read_text())
@@ -81,6 +83,9 @@ def test_the_llama_instruct_recipe_runs_on_the_cpu_with_a_tiny_model(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["train"]["format"] == "chat" and summary["data"]["train"]["rows"] == 16 and summary["sparsity"] == 0.5
     assert len(summary["losses"]["tune"]) == 2 and len(summary["losses"]["retune"]) == 1
+    assert config["packing"] and summary["data"]["train"]["packing"]["windows"] < 16  # rows of ~70 tokens: two to a window
+    perplexity = summary["perplexity"]
+    assert perplexity["windows"] > 0 and all(1 < perplexity[stage] < float("inf") for stage in ("before", "tune", "prune", "retune", "after"))
     merged = out / "export" / "merged"
     end = AutoTokenizer.from_pretrained(merged).convert_tokens_to_ids("<|im_end|>")
     assert end in json.loads((merged / "generation_config.json").read_text())["eos_token_id"]  # generation stops at the end of turn
