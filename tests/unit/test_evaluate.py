@@ -144,7 +144,6 @@ metric_list:
 def test_harness_runs_a_local_multiple_choice_task_on_an_export(tmp_path, monkeypatch, capsys, gpt2_tokenizer):
     """`python -m dsee_scale.evaluate --harness` through lm-eval's Python API, offline: a task
     YAML and its JSONL written here, a tiny model exported as a run exports it."""
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional 'eval' extra (pip install -e '.[eval]'); CI does not install it")
     from dsee_scale.export import export_hf, save_for_generation
 
     model, export = tiny_model("gpt2", vocab_size=len(gpt2_tokenizer)), tmp_path / "export"
