@@ -97,7 +97,7 @@ if args.method == "optimized_linear" and not (args.bf16 and args.model in LLAMA_
 recipe = train_config_from_argv(["--config", RECIPE_MODELS[args.model]]) if args.model in RECIPE_MODELS else None
 args.seq = args.seq or (recipe.max_length if recipe else 128)
 args.batch = args.batch or (recipe.micro_batch_size if recipe else 2)
-config_file = Path(args.ds_config or (recipe.ds_config if recipe else f"ds_configs/zero{2 if args.method == 'optimized_linear' else 3}.json"))  # the CPU defaults; --bf16 sets the precision
+config_file = Path(args.ds_config or (recipe.ds_config if recipe else None) or f"ds_configs/zero{2 if args.method == 'optimized_linear' else 3}.json")  # the CPU defaults; --bf16 sets the precision
 if not (config_file.is_absolute() or config_file.exists()):  # recipes name it from the repository root
     config_file = ROOT / config_file
 file_config = json.loads(config_file.read_text())
@@ -113,7 +113,7 @@ ds_config = None if floor else zero.with_fetch_defaults({
     **file_config, "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1, "train_batch_size": args.batch * world, "steps_per_print": 10**9,
     "comms_logger": {"enabled": not args.no_comms_log, "verbose": False, "prof_all": True, "debug": False}, "bf16": {"enabled": args.bf16},
 })
-config_name = os.path.relpath(config_file.resolve(), ROOT)
+config_name = os.path.relpath(config_file.absolute(), ROOT)  # not resolve(): ds_configs/ is a link into the package
 dtype = torch.bfloat16 if args.bf16 else torch.float32
 if recipe:
     model = build_model(recipe.model, recipe.task, ds_config=ds_config, dtype=dtype, num_labels=2)

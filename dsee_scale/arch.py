@@ -78,9 +78,10 @@ def arch_of(model: nn.Module) -> Arch:
 
 def logits_are_head_output(model: nn.Module) -> bool:
     """Whether a causal LM's logits are what its output embeddings return, nothing applied after
-    them (no soft-capping or scaling, as some other families have): true of every family here.
+    them: a family dsee_scale knows without final logit soft-capping (Gemma 2 caps its logits).
     Evaluation then runs the head itself on a chunk of positions at a time (evaluate.lm_sums)."""
-    return model_type(model) in ARCHS
+    config = model.config.get_text_config() if hasattr(model, "config") else None
+    return model_type(model) in ARCHS and not getattr(config, "final_logit_softcapping", None)
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:

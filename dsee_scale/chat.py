@@ -9,6 +9,7 @@ add_generation_prompt=True)`), so no token straddles where the answer begins.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,6 +125,11 @@ def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int | None:
     if tokenizer.chat_template is None:
         return None
     probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
-    turn = next(text for text, assistant in segments(tokenizer, probe, row=0) if assistant)
+    try:  # after training, at export: a template that refuses this probe must not lose the run
+        turn = next(text for text, assistant in segments(tokenizer, probe, row=0) if assistant)
+    except (ValueError, StopIteration) as err:
+        logging.getLogger("dsee_scale").warning("generation_config.json: no end-of-turn token found (the chat template refused a probe "
+                                                "conversation: %s); generate() stops at EOS only", err)
+        return None
     specials = special_ids(tokenizer)
     return next((t for t in reversed(tokenizer(turn, add_special_tokens=False)["input_ids"]) if t in specials), None)

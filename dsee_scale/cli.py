@@ -54,13 +54,14 @@ def leave(code: int) -> None:
     drop, so gloo's worker threads are still alive when Python frees its modules; freeing them
     then can abort in the C++ runtime (SIGABRT, "terminate called without an active exception",
     pytorch#190489) after a run that finished: two runs in one CI pass of the suite.
-    Every file the run writes is closed by then (Recipe.close). Under mpirun, MPI is finalized
-    first: mpirun counts a rank that leaves without MPI_Finalize as failed."""
+    Every file the run writes is closed by then (Recipe.close). After a finished run under
+    mpirun, MPI is finalized first: mpirun counts a rank that leaves without MPI_Finalize as
+    failed. Not after an error: MPI_Finalize would wait for ranks still in a collective."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     mpi = sys.modules.get("mpi4py.MPI")  # imported by DeepSpeed where ranks come from MPI
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+    if code == 0 and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
     os._exit(code)
 

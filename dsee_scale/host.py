@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,9 +14,9 @@ TORCH_WHEELS = "https://download.pytorch.org/whl"
 
 
 def gpu_present() -> bool:
-    """An NVIDIA GPU is installed here, whatever torch makes of it: its driver's nvidia-smi is on
-    PATH or its device file exists."""
-    return shutil.which("nvidia-smi") is not None or Path("/dev/nvidia0").exists()
+    """An NVIDIA GPU is installed here, whatever torch makes of it: its driver's nvidia-smi lists
+    one, or its device file exists. (A cluster image may ship nvidia-smi on CPU nodes too.)"""
+    return Path("/dev/nvidia0").exists() or bool(gpus_listed())
 
 
 def nvidia_smi(*args: str) -> str | None:
@@ -113,7 +112,7 @@ def silent_cpu_fallback() -> str | None:
     if not gpu_present() or cpu_on_purpose() or not on_cpu():
         return None
     listed = gpus_listed()
-    seen = f"nvidia-smi lists {listed[0]!r}" if listed else "nvidia-smi is on PATH" if shutil.which("nvidia-smi") else "/dev/nvidia0 exists"
+    seen = f"nvidia-smi lists {listed[0]!r}" if listed else "/dev/nvidia0 exists"
     why, fix = cuda_unusable()
     return (f"this machine has an NVIDIA GPU ({seen}) but DeepSpeed's accelerator is the CPU, so a run would train on the CPU: CUDA is unusable "
             f"because {why}. Fix: {fix}, then check with `python -m dsee_scale.doctor`; or set DS_ACCELERATOR=cpu to train on the CPU on purpose")

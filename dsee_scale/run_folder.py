@@ -49,11 +49,17 @@ def run_identity(cfg: TrainConfig, ds_config: dict) -> dict:
     return {**{k: getattr(cfg, k) for k in IDENTITY_FIELDS}, "dsee": cfg.dsee.to_dict(), "global_batch": ds_config["train_batch_size"]}
 
 
+# What a run written before the identity had these fields did: a resume that asks otherwise is
+# another run. (ds_config is not here: an older run's config is unknown, so it is not compared.)
+BEFORE_RECORDED = {"data_format": "auto", "chat_template": None, "packing": False}
+
+
 def identity_differences(saved: dict, current: dict) -> list[str]:
     """'field: checkpoint X, now Y' for every difference (DSEE fields by their flag names). A field
-    the checkpoint does not record (written before the identity had it) is not compared."""
+    the checkpoint does not record (written before the identity had it) counts as what runs did
+    then (BEFORE_RECORDED), or is not compared where that is unknown."""
     flat = lambda d: {**{k: v for k, v in d.items() if k != "dsee"}, **{f"dsee.{k}": v for k, v in d.get("dsee", {}).items()}}  # noqa: E731
-    before, now = flat(saved), flat(current)
+    before, now = {**{k: v for k, v in BEFORE_RECORDED.items() if k in current}, **flat(saved)}, flat(current)
     return [f"{k}: checkpoint {before[k]!r}, now {now.get(k)!r}" for k in sorted(before) if before[k] != now.get(k)]
 
 

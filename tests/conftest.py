@@ -11,15 +11,19 @@ tests/helpers/    what tests of every tier share beyond this file (bad inputs, r
 
 `make test` runs every tier. Imports need no sys.path edits (pyproject's pythonpath).
 """
+import json
 import os
 from pathlib import Path
 
 # Both tiers run on DeepSpeed's CPU accelerator, on a GPU host too (ranks inherit this
 # environment): pinned before torch or DeepSpeed look for a device. tests/gpu/ (the `gpu` tier)
-# starts its processes with GPU_HOST_ENV, the environment as it was before these pins.
-GPU_HOST_ENV = dict(os.environ)
-os.environ["DS_ACCELERATOR"] = "cpu"
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# starts its processes with GPU_HOST_ENV, the environment as it was before these pins. xdist's
+# workers inherit the pinned environment: the values before the pins travel in DSEE_UNPINNED.
+CPU_PINS = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+os.environ.setdefault("DSEE_UNPINNED", json.dumps({k: os.environ.get(k) for k in CPU_PINS}))
+GPU_HOST_ENV = {**{k: v for k, v in os.environ.items() if k not in CPU_PINS and k != "DSEE_UNPINNED"},
+                **{k: v for k, v in json.loads(os.environ["DSEE_UNPINNED"]).items() if v is not None}}
+os.environ.update(CPU_PINS)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,9 +1,8 @@
 """Resume with dropout on, on other world sizes and with gradient accumulation (the multirank
 tests test_resume_dropout_gpt2.py and test_resume_dropout_minilm.py, one file per model so that
 the two share out over the suite's workers): dropout is drawn per global row (dsee_scale.dropout),
-so a run killed on 2 ranks goes on on 1 rank with accumulation 2, or on 3 ranks, and one killed
-on 1 rank goes on on 2, with the uninterrupted run's tune and re-tune losses (rtol 1e-5), its
-masks and its export. Adapter dropout 0.1 too."""
+so a run killed on 2 ranks goes on on 1 rank with accumulation 2, or on 3 ranks, with the
+uninterrupted run's tune and re-tune losses (rtol 1e-5), its masks and its export. Adapter dropout 0.1 too."""
 import json
 import shutil
 
@@ -67,7 +66,8 @@ def killed_runs(kind: str, root, killed_on: set[str]) -> list:
     return flags
 
 
-EVERY_RESUME = [("2 ranks", "1 rank, accumulation 2"), ("2 ranks", "3 ranks"), ("1 rank, accumulation 2", "2 ranks")]
+# killed on 2 ranks, resumed on 1 with accumulation and on 3 (tests/multirank/test_resume.py resumes 1 rank on 2)
+FROM_2_RANKS = [("2 ranks", "1 rank, accumulation 2"), ("2 ranks", "3 ranks")]
 
 
 def resume_tests(kind: str, resumes: list[tuple[str, str]]):
