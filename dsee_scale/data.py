@@ -237,6 +237,11 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, 
     fmt = data_format(ds.column_names, cfg) if task == "lm" else None
     if fmt == "chat" and tokenizer.chat_template is None:
         raise ValueError(NO_TEMPLATE)
+    if fmt not in (None, "chat") and tokenizer.eos_token_id is None:
+        raise ValueError(f"data_format {fmt} ends each row with EOS, and the tokenizer has none: set its eos_token")
+    # What every row needs of the tokenizer, asked once (each answer costs tokenizer calls).
+    bos = [tokenizer.bos_token_id] if fmt is not None and adds_bos(tokenizer) else []
+    specials = special_ids(tokenizer) if fmt == "chat" else set()
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         if task != "lm":
@@ -252,7 +257,7 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, 
         for i, index in enumerate(indices):
             example = {column: values[i] for column, values in batch.items()}
             check_row(fmt, example, index + 1)
-            fitted = fit(*lm_example(fmt, example, tokenizer, text, index + 1), max_length, tokenizer.bos_token_id)
+            fitted = fit(*lm_example(fmt, example, tokenizer, text, index + 1, bos, specials), max_length, tokenizer.bos_token_id)
             if fitted is not None:
                 out["input_ids"].append(fitted[0])
                 out["labels"].append(fitted[1])
@@ -270,15 +275,14 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, 
                   new_fingerprint=Hasher.hash([ds._fingerprint, encode, code]))
 
 
-def lm_example(fmt: str, example: dict, tokenizer: PreTrainedTokenizerBase, text_column: str, row: int) -> tuple[list[int], list[int], int | None]:
+def lm_example(fmt: str, example: dict, tokenizer: PreTrainedTokenizerBase, text_column: str, row: int, bos: list[int],
+               specials: set[int]) -> tuple[list[int], list[int], int | None]:
     """(input ids, labels, where the answer starts) of one LM row, before fitting to max_length.
-    BOS as the tokenizer adds it to text (chat: as the template renders it); EOS ends a document,
-    an e2e target and a completion. The answer's start is None where truncation cuts the end
-    (text and e2e, as before this format existed)."""
+    `bos`: [BOS] where the tokenizer adds it to text, else [] (chat: as the template renders it);
+    EOS ends a document, an e2e target and a completion; `specials`: the tokenizer's special ids
+    (chat: where an assistant turn ends). The answer's start is None where truncation cuts the
+    end (text and e2e, as before this format existed)."""
     eos = [tokenizer.eos_token_id]
-    if eos == [None] and fmt != "chat":
-        raise ValueError(f"data_format {fmt} ends each row with EOS, and the tokenizer has none: set its eos_token")
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     if fmt == "text":
         ids = bos + encode(example[text_column]) + eos
@@ -289,7 +293,7 @@ def lm_example(fmt: str, example: dict, tokenizer: PreTrainedTokenizerBase, text
     if fmt == "prompt_completion":
         prompt, completion = bos + encode(example["prompt"]), encode(example["completion"]) + eos
         return prompt + completion, [-100] * len(prompt) + completion, len(prompt)
-    ids, labels, answer, specials = [], [], 0, special_ids(tokenizer)
+    ids, labels, answer = [], [], 0
     for text, assistant in segments(tokenizer, example["messages"], row):
         piece = encode(text)
         if assistant:

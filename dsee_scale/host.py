@@ -108,8 +108,9 @@ def cuda_unusable() -> tuple[str, str]:
 def silent_cpu_fallback() -> str | None:
     """The refusal for a machine with a GPU where DeepSpeed's accelerator is the CPU, not chosen
     (DS_ACCELERATOR=cpu): such a run trains many times slower than it could, and says
-    nothing about it. None where this is not the case."""
-    if not gpu_present() or cpu_on_purpose() or not on_cpu():
+    nothing about it. None where this is not the case. (nvidia-smi, the slow question, last: a
+    run on CUDA or on a CPU by choice never starts it.)"""
+    if cpu_on_purpose() or not on_cpu() or not gpu_present():
         return None
     listed = gpus_listed()
     seen = f"nvidia-smi lists {listed[0]!r}" if listed else "/dev/nvidia0 exists"
