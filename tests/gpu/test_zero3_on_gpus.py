@@ -28,13 +28,12 @@ from launch_utils import RANKS, run_launcher
 from ranks.common import eval_batch, reference_run
 from safetensors.torch import load_file
 
+from gpu_check import ON_CPU, TOLERANCE, relative_diff  # the device check's switch and bounds: relative losses, adapters (L2 per tensor), logits
 from helpers.prune_reference import check_prune_tiny_results
 
 pytestmark = pytest.mark.gpu
 
-ON_CPU = "DSEE_GPU_TIER_ON_CPU"
 KINDS = {"llama": "lm", "gpt2": "lm", "bert": "cls"}
-TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}  # relative: losses, adapters (L2 per tensor), reloaded logits (bf16: L2)
 STEPS = 20
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # What DeepSpeed and torch see with the host's environment: asked of a child process, as this
@@ -82,12 +81,6 @@ def devices() -> Devices:
     return Devices("cuda", min(gpus, 2), {**GPU_HOST_ENV, **OFFLINE})
 
 
-def relative(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖got − expected‖ / ‖expected‖ in float64."""
-    got, expected = got.double(), expected.double()
-    return ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
 @pytest.fixture(scope="module", params=[(precision, kind) for precision in TOLERANCE for kind in KINDS], ids="-".join)
 def run(request, devices, tmp_path_factory):
     """One STEPS-step ZeRO-3 run of zero3_tiny.py (exported) per precision and architecture."""
@@ -112,7 +105,7 @@ def test_zero3_on_the_devices_equals_one_plain_process(run):
     if run["precision"] == "bf16":  # Adam's lr-sized steps on bf16-rounded gradients part the adapters' paths (5-30% after 20 steps on CPU ranks), not the losses (1e-3)
         return
     for name, tensor in ref_state.items():
-        assert relative(saved[name], tensor) <= tolerance, name
+        assert relative_diff(saved[name], tensor) <= tolerance, name
 
 
 def test_frozen_weights_stay_partitioned_unchanged_and_without_gradients(run):
@@ -136,7 +129,7 @@ def test_merged_export_reloads_with_plain_transformers_to_the_engines_logits(run
     if run["precision"] == "fp32":
         torch.testing.assert_close(logits, expected, atol=TOLERANCE["fp32"], rtol=0)
     else:  # bf16 on another device (this process's CPU): the same function to bf16's rounding
-        assert model.dtype == torch.bfloat16 and relative(logits, expected) <= TOLERANCE["bf16"]
+        assert model.dtype == torch.bfloat16 and relative_diff(logits, expected) <= TOLERANCE["bf16"]
 
 
 def test_pruning_masks_of_device_shards_equal_torch_prune(devices, tmp_path):
