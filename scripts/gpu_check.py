@@ -89,34 +89,27 @@ class StepFailed(Exception):
 
 
 def worker(argv: list[str]) -> None:
-    """Under the launcher: the shipped Recipe for each run (argument lists separated by --then,
-    one launch for all), then the engine's logits on the first eval rows."""
+    """Under the launcher: the shipped Recipe, then the engine's logits on the first eval rows;
+    the rank then leaves as dsee-train's do (cli.leave: no interpreter teardown to abort in)."""
     import torch
 
     from dsee_scale import dist
+    from dsee_scale.cli import leave
     from dsee_scale.config import train_config_from_argv
     from dsee_scale.data import collate
     from dsee_scale.trainer import Recipe
 
-    runs: list[list[str]] = [[]]
-    for arg in argv:
-        if arg == "--then":
-            runs.append([])
-        else:
-            runs[-1].append(arg)
-    for i, run_argv in enumerate(runs):
-        recipe = Recipe(train_config_from_argv(run_argv))
-        recipe.setup()
-        recipe.run()
-        batch = {k: v.to(recipe.engine.device) for k, v in collate(recipe.eval_rows[:LOGIT_ROWS], recipe.tokenizer).items()}
-        recipe.engine.eval()
-        with torch.no_grad():
-            logits = recipe.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        if dist.is_main():
-            torch.save({"logits": logits.float().cpu(), "input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu()}, recipe.run_dir / "engine_logits.pt")
-        recipe.engine.destroy()  # its ZeRO-3 hooks and (on a GPU) memory go before the next run's
-        recipe.close(end_process_group=i == len(runs) - 1)
-        del recipe, batch, logits
+    recipe = Recipe(train_config_from_argv(argv))
+    recipe.setup()
+    recipe.run()
+    batch = {k: v.to(recipe.engine.device) for k, v in collate(recipe.eval_rows[:LOGIT_ROWS], recipe.tokenizer).items()}
+    recipe.engine.eval()
+    with torch.no_grad():
+        logits = recipe.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if dist.is_main():
+        torch.save({"logits": logits.float().cpu(), "input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu()}, recipe.run_dir / "engine_logits.pt")
+    recipe.close()
+    leave(0)
 
 
 class Launcher:
