@@ -1,14 +1,16 @@
 """Chat data: templates (the tokenizer's, the built-in ChatML or a Jinja file), checks of `messages`
-rows, and each conversation cut into the texts before and of every assistant turn.
+rows, and each conversation's tokens with the loss on its assistant turns.
 
 Each assistant turn is found by rendering the conversation up to it (with the generation prompt)
 and through it, so any template that renders earlier turns the same once later ones follow works,
-with no `{% generation %}` markers. The pieces are tokenized one by one: the prompt before an
-answer is tokenized as generation will tokenize it (`apply_chat_template(...,
-add_generation_prompt=True)`), so no token straddles where the answer begins.
+with no `{% generation %}` markers. The whole rendered conversation is then tokenized once, as
+`apply_chat_template(..., tokenize=True)` and a server tokenize it; a turn tokenized alone would
+differ where it starts (a SentencePiece tokenizer puts '▁' before the first word of a string,
+not after a newline), so the model would learn answers in tokens it is never prompted with.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from pathlib import Path
@@ -105,6 +107,29 @@ def segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict], row: int)
         done = len(through)
     pieces.append((full[done:], False))
     return [(text, assistant) for text, assistant in pieces if text]
+
+
+def conversation_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict], row: int, specials: set[int]) -> tuple[list[int], list[int], int]:
+    """(input ids, labels, where the last assistant turn starts) of a chat row: the rendered
+    conversation tokenized whole, labels on the assistant turns' tokens (`answer_labels`). A turn
+    starts after the tokens its rendered prefix has alone (what generation is prompted with),
+    or where those first differ from the whole's, should a token straddle the two."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pieces = segments(tokenizer, messages, row)
+    whole = "".join(text for text, _ in pieces)
+    ids = encode(whole)
+    ends = list(itertools.accumulate(len(text) for text, _ in pieces))
+    bounds = [0, *itertools.accumulate((_common_prefix(encode(whole[:end]), ids) for end in ends[:-1]), max), len(ids)]
+    labels, answer = [], 0
+    for (_, assistant), start, stop in zip(pieces, bounds, bounds[1:]):
+        if assistant:
+            answer = start
+        labels += answer_labels(ids[start:stop], specials) if assistant else [-100] * (stop - start)
+    return ids, labels, answer
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:

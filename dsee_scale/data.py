@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dsee_scale import packing
-from dsee_scale.chat import NO_TEMPLATE, adds_bos, answer_labels, check_messages, segments, special_ids
+from dsee_scale.chat import NO_TEMPLATE, adds_bos, check_messages, conversation_tokens, special_ids
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -293,14 +293,7 @@ def lm_example(fmt: str, example: dict, tokenizer: PreTrainedTokenizerBase, text
     if fmt == "prompt_completion":
         prompt, completion = bos + encode(example["prompt"]), encode(example["completion"]) + eos
         return prompt + completion, [-100] * len(prompt) + completion, len(prompt)
-    ids, labels, answer = [], [], 0
-    for text, assistant in segments(tokenizer, example["messages"], row):
-        piece = encode(text)
-        if assistant:
-            answer = len(ids)
-        labels += answer_labels(piece, specials) if assistant else [-100] * len(piece)
-        ids += piece
-    return ids, labels, answer
+    return conversation_tokens(tokenizer, example["messages"], row, specials)
 
 
 def fit(ids: list[int], labels: list[int], answer: int | None, max_length: int, bos: int | None) -> tuple[list[int], list[int], bool] | None:

@@ -203,7 +203,8 @@ def check_model_fits(cfg: TrainConfig, ds_config: dict | None = None, world: int
                               f"set buffer_size to the largest weight's elements divided by the number of ranks")
         return  # a hub name: checked once downloaded
     source = cfg.tokenizer or (None if builtin else resolve_model_path(cfg.model))
-    vocab = len(AutoTokenizer.from_pretrained(source)) if source is not None and Path(source).exists() else None
+    tokenizer = AutoTokenizer.from_pretrained(source) if source is not None and Path(source).exists() else None
+    vocab = len(tokenizer) if tokenizer is not None else None
     # built as the trainer builds it: a builtin model takes its tokenizer's vocabulary
     config = builtin_config(cfg.model, vocab_size=vocab) if builtin else AutoConfig.from_pretrained(resolve_model_path(cfg.model))
     if cfg.task != "lm":
@@ -220,8 +221,29 @@ def check_model_fits(cfg: TrainConfig, ds_config: dict | None = None, world: int
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_nvme_buffers(ds_config or {}, model, world)
+    if tokenizer is not None and not builtin and cfg.chat_template:
+        check_template_tokens_train(cfg, tokenizer, model)
     if vocab is not None and vocab > config.vocab_size:
         raise ConfigError(f"tokenizer {source} has {vocab} tokens but the model's vocabulary is {config.vocab_size}: use the model's own tokenizer (--tokenizer)")
+
+
+def check_template_tokens_train(cfg: TrainConfig, tokenizer, model) -> None:
+    """Tokens a chat template adds to a pretrained model's vocabulary start as near-copies of the
+    embeddings' mean: frozen, <|im_start|> and <|im_end|> would stay one token to the model, which
+    then never learns where a turn ends. Its embeddings must train (or the template be its own)."""
+    from dsee_scale.chat import use_chat_template
+    from dsee_scale.inject import DEFAULT_TRAINABLE_MODULES, is_trainable_module
+
+    own_template = tokenizer.chat_template is not None
+    new = use_chat_template(tokenizer, cfg.chat_template)
+    if not new or cfg.method == "full":
+        return
+    embeddings = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
+    if not is_trainable_module(embeddings, cfg.dsee.trainable_modules if cfg.dsee.trainable_modules is not None else DEFAULT_TRAINABLE_MODULES):
+        own = "drop --chat_template to use the tokenizer's own template, or " if own_template else ""
+        raise ConfigError(f"--chat_template {cfg.chat_template} adds {new} tokens to the vocabulary of {cfg.model}; their new embeddings start alike and "
+                          f"would stay frozen, so the model could not tell them apart: {own}train the embeddings with --dsee.trainable_modules "
+                          f"{embeddings.rsplit('.', 1)[-1]} (a tied LM head trains with them), or use a template made of tokens the model knows")
 
 
 def choose_ds_config(cfg: TrainConfig) -> None:

@@ -82,6 +82,7 @@ BAD_INPUTS: list[Case] = [
     ("bad value for a flag", ["--steps", "many"], "--steps: Input should be a valid integer"),
     ("bad value in a recipe", ["--config", TmpPath("lr.yaml", "lr: fast\n")], "lr.yaml: lr: Input should be a valid number"),
     ("chat data without a chat template", chat_flags([USER, ANSWER], template=None), "chat data with --model builtin:tiny-llama: the tokenizer has no chat template"),
+    ("chat template's new tokens frozen in a pretrained model", ["--model", minilm_dir, *chat_flags([USER, ANSWER])], "--dsee.trainable_modules word_embeddings"),
     ("chat template neither built in nor a file", chat_flags([USER, ANSWER], template="vicuna"), "--chat_template vicuna: neither a built-in template (chatml) nor a file"),
     ("chat row without an assistant turn", chat_flags([USER, ANSWER], [USER]), "row 2 has no assistant turn"),
     ("unknown role in a chat row", chat_flags([USER, {"role": "bot", "content": "Zizzi ."}]), "row 1, message 2: unknown role 'bot'; roles are system, user, assistant, tool"),

@@ -72,11 +72,16 @@ def test_chat_loss_is_on_each_assistant_turn_through_its_end_of_turn_token(tmp_p
     _, rows = tokenized(tmp_path, [{"messages": CHAT}], tokenizer)
     ids, labels = rows[0]["input_ids"], rows[0]["labels"]
     runs = labelled_runs(labels)
-    assert [[ids[i] for i in run] for run in runs] == [[labels[i] for i in run] for run in runs] == [encode(tokenizer, a) + [end] for a in ANSWERS]
     rendered = tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert ids == encode(tokenizer, rendered)  # the conversation as a server tokenizes it, not turn by turn
+    assert [[ids[i] for i in run] for run in runs] == [[labels[i] for i in run] for run in runs]
+    assert [run[-1] for run in runs] == [i for i, t in enumerate(ids) if t == end][2::2]  # each answer through its <|im_end|> (system, user, answer, user, answer)
+    assert [tokenizer.decode([ids[i] for i in run[:-1]]).strip() for run in runs] == ANSWERS
+    prompts = [encode(tokenizer, tokenizer.apply_chat_template(CHAT[:n], tokenize=False, add_generation_prompt=True)) for n in (2, 4)]
+    assert [run[0] for run in runs] == [len(p) for p in prompts]  # an answer starts where its generation prompt's tokens end
     if tokenizer.convert_ids_to_tokens(198) == "Ċ":  # GPT-2's byte-level BPE is lossless: the tokens are the rendered text, newlines included
         assert tokenizer.decode(ids) == rendered and ids[runs[0][-1] + 1] == 198 and labels[runs[0][-1] + 1] == -100
-    assert rows[0]["targets"] == len(encode(tokenizer, ANSWERS[0])) + len(encode(tokenizer, ANSWERS[1])) + 2
+    assert rows[0]["targets"] == sum(map(len, runs))
     assert end_of_turn(tokenizer) == end
 
 
@@ -106,7 +111,8 @@ def test_rows_whose_answer_cannot_fit_are_dropped_and_counted(tmp_path, llama_fo
     source, rows = tokenized(tmp_path, [{"messages": m} for m in (short, long_prompt, long_answer)], tokenizer, max_length=40)
     targets = sum(sum(t != -100 for t in labels[1:]) for labels in rows["labels"])
     assert data_counts(source, rows, "chat") == {"format": "chat", "rows": 2, "truncated_rows": 1, "dropped_rows": 1, "target_tokens": targets}
-    assert all(len(ids) <= 40 for ids in rows["input_ids"]) and targets == 2 * (len(encode(tokenizer, "Zizzi .")) + 1)
+    answers = [[t for t in labels if t != -100] for labels in rows["labels"]]  # both kept rows end in the same answer
+    assert all(len(ids) <= 40 for ids in rows["input_ids"]) and answers[0] == answers[1] and tokenizer.decode(answers[0], skip_special_tokens=True).strip() == "Zizzi ."
 
 
 def test_text_documents_end_with_eos_and_long_ones_lose_their_end(tmp_path, tokenizer):
@@ -212,4 +218,4 @@ def test_export_generates_with_its_chat_template_and_stops_at_the_end_of_turn(tm
     assert reloaded.generation_config.eos_token_id == [3, end] and reloaded.generation_config.pad_token_id == 0
     prompt = plain.apply_chat_template(chat[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     new = reloaded.generate(**prompt, max_new_tokens=20, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
-    assert new == encode(plain, "Zizzi .") + [end]
+    assert new == [t for t in rows[0]["labels"] if t != -100] and new[-1] == end and plain.decode(new[:-1]).strip() == "Zizzi ."
