@@ -377,7 +377,12 @@ class Recipe:
         training = self.engine.module.training
         result = evaluate_engine(self.engine, self.perplexity_rows, self.tokenizer, "lm", self.micro)
         self.engine.train(training)
-        record = self.state.summary.setdefault("perplexity", {"file": self.cfg.eval_perplexity, "window": self.cfg.max_length, "windows": len(self.perplexity_rows)})
+        text = {"file": self.cfg.eval_perplexity, "window": self.cfg.max_length, "windows": len(self.perplexity_rows)}
+        record = self.state.summary.get("perplexity", {})
+        if {k: record.get(k) for k in text} != text:  # a resume measuring another text: the old figures are not comparable
+            if record:
+                log.warning("perplexity: measuring %s now; the figures of %s measured before the resume are dropped from summary.json", text["file"], record["file"])
+            record = self.state.summary["perplexity"] = dict(text)
         record[key] = result["perplexity"]
         if self.metrics:
             self.metrics.write({"stage": "perplexity", "tag": key, **result})
