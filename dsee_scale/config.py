@@ -19,6 +19,7 @@ from pydantic import AfterValidator, Field
 from pydantic.dataclasses import dataclass
 
 from dsee_scale import extras
+from dsee_scale.prune.rows import OWL_LAMBDA, OWL_M, check_owl
 from dsee_scale.prune.targets import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 
 
@@ -68,6 +69,7 @@ STAGES: tuple[str, ...] = typing.get_args(Stage)
 TASKS: tuple[str, ...] = typing.get_args(Task)
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]  # [0, 1)
 PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
 Count = Annotated[int, Field(ge=0)]
 
 
@@ -119,10 +121,15 @@ class DSEEConfig:
 
 @dataclass(config={"extra": "forbid"})
 class PruneConfig:
-    """Sparsity after tuning: unstructured pruning (by score, global or per layer, or N:M) and/or removal of heads and FFN neurons."""
+    """Sparsity after tuning: unstructured pruning (by score, over all weights, per matrix, per row or per block's OWL ratio, or N:M) and/or removal of heads and FFN neurons."""
 
     sparsity: Fraction = field(default=0.0, metadata={"help": "fraction of selected weights set to zero (0 disables unstructured pruning)"})
-    scope: PruneScope = field(default="global", metadata={"help": "'global': one threshold over all selected weights; 'layer': one per matrix"})
+    scope: PruneScope = field(default="global", metadata={"help": "which weights compete for pruning: 'global': all selected weights against one threshold (the paper's, for BERT; scores of "
+                              "different scales across layers can empty a decoder's layer); 'layer': the same fraction of every matrix (magnitude and SparseGPT baselines); "
+                              "'row': the same fraction of every output row (Wanda's comparison group); 'owl': per row at each transformer block's own sparsity, higher "
+                              "where the block has more outlier scores (OWL, Yin et al. 2024; prune.owl_m, prune.owl_lambda)"})
+    owl_m: PositiveFloat = field(default=OWL_M, metadata={"help": "scope owl: a score is an outlier above owl_m × its block's mean score (the paper's M)"})
+    owl_lambda: Fraction = field(default=OWL_LAMBDA, metadata={"help": "scope owl: the blocks' sparsities spread over 2 × owl_lambda around prune.sparsity, their mean (the paper's λ)"})
     score: PruneScore = field(default="activation", metadata={"help": "'activation': |W + ΔW|·‖x_j‖, Wanda's, with x_j's norm over calibration_batches (the most accurate in benchmarks/RESULTS.md); 'weight': |W| (the paper's, data-free); 'merged': |W + ΔW|; 'delta': |ΔW| (the released DSEE code)"})
     include: list[str] = field(
         default_factory=lambda: list(DEFAULT_INCLUDE),
@@ -139,6 +146,11 @@ class PruneConfig:
     calibration_batches: PositiveInt = field(default=16, metadata={"help": "global batches (micro_batch_size × grad_accum × ranks rows, each rank its share) for structured_score 'gradient', score 'activation' and reconstruct"})
 
     @property
+    def scope_options(self) -> dict[str, float]:
+        """The chosen scope's own settings, its selector's keywords: the fields named '<scope>_...'."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith(f"{self.scope}_")}
+
+    @property
     def refits(self) -> bool:
         """reconstruct as it applies (unset: with a pattern)."""
         return self.pattern is not None if self.reconstruct is None else self.reconstruct
@@ -150,6 +162,11 @@ class PruneConfig:
             n, m = parse_pattern(self.pattern)
             if self.sparsity not in (0.0, 1 - n / m):
                 raise ValueError(f"prune.pattern {self.pattern} prunes {1 - n / m:.0%} of every group: set prune.sparsity to {1 - n / m:g} or 0")
+            if self.scope != "global":
+                raise ValueError(f"prune.scope {self.scope} chooses which weights compete in unstructured pruning; prune.pattern {self.pattern} keeps N of every M "
+                                 f"in each group instead: leave prune.scope at its default (global)")
+        elif self.scope == "owl" and self.sparsity > 0:
+            check_owl(self.sparsity, self.owl_lambda)
 
         if self.reconstruct and not (self.pattern or self.sparsity > 0):
             raise ValueError("prune.reconstruct re-fits the weights that unstructured or N:M pruning keeps: set prune.sparsity or prune.pattern too")

@@ -322,7 +322,8 @@ class Recipe:
             if p.pattern:
                 pruning.masks = prune_nm(self.model, p.pattern, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
             else:
-                pruning.masks = prune_unstructured(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
+                pruning.masks = prune_unstructured(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse,
+                                                  p.scope_options)
             timings["prune_s"] = time.time() - tic
             log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", timings["prune_s"])
             pruning.keep_sparse = p.keep_sparse

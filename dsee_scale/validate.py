@@ -187,14 +187,16 @@ def check_chat_template(cfg: TrainConfig, formats: set[str]) -> None:
 
 def check_model_fits(cfg: TrainConfig, ds_config: dict | None = None, world: int = 1) -> None:
     """Targets, rank and nnz against the model's shapes, the tokenizer against its vocabulary,
-    NVMe swap buffers against its shards and --packing against its attention, on a model built
-    on the meta device (no weights are loaded or allocated)."""
+    NVMe swap buffers against its shards, --packing against its attention and OWL's pruning
+    against its blocks, on a model built on the meta device (no weights are loaded or allocated)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from dsee_scale.inject import check_targets
     from dsee_scale.models import TASK_MODELS, builtin_config, resolve_model_path
     from dsee_scale.packing import check_model as check_packing
+    from dsee_scale.prune.rows import check_blocks
+    from dsee_scale.prune.targets import default_targets
 
     builtin = cfg.model.startswith("builtin:")
     if not builtin and not Path(resolve_model_path(cfg.model)).exists():
@@ -216,6 +218,8 @@ def check_model_fits(cfg: TrainConfig, ds_config: dict | None = None, world: int
         model = model_class(config)
     try:
         check_targets(model, cfg.dsee)
+        if cfg.prune.scope == "owl" and cfg.prune.sparsity > 0 and "prune" in cfg.stages:
+            check_blocks(default_targets(model, cfg.prune.include, cfg.prune.exclude, frozen_only=False))
         if cfg.packing:
             check_packing(model.config, cfg.max_length)
     except ValueError as err:

@@ -1,29 +1,32 @@
-"""Exact distributed pruning on ZeRO-3 shards: unstructured (global or per matrix) and N:M.
+"""Exact distributed pruning on ZeRO-3 shards: unstructured (global, per matrix, per row or per block) and N:M.
 
 Each rank scores only its local shard of each selected weight (`targets`), a chunk at a time
 (`scores`; the trainer's default is Wanda's activation score). Unstructured pruning removes
 exactly round(sparsity × N) weights, chosen by the exact k-th smallest score over all ranks
-(`threshold`); N:M pruning decides one whole matrix at a time. The masks, bit-packed per shard,
+(`threshold`), or compares within each output row (`rows`: Wanda's, and OWL's per-block
+sparsities); rows and N:M groups are decided one whole matrix at a time. The masks, bit-packed per shard,
 are applied in place and kept for the re-tune and for checkpoints (`masks`); optionally the
 kept weights are first re-fitted to the calibration inputs (`refit`, SparseGPT's update).
 No rank ever holds more than one chunk of scores or one gathered matrix.
 """
 from __future__ import annotations
 
-import torch
+from collections.abc import Mapping
+
 from torch import nn
 
 from dsee_scale import zero
 from dsee_scale.prune.masks import ShardMask, apply_mask, reapply_masks, sparsity_report, unpack_mask, whole_masks
 from dsee_scale.prune.refit import obs_reconstruct, refit
-from dsee_scale.prune.scores import PRUNE_SCORES, Calibration, Score, input_grams, input_norm_of, input_norms, register_score, score_chunks
+from dsee_scale.prune.rows import owl_sparsities
+from dsee_scale.prune.scores import PRUNE_SCORES, Calibration, Score, input_grams, input_norms, register_score, score_chunks, whole_scores
 from dsee_scale.prune.targets import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, PruneTarget, default_targets, plain_parameters, prune_targets
 from dsee_scale.prune.threshold import PRUNE_SELECTORS, kth_smallest, register_selector
 from dsee_scale.semistructured import check_groups, input_dim, nm_keep, parse_pattern
 
 __all__ = [
     "DEFAULT_EXCLUDE", "DEFAULT_INCLUDE", "PRUNE_SCORES", "PRUNE_SELECTORS", "Calibration", "PruneTarget", "Score",
-    "ShardMask", "apply_mask", "input_grams", "input_norms", "kth_smallest", "obs_reconstruct", "plain_parameters", "prune_nm",
+    "ShardMask", "apply_mask", "input_grams", "input_norms", "kth_smallest", "obs_reconstruct", "owl_sparsities", "plain_parameters", "prune_nm",
     "prune_targets", "prune_unstructured", "reapply_masks", "register_score", "register_selector", "score_chunks", "sparsity_report",
     "unpack_mask", "whole_masks",
 ]
@@ -39,8 +42,11 @@ def prune_unstructured(
     calibration: Calibration | None = None,
     reconstruct: bool = False,
     keep_sparse: bool = True,
+    scope_options: Mapping[str, float] | None = None,
 ) -> dict[str, ShardMask]:
-    """Prune exactly round(sparsity × N) elements (global) or per matrix (layer); collective.
+    """Prune exactly round(sparsity × N) elements (global), or that fraction of each matrix
+    (layer) or of each output row (row), or of each row at its block's OWL sparsity (owl, with
+    scope_options owl_m, owl_lambda); collective.
     `calibration` (batches, forward) feeds the 'activation' score's input norms and, with
     reconstruct, the re-fit of the kept weights (`obs_reconstruct`), made for a re-tune of
     ΔW ⊙ M if keep_sparse, of a dense ΔW otherwise. The score defaults to the data-free |W|
@@ -50,7 +56,7 @@ def prune_unstructured(
     if scope not in PRUNE_SELECTORS:
         raise ValueError(f"unknown prune scope {scope!r}: choose one of {', '.join(PRUNE_SELECTORS)}")
     targets = _scored_targets(model, score, include, exclude, calibration, reconstruct)
-    masks = PRUNE_SELECTORS[scope](targets, score, sparsity)
+    masks = PRUNE_SELECTORS[scope](targets, score, sparsity, **(scope_options or {}))
     _mask_targets([t for t in targets if t.name in masks], masks, calibration if reconstruct else None, keep_sparse)
     return masks
 
@@ -72,21 +78,14 @@ def prune_nm(model: nn.Module, pattern: str, score: str = "weight", include: lis
         masks: dict[str, ShardMask] = {}
         _mask_targets(targets, masks, calibration, keep_sparse, (n, m))
         return masks
-    fn, uses_delta, uses_inputs = PRUNE_SCORES[score]
     masks = {}
     for target in targets:
-        layer = target.layer if uses_delta else None
-        along = input_dim(target.module)
-        with torch.no_grad(), zero.gathered([target.param, *(layer.adapter_parameters() if layer else [])]):
-            weight = target.param.detach().float()
-            delta = layer.delta_rows(0, weight.shape[0]).to(weight.device) if layer else None
-            x_norm = input_norm_of(target).unsqueeze(1 - along).to(weight.device).expand_as(weight) if uses_inputs else None
+        with whole_scores(target, score) as scores:
             try:
-                pruned = ~nm_keep(fn(weight, delta, x_norm), n, m, along)
+                pruned = ~nm_keep(scores, n, m, input_dim(target.module))
             except ValueError as err:
                 raise ValueError(f"{target.name}: {err}") from None
-        start, stop = zero.shard_range(target.param)
-        masks[target.name] = ShardMask.from_bool(start, pruned.reshape(-1)[start:stop])
+        masks[target.name] = ShardMask.from_whole(target.param, pruned)
     _mask_targets(targets, masks, None, keep_sparse)
     return masks
 

@@ -34,6 +34,12 @@ class ShardMask:
         flags = pruned.cpu().numpy() if isinstance(pruned, torch.Tensor) else pruned
         return cls(start, flags.size, np.packbits(flags))
 
+    @classmethod
+    def from_whole(cls, param: torch.Tensor, pruned: torch.Tensor) -> ShardMask:
+        """This rank's part of a whole weight's pruned flags (any shape, flattened in order)."""
+        start, stop = zero.shard_range(param)
+        return cls.from_bool(start, pruned.reshape(-1)[start:stop])
+
     def dense(self) -> torch.Tensor:
         return torch.from_numpy(np.unpackbits(self.bits, count=self.numel).astype(bool))
 

@@ -78,8 +78,7 @@ def _reconstruct(target: PruneTarget, mask: ShardMask | None, gram: torch.Tensor
     zero.edit_local_shard(target.param, lambda shard, start: shard.copy_(fitted[start : start + shard.numel()]))
     if keep_sparse and target.layer is not None:  # as the re-tune will run it; later calibration passes see it so
         target.layer.keep_mask(~pruned.reshape(shape))
-    start, stop = zero.shard_range(target.param)
-    return mask if mask is not None else ShardMask.from_bool(start, pruned[start:stop])
+    return mask if mask is not None else ShardMask.from_whole(target.param, pruned)
 
 
 def obs_reconstruct(weight: torch.Tensor, gram: torch.Tensor, pruned: torch.Tensor | None = None, nm: tuple[int, int] | None = None,

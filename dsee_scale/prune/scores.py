@@ -6,11 +6,13 @@ Wanda's, each weight scaled by the norm of its input feature over calibration to
 trainer's default). The norms, and the XᵀX that the re-fit needs, come from one pass of
 calibration batches through the engine with a hook on each target (`input_norms`,
 `input_grams`). `score_chunks` yields a rank's scores a chunk at a time, computing ΔW only for
-the rows a chunk touches, so no rank ever holds a whole matrix of scores.
+the rows a chunk touches, so no rank ever holds a whole matrix of scores; `whole_scores` scores
+one gathered matrix, for the groups (N:M, rows) that straddle shard boundaries.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -154,6 +156,20 @@ def score_chunks(target: PruneTarget, score: str, chunk: int = CHUNK) -> Iterato
                 flat = torch.arange(start + offset, start + offset + w.numel(), device=w.device)
                 x_norm = norm[flat % shape[1] if along == 1 else flat // shape[1]]
             yield offset, fn(w, delta, x_norm)
+
+
+@contextmanager
+def whole_scores(target: PruneTarget, score: str) -> Iterator[torch.Tensor]:
+    """The scores of one whole matrix in its storage layout, while it is gathered (ZeRO-3): for
+    comparison groups that straddle shard boundaries, decided alike on every rank. Collective."""
+    fn, uses_delta, uses_inputs = PRUNE_SCORES[score]
+    layer = target.layer if uses_delta else None
+    along = input_dim(target.module)
+    with torch.no_grad(), zero.gathered([target.param, *(layer.adapter_parameters() if layer else [])]):
+        weight = target.param.detach().float()
+        delta = layer.delta_rows(0, weight.shape[0]).to(weight.device) if layer else None
+        x_norm = input_norm_of(target).unsqueeze(1 - along).to(weight.device).expand_as(weight) if uses_inputs else None
+        yield fn(weight, delta, x_norm)
 
 
 def input_norm_of(target: PruneTarget) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 A target is one frozen 2-D weight whose plain name ('x.weight', never the adapter's
 'x.base.weight') matches the include patterns and no exclude pattern, with the adapter on it (for
-the scores that see ΔW) and the module it belongs to (whose input is the weight's x). Every rank
+the scores that see ΔW), the module it belongs to (whose input is the weight's x) and the
+transformer block holding it (`arch.blocks`; for OWL's per-block sparsities). Every rank
 finds the same targets in the same (model) order, which the collective steps downstream rely on.
 DEFAULT_INCLUDE / DEFAULT_EXCLUDE are the patterns used when none are given (and PruneConfig's).
 """
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from dsee_scale import zero
+from dsee_scale.arch import blocks
 from dsee_scale.layer import DSEELayer
 
 DEFAULT_INCLUDE = (r".*\.(layers?|h|block)\.\d+\..*weight$",)  # the 2-D weights of the transformer blocks
@@ -28,6 +30,7 @@ class PruneTarget:
     layer: DSEELayer | None  # the adapter on this weight, for 'merged' / 'delta' scores
     module: nn.Module  # the weight's own module (Linear, Conv1D): its input is x
     input_norm: torch.Tensor | None = None  # ‖x_j‖ per input feature, for the 'activation' score
+    block: int | None = None  # index of its transformer block in arch.blocks(model); None outside them or in a family arch.py does not know
 
 
 def plain_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -42,12 +45,14 @@ def prune_targets(model: nn.Module, include: list[str], exclude: list[str], froz
     layer's weight 'x.base.weight' is reported as 'x.weight'."""
     layers = {id(m.base.weight): m for m in model.modules() if isinstance(m, DSEELayer)}
     owners = {id(p): module for module in model.modules() for p in module.parameters(recurse=False)}
+    block_of = {id(module): i for i, block in enumerate(blocks(model)) for module in block.modules()}
     found = []
     for plain, param in plain_parameters(model).items():
         if len(zero.full_shape(param)) != 2 or (param.requires_grad and frozen_only):
             continue
         if any(re.fullmatch(p, plain) for p in include) and not any(re.fullmatch(p, plain) for p in exclude):
-            found.append(PruneTarget(plain, param, layers.get(id(param)), owners[id(param)]))
+            owner = owners[id(param)]
+            found.append(PruneTarget(plain, param, layers.get(id(param)), owner, block=block_of.get(id(owner))))
     if not found:
         raise ValueError(f"no weight matched the prune patterns include={include} exclude={exclude}")
     return found

@@ -4,7 +4,8 @@ The k-th smallest score over all ranks' shards comes from two all-reduced 65,536
 of the scores' float32 bit patterns (which order like the values for scores >= 0): the high 16
 bits first, then the low 16 bits within the chosen high bin (`kth_smallest`). Ties at the
 threshold are broken by (parameter order, flat index), so exactly k elements go (`_tie_quota`). Selectors, registered by name, decide what k is over: one
-threshold over all targets ('global', the paper's) or one per matrix ('layer').
+threshold over all targets ('global', the paper's) or one per matrix ('layer'); `rows` adds
+Wanda's per-row groups ('row') and OWL's per-block ratios ('owl').
 """
 from __future__ import annotations
 
@@ -91,13 +92,15 @@ def _select(targets: list[PruneTarget], score: str, sparsity: float) -> dict[str
     return _apply(targets, score, t, _tie_quota(targets, score, t, k - below))
 
 
-Selector = Callable[[list[PruneTarget], str, float], dict[str, ShardMask]]
+Selector = Callable[..., dict[str, ShardMask]]
 PRUNE_SELECTORS: dict[str, Selector] = {}
 
 
 def register_selector(name: str) -> Callable[[Selector], Selector]:
-    """Add a way to choose which weights to prune: fn(targets, score name, sparsity) → masks
-    of this rank's shards (the caller applies them). Collective: every rank calls it with the same targets."""
+    """Add a way to choose which weights to prune: fn(targets, score name, sparsity, **options)
+    → masks of this rank's shards (the caller applies them). Its options, if any, are keywords
+    with defaults, which PruneConfig fields named '<name>_...' set (PruneConfig.scope_options).
+    Collective: every rank calls it with the same targets."""
     def add(fn: Selector) -> Selector:
         PRUNE_SELECTORS[name] = fn
         return fn

@@ -1,6 +1,8 @@
-"""Reference masks for pruning tests of every tier: torch.nn.utils.prune and a plain loop over
-N:M groups on dense scores of the same weights, the input norms of a model's pruned weights
-recorded by hooks, and prune_tiny.py's results checked against them (tests only)."""
+"""Reference masks for pruning tests of every tier: torch.nn.utils.prune, and plain loops over
+output rows (Wanda's, at OWL's block sparsities) and over N:M groups, on dense scores of the same
+weights; the input norms of a model's pruned weights recorded by hooks, and prune_tiny.py's
+results checked against them (tests only)."""
+import re
 from pathlib import Path
 
 import torch
@@ -37,9 +39,15 @@ def dense_scores(target, score: str, norms: dict | None = None) -> torch.Tensor:
     return dense.abs()
 
 
-def reference_masks(model, sparsity: float, scope: str = "global", score: str = "weight", norms: dict | None = None) -> dict[str, torch.Tensor]:
-    """Masks (True = pruned) from torch.nn.utils.prune on dense scores of the same weights."""
+def reference_masks(model, sparsity: float, scope: str = "global", score: str = "weight", norms: dict | None = None,
+                    options: dict | None = None) -> dict[str, torch.Tensor]:
+    """Masks (True = pruned) from torch.nn.utils.prune (global, layer) or the row loop (row, owl
+    with `options` owl_m, owl_lambda) on dense scores of the same weights."""
     targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
+    if scope in ("row", "owl"):
+        scores = {t.name: dense_scores(t, score, norms) for t in targets}
+        per_target = reference_owl_sparsities(scores, sparsity, **(options or {})) if scope == "owl" else dict.fromkeys(scores, sparsity)
+        return {t.name: reference_row_mask(scores[t.name], per_target[t.name], isinstance(t.module, Conv1D)).flatten() for t in targets}
     holders = []
     for t in targets:
         holder = torch.nn.Module()
@@ -51,6 +59,36 @@ def reference_masks(model, sparsity: float, scope: str = "global", score: str = 
         for h in holders:
             torch_prune.l1_unstructured(h, "weight", amount=sparsity)
     return {t.name: (h.weight_mask == 0).flatten() for t, h in zip(targets, holders)}
+
+
+def reference_row_mask(scores: torch.Tensor, sparsity: float, transposed: bool) -> torch.Tensor:
+    """The round(sparsity × in) lowest scores of each output row (Conv1D's rows are columns),
+    ties to the lower index, by a plain sort of each row."""
+    rows = scores.t() if transposed else scores
+    pruned = torch.zeros_like(rows, dtype=torch.bool)
+    k = int(round(sparsity * rows.shape[1]))
+    for r in range(rows.shape[0]):
+        values = rows[r].tolist()
+        for i in sorted(range(len(values)), key=lambda i: (values[i], i))[:k]:
+            pruned[r, i] = True
+    return pruned.t() if transposed else pruned
+
+
+def reference_owl_sparsities(scores: dict[str, torch.Tensor], sparsity: float, owl_m: float = 5.0, owl_lambda: float = 0.08) -> dict[str, float]:
+    """Each weight's OWL sparsity, as luuyin/OWL's prune_wanda_outlier computes it: blocks by
+    their '.h.3.' / '.layer.3.' / '.layers.3.' name part; outlier ratio = share of the block's
+    scores above owl_m × their mean; ratios min-max scaled to [0, 2λ] and centred on the target."""
+    block_of = {name: int(re.search(r"\.(?:h|layer|layers)\.(\d+)\.", name).group(1)) for name in scores}
+    blocks = sorted(set(block_of.values()))
+    ratios = []
+    for b in blocks:
+        flat = torch.cat([s.flatten().double() for name, s in scores.items() if block_of[name] == b])
+        ratios.append((flat > owl_m * flat.mean()).double().mean().item())
+    lo, hi = min(ratios), max(ratios)
+    scaled = [(r - lo) / (hi - lo) * 2 * owl_lambda if hi > lo else 0.0 for r in ratios]
+    mean = sum(scaled) / len(scaled)
+    per_block = {b: sparsity - (x - mean) for b, x in zip(blocks, scaled)}
+    return {name: per_block[block_of[name]] for name in scores}
 
 
 def reference_nm_masks(model, n: int, m: int, score: str, norms: dict | None = None) -> dict[str, torch.Tensor]:
@@ -120,7 +158,7 @@ def check_prune_tiny_results(results: dict, base: Path, task: str, on_gpu: bool 
             single = recorded_input_norms(model.eval(), [{k: v for k, v in b.items() if k != "labels"} for b in got["calibration"]])
             for name, norm in norms.items():
                 torch.testing.assert_close(norm, single[name], rtol=norm_tol[0], atol=norm_tol[1])
-        expected = reference_nm_masks(model, 2, 4, score, norms) if scope == "pattern" else reference_masks(model, float(sparsity), scope, score, norms)
+        expected = reference_nm_masks(model, 2, 4, score, norms) if scope == "pattern" else reference_masks(model, float(sparsity), scope, score, norms, got.get("options"))
         assert set(got["masks"]) == set(expected)
         allowed = 1e-3 if on_gpu and score != "weight" else 0.0
         for name, mask in got["masks"].items():

@@ -336,3 +336,99 @@ def test_sparse_backbone_plus_unmerged_adapter_export_is_the_exact_function(tmp_
     torch.testing.assert_close(restored(input_ids=ids).logits, expected, atol=1e-6, rtol=0)
 
 
+
+
+def test_row_scope_prunes_the_same_count_of_every_output_row_as_a_plain_sort_of_it():
+    """Wanda's comparison group: round(s × in) of each output row (Linear's rows, Conv1D's
+    columns), as a plain sort of each row of the whole matrix, ties to the lower index; the
+    re-fit keeps those masks."""
+    from dsee_scale.semistructured import input_dim
+
+    batches = calibration_batches()
+    for kind in ("gpt2", "llama"):
+        model = adapted(kind).eval()
+        norms = recorded_input_norms(model, batches)
+        expected = reference_masks(model, 0.3, "row", "activation", norms)
+        masks = prune_unstructured(model, 0.3, scope="row", score="activation", calibration=(batches, lambda batch: model(**batch)))
+        for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
+            pruned = masks[t.name].dense()
+            assert torch.equal(pruned, expected[t.name]), t.name
+            along = input_dim(t.module)
+            assert (pruned.reshape(t.param.shape).sum(along) == round(0.3 * t.param.shape[along])).all(), t.name
+            assert (t.param.detach().flatten()[pruned] == 0).all()
+    model = adapted("llama").eval()
+    refitted = prune_unstructured(model, 0.3, scope="row", score="activation", calibration=(batches, lambda batch: model(**batch)), reconstruct=True)
+    assert all(torch.equal(refitted[name].dense(), expected[name]) for name in expected)
+    model = adapted("gpt2")
+    targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
+    for t in targets:
+        t.param.data.fill_(0.5)  # every score ties: the lowest input indices of each row go
+    masks = prune_unstructured(model, 0.25, scope="row")
+    for t in targets:  # Conv1D (in, out): the first quarter of the inputs, across every output
+        n_in = t.param.shape[0]
+        assert torch.equal(masks[t.name].dense().reshape(t.param.shape), (torch.arange(n_in) < round(0.25 * n_in))[:, None].expand_as(t.param)), t.name
+
+
+def test_owl_block_sparsities_follow_the_released_code_on_a_hand_made_table():
+    """Outlier ratios D = (1%, 3%, 2%, 5%) of 4 blocks at s = 0.5, λ = 0.08: scaled to
+    (0, 0.08, 0.04, 0.16), mean 0.07, so s_l = 0.5 − (r_l − 0.07); the mean is s and the spread
+    2λ. The released code centres the spread on the mean: 0.41 lies below s − λ."""
+    from dsee_scale.prune import owl_sparsities
+    from dsee_scale.prune.rows import check_owl
+
+    got = owl_sparsities([0.01, 0.03, 0.02, 0.05], 0.5, 0.08)
+    assert got == pytest.approx([0.57, 0.49, 0.53, 0.41], abs=1e-12)
+    assert sum(got) / 4 == pytest.approx(0.5, abs=1e-12) and max(got) - min(got) == pytest.approx(0.16, abs=1e-12)
+    assert owl_sparsities([0.02, 0.02], 0.6, 0.08) == [0.6, 0.6]  # no block stands out: all at s
+    check_owl(0.16, 0.08)  # s − 2λ = 0: every block's sparsity stays in [0, 1)
+    for sparsity in (0.1, 0.9):
+        with pytest.raises(ValueError, match="lower prune.owl_lambda to at most 0.05"):
+            check_owl(sparsity, 0.08)
+
+
+def test_owl_prunes_each_blocks_rows_at_its_own_sparsity():
+    """A hand-made score table: block 0 holds outliers (100 among ones), block 1 none, so with 2
+    blocks s_0 = s − λ and s_1 = s + λ, and each row loses round(s_l × in) of its lowest scores.
+    On the tuned weights and activation scores (M = 2, where a tiny random model's blocks differ),
+    the masks equal a plain computation of OWL's ratios and rows on the whole matrices."""
+    from dsee_scale.prune.rows import outlier_ratios
+
+    model = adapted("llama")
+    targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
+    assert [t.block for t in targets] == [0] * 7 + [1] * 7
+    for t in targets:
+        t.param.data.fill_(1.0)
+        if t.block == 0:
+            t.param.data.view(-1)[::50] = 100.0
+    numel = sum(t.param.numel() for t in targets[:7])
+    assert outlier_ratios(targets, "weight", 5.0) == [sum(len(range(0, t.param.numel(), 50)) for t in targets[:7]) / numel, 0.0]
+    masks = prune_unstructured(model, 0.5, scope="owl", scope_options={"owl_m": 5.0, "owl_lambda": 0.1})
+    for t in targets:
+        per_row = masks[t.name].dense().reshape(t.param.shape).sum(1)
+        assert (per_row == round((0.4 if t.block == 0 else 0.6) * t.param.shape[1])).all(), t.name
+    batches = calibration_batches()
+    for kind in ("gpt2", "llama"):
+        model = adapted(kind).eval()
+        norms = recorded_input_norms(model, batches)
+        options = {"owl_m": 2.0, "owl_lambda": 0.1}
+        expected = reference_masks(model, 0.5, "owl", "activation", norms, options)
+        masks = prune_unstructured(model, 0.5, scope="owl", score="activation", calibration=(batches, lambda batch: model(**batch)), scope_options=options)
+        for name, mask in masks.items():
+            assert torch.equal(mask.dense(), expected[name]), name
+        by_block = {}
+        for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
+            by_block.setdefault(t.block, []).append(masks[t.name].dense().float().mean().item())
+        assert len({round(sum(v) / len(v), 3) for v in by_block.values()}) == 2, by_block  # the blocks' sparsities differ
+
+
+def test_owl_and_row_scopes_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match=r"lie in none .*exclude them \(prune.exclude\) or choose prune.scope row or layer"):
+        prune_unstructured(adapted("llama"), 0.5, scope="owl", include=[r".*layers\.0\..*weight$", r"lm_head\.weight"])
+    with pytest.raises(ValueError, match="lower prune.owl_lambda to at most 0.05"):
+        PruneConfig(scope="owl", sparsity=0.1)
+    assert PruneConfig(scope="owl", sparsity=0.5, owl_m=3.0).scope_options == {"owl_m": 3.0, "owl_lambda": 0.08}
+    assert PruneConfig(scope="row", sparsity=0.5).scope_options == {}
+    with pytest.raises(ValueError, match="owl_m\n  Input should be greater than 0"):
+        PruneConfig(scope="owl", owl_m=0)
+    with pytest.raises(ValueError, match=r"prune.pattern 2:4 keeps N of every M in each group instead: leave prune.scope at its default \(global\)"):
+        PruneConfig(scope="row", pattern="2:4", sparsity=0.5)

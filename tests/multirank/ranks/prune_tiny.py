@@ -52,11 +52,15 @@ if args.retune or args.resume:
     (out / f"retune_rank{rank}.json").write_text(json.dumps(report))
 else:
     results = {}
-    for scope, score, sparsity in [("global", "weight", 0.1), ("global", "weight", 0.5), ("global", "weight", 0.9), ("layer", "weight", 0.5), ("global", "merged", 0.5), ("global", "delta", 0.5)]:
+    # rows straddle the shards: Wanda's per row, and at OWL's block sparsities (M = 2: a tiny
+    # random model's blocks differ in scores above twice their mean, rarely above 5 times)
+    for scope, score, sparsity, options in [("global", "weight", 0.1, {}), ("global", "weight", 0.5, {}), ("global", "weight", 0.9, {}), ("layer", "weight", 0.5, {}),
+                                            ("global", "merged", 0.5, {}), ("global", "delta", 0.5, {}), ("row", "merged", 0.3, {}),
+                                            ("owl", "weight", 0.5, {"owl_m": 2.0, "owl_lambda": 0.1})]:
         model = fresh_model()
-        masks = full_masks(prune_unstructured(model, sparsity, scope=scope, score=score))
+        masks = full_masks(prune_unstructured(model, sparsity, scope=scope, score=score, scope_options=options))
         report = sparsity_report(model)
-        results[f"{scope}-{score}-{sparsity}"] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"]}
+        results[f"{scope}-{score}-{sparsity}"] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"], "options": options}
     for score in ("weight", "merged"):
         model = fresh_model()
         masks = full_masks(prune_nm(model, "2:4", score=score))
