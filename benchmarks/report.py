@@ -280,10 +280,61 @@ def _plot_glue(methods: list[str], means: dict) -> None:
     fig.tight_layout()
     fig.savefig(HERE / "glue.png", dpi=120)
 
+# Published WikiText-2 perplexities of LLaMA-2-7B (SparseGPT and Wanda papers): the anchors' ratios to dense.
+LM_ANCHORS = {"dense": 5.12, ("50%", "magnitude"): 14.89, ("50%", "wanda"): 6.42, ("50%", "sparsegpt"): 6.51, ("2:4", "sparsegpt"): 10.17, ("2:4", "wanda"): 11.02}
+LM_METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "global", "owl", "sparsegpt+lora", "sparsegpt+dsee", "sparsegpt+dsee_kd")
+LM_GAP_TARGET = {"50%": 0.6, "2:4": 0.5}
+
+
+def lm_pruning_rows() -> dict:
+    """(pattern, method) -> the newest lm_pruning.jsonl line."""
+    return {(r["pattern"], r["method"]): r for r in lines("lm_pruning.jsonl")}
+
+
+def lm_pruning_table(rows: dict) -> str:
+    """Both patterns side by side: perplexity, ratio to dense, the export's measured sparsity, and the anchor's ratio."""
+    body = []
+    for method in LM_METHODS:
+        cells = [rows.get((pattern, method)) for pattern in ("50%", "2:4")]
+        if not any(cells):
+            continue
+        row = [method]
+        for pattern, r in zip(("50%", "2:4"), cells):
+            anchor = LM_ANCHORS.get((pattern, method))
+            row += [f"{r['ppl']:.2f}" if r else "", f"{r['ratio']:.2f}×" if r and r.get("ratio") else "", f"{100 * r['sparsity']:.1f}%" if r else "",
+                    f"{anchor / LM_ANCHORS['dense']:.2f}×" if anchor else ""]
+        body.append(row)
+    header = ["method"] + [f"{p} {c}" for p in ("50%", "2:4") for c in ("ppl", "× dense", "sparsity", "LLaMA-2-7B × dense")]
+    return table(body, header)
+
+
+def lm_pruning_targets(rows: dict) -> list[str]:
+    """The issue's verdicts: the share of one-shot SparseGPT's gap a re-tune closes, and DSEE against the masked-LoRA re-tune."""
+    out = []
+    for pattern, target in LM_GAP_TARGET.items():
+        dense, one_shot, lora, dsee = (rows.get((pattern, m)) for m in ("dense", "sparsegpt", "sparsegpt+lora", "sparsegpt+dsee"))
+        if not (dense and one_shot and dsee):
+            continue
+        gap = lambda r: (one_shot["ppl"] - r["ppl"]) / (one_shot["ppl"] - dense["ppl"])  # noqa: E731
+        verdict = "met" if gap(dsee) >= target else f"missed by {100 * (target - gap(dsee)):.0f} pt"
+        line = f"- {pattern}: DSEE's re-tune closes **{100 * gap(dsee):.0f}%** of one-shot SparseGPT's gap to dense (target ≥ {100 * target:.0f}%: {verdict})"
+        if lora:
+            better = "beats" if dsee["ppl"] < lora["ppl"] else "does not beat"
+            line += f"; the masked-LoRA re-tune closes {100 * gap(lora):.0f}%, so DSEE {better} it ({dsee['ppl']:.2f} vs {lora['ppl']:.2f})"
+        out.append(line + ".")
+    return out
+
+
+def lm_pruning_section() -> str:
+    rows = lm_pruning_rows()
+    if not rows:
+        return "(no rows yet: python benchmarks/bench_lm_pruning.py)"
+    return "\n".join([lm_pruning_table(rows), "", *lm_pruning_targets(rows)])
+
 
 README_SECTIONS = {"glue": glue_headline}
 SECTIONS = {"memory": memory_section, "memory-minilm": lambda: memory_section("minilm"), "memory-peer": peer_section, "support": support_section, "prune": prune_section, "gpt2xl": gpt2xl_section,
-            "glue": glue_section, "sst2-short": sst2_short_section}
+            "glue": glue_section, "sst2-short": sst2_short_section, "lm-pruning": lm_pruning_section}
 
 
 def replace_block(text: str, name: str, body: str, where: str = "RESULTS.md") -> str:
