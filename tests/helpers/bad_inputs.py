@@ -73,6 +73,8 @@ BAD_INPUTS: list[Case] = [
     ("unknown support method", ["--dsee.support", "svd"], "unknown support method 'svd'"),
     ("sparsity outside [0, 1)", ["--prune.sparsity", "1.5"], "--prune.sparsity: Input should be less than 1 (got '1.5')"),
     ("re-fit without pruning", ["--prune.reconstruct", "true", "--prune.sparsity", "0"], "prune.reconstruct re-fits the weights that unstructured or N:M pruning keeps"),
+    ("distillation weight outside [0, 1]", ["--prune.distill", "--prune.distill_alpha", "2"], "--prune.distill_alpha: Input should be less than or equal to 1 (got '2')"),
+    ("distillation for a baseline", ["--method", "peft_lora", "--prune.sparsity", "0", "--prune.distill"], "prune.distill teaches the pruned model its own outputs from before pruning, and method peft_lora does not prune"),
     ("unknown model", ["--model", "./no/such/model"], "unknown model './no/such/model'"),
     ("unknown builtin model", ["--model", "builtin:gpt5"], "unknown builtin model 'builtin:gpt5'"),
     ("tokenizer/model vocabulary mismatch", ["--task", "cls", "--model", minilm_dir, "--tokenizer", SHARED_DATA / "gpt2_tokenizer", "--train_file", TSV, "--eval_file", TSV,
