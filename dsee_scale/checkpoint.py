@@ -210,37 +210,50 @@ def save(folder: Path, tag: str, state: dict, tensors: dict[str, torch.Tensor], 
     dist.raise_if_any(error, CheckpointError)
 
 
-def save_weights(folder: Path, params: dict[str, torch.Tensor], writer: bool) -> None:
-    """Whole values of some frozen weights, one gathered at a time, one file each; written into a
-    staging folder that replaces `folder` once complete (fsynced). Collective: every rank
-    gathers, writers write; a failed write fails every rank with one message."""
-    staging = folder.with_name(f".staging-{folder.name}")
-    error = None
+class StagedFolder:
+    """A folder the run folder's writers fill in a staging copy, one file at a time, which
+    replaces `folder` once complete (every file fsynced, then renamed): a kill at any moment
+    leaves the previous folder, or none. After a failed write the later writes are skipped (the
+    caller's collectives go on) and `close` fails every rank with one message naming `what`."""
 
-    def write(fn: Callable[[], None]) -> None:  # writers only; after a failure the gathers go on, the writes stop
-        nonlocal error
-        if writer and error is None:
+    def __init__(self, folder: Path, writer: bool, what: str) -> None:
+        self.folder, self.writer, self.what = folder, writer, what
+        self.staging = folder.with_name(f".staging-{folder.name}")
+        self.error: str | None = None
+        self.write(lambda: (shutil.rmtree(self.staging, ignore_errors=True), self.staging.mkdir(parents=True)))
+
+    def write(self, fn: Callable[[], None]) -> None:
+        """Run `fn` (which writes into `staging`) on writers, unless a write failed already."""
+        if self.writer and self.error is None:
             try:
                 fn()
             except WRITE_ERRORS as err:
-                error = f"the re-fitted weights could not be written to {folder}: {getattr(err, 'strerror', None) or err}"
+                self.error = f"{self.what} could not be written to {self.folder}: {getattr(err, 'strerror', None) or err}"
 
-    def finish() -> None:
-        (staging / "index.json").write_text(json.dumps({name: f"{i:05d}.safetensors" for i, name in enumerate(params)}))
-        for path in [*staging.iterdir(), staging]:
+    def close(self) -> None:
+        """Collective: the staging copy replaces `folder`; a failed write fails every rank."""
+        self.write(self._publish)
+        if self.error:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        dist.raise_if_any(self.error, CheckpointError)
+
+    def _publish(self) -> None:
+        for path in [*self.staging.iterdir(), self.staging]:
             _fsync(path)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
-        _fsync(folder.parent)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.replace(self.staging, self.folder)
+        _fsync(self.folder.parent)
 
-    write(lambda: (shutil.rmtree(staging, ignore_errors=True), staging.mkdir(parents=True)))
+
+def save_weights(folder: Path, params: dict[str, torch.Tensor], writer: bool) -> None:
+    """Whole values of some frozen weights, one gathered at a time, one file each (StagedFolder).
+    Collective: every rank gathers, writers write; a failed write fails every rank with one message."""
+    out = StagedFolder(folder, writer, "the re-fitted weights")
     for i, (name, param) in enumerate(params.items()):
         with zero.gathered([param]):
-            write(lambda: save_file({name: param.detach().contiguous().cpu()}, str(staging / f"{i:05d}.safetensors")))
-    write(finish)
-    if error:
-        shutil.rmtree(staging, ignore_errors=True)
-    dist.raise_if_any(error, CheckpointError)
+            out.write(lambda: save_file({name: param.detach().contiguous().cpu()}, str(out.staging / f"{i:05d}.safetensors")))
+    out.write(lambda: (out.staging / "index.json").write_text(json.dumps({name: f"{i:05d}.safetensors" for i, name in enumerate(params)})))
+    out.close()
 
 
 def load_weights(folder: Path, params: dict[str, torch.Tensor]) -> None:

@@ -68,6 +68,7 @@ LRScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", 
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 TASKS: tuple[str, ...] = typing.get_args(Task)
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]  # [0, 1)
+Weight = Annotated[float, Field(ge=0.0, le=1.0)]  # [0, 1]
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 Count = Annotated[int, Field(ge=0)]
@@ -144,6 +145,14 @@ class PruneConfig:
     structured_score: StructuredScore = field(default="gradient", metadata={"help": "head/neuron importance: gradient (gate gradients over calibration_batches; +1.9 pt over |ΔW| on MiniLM/SST-2, benchmarks/RESULTS.md), dsee (Σ|ΔW|, the paper's, data-free) or weight (|W|)"})
     structured_scope: StructuredScope = field(default="global", metadata={"help": "'global' budget across layers, or 'layer': the same count in every layer"})
     calibration_batches: PositiveInt = field(default=16, metadata={"help": "global batches (micro_batch_size × grad_accum × ranks rows, each rank its share) for structured_score 'gradient', score 'activation' and reconstruct"})
+    distill: bool = field(default=False, metadata={"help": "self-distilled re-tune (method dsee): before pruning, the tuned model labels every re-tune batch in eval mode "
+                          "(stored once in <output_dir>/teacher, one file per step), and the re-tune's loss becomes (1 − distill_alpha)·task + distill_alpha·T²·KL(teacher ‖ student) "
+                          "on the same rows: over the class logits (cls); over each target token's teacher top-distill_topk tokens, renormalised, one mean over the global batch's "
+                          "target tokens as the task loss's (lm); reg: distill_alpha·MSE to the teacher's prediction (T unused). Decided at pruning, as the masks: a resumed "
+                          "re-tune keeps the checkpoint's distill, distill_alpha and distill_t"})
+    distill_alpha: Weight = field(default=0.5, metadata={"help": "weight of the distillation term, in [0, 1]; 0 gives the plain re-tune exactly"})
+    distill_t: Annotated[float, Field(gt=0.0)] = field(default=2.0, metadata={"help": "distillation temperature T > 0: teacher and student distributions are softmax(logits / T); the term is scaled by T² so its gradient keeps the task loss's scale"})
+    distill_topk: PositiveInt = field(default=32, metadata={"help": "task lm: the teacher's largest logits kept per target token, in bf16 with their int32 ids (6·k bytes per target token on disk, for every re-tune step)"})
 
     @property
     def scope_options(self) -> dict[str, float]:
@@ -245,9 +254,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self._resolve_metric()
         p = self.prune
+        if p.distill and self.method != "dsee":
+            raise ValueError(f"prune.distill teaches the pruned model its own outputs from before pruning, and method {self.method} does not prune: drop --prune.distill")
         if self.method != "dsee" and "prune" in self.stages and (p.sparsity or p.pattern or p.heads or p.ffn):
             raise ValueError(f"method {self.method} does not prune (pruning with a re-tune of the adapters is DSEE's): set --prune.sparsity 0 "
                              "(and no prune.pattern, heads or ffn), or leave prune out of --stages")
+        if p.distill and ("retune" not in self.stages or not self.retune_steps):
+            raise ValueError("prune.distill labels the re-tune's batches for the re-tune to learn from: keep retune in --stages with --retune_steps above 0, or drop --prune.distill")
         order = [STAGES.index(s) for s in self.stages]
         if order != sorted(set(order)):
             raise ValueError(f"stages {','.join(self.stages)} are out of order: give each at most once, in the order {','.join(STAGES)} (e.g. retune after export would train merged layers)")

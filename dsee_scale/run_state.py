@@ -60,24 +60,26 @@ class RunState:
 class PruningState:
     """The structured plan (kept heads and FFN neurons per layer), this rank's shard of every mask
     and the same masks whole (bit-packed, as checkpoints save them), whether the adapters are
-    confined to the kept weights (prune.keep_sparse), and whether the kept weights were re-fitted
-    (prune.reconstruct: then they are saved once in the run folder, see `refitted_dir`)."""
+    confined to the kept weights (prune.keep_sparse), whether the kept weights were re-fitted
+    (prune.reconstruct: then they are saved once in the run folder, see `refitted_dir`), and the
+    re-tune's distillation (prune.distill: its teacher outputs are kept in the run folder too)."""
 
     plan: dict | None = None
     masks: dict[str, ShardMask] = field(default_factory=dict)
     packed: dict[str, torch.Tensor] = field(default_factory=dict)
     keep_sparse: bool = False
     refitted: bool = False
+    distill: dict | None = None  # prune.distill: {"alpha", "t"} of the re-tune's loss (distill.py); its teacher outputs are in the run folder
 
     def to_json(self) -> dict:
         """What state.json holds; the packed masks are saved as tensors beside it."""
-        return {"plan": self.plan, "keep_sparse": self.keep_sparse, "refitted": self.refitted}
+        return {"plan": self.plan, "keep_sparse": self.keep_sparse, "refitted": self.refitted, "distill": self.distill}
 
     @classmethod
     def from_json(cls, data: dict, packed: dict[str, torch.Tensor], model: nn.Module) -> PruningState:
         """A saved state, each mask cut to this rank's shard of `model`'s weight."""
         masks = checkpoint.shard_masks(model, packed) if packed else {}
-        return cls(plan=data["plan"], masks=masks, packed=packed, keep_sparse=data["keep_sparse"], refitted=data["refitted"])
+        return cls(plan=data["plan"], masks=masks, packed=packed, keep_sparse=data["keep_sparse"], refitted=data["refitted"], distill=data.get("distill"))
 
     def pruned_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The pruned backbone weights by their plain names, in model order."""

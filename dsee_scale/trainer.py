@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from dsee_scale import checkpoint, dist, dropout, faults, packing, run_folder, zero
+from dsee_scale import checkpoint, dist, distill, dropout, faults, packing, run_folder, zero
 from dsee_scale.baselines import apply_peft_lora, merge_peft_lora, train_everything
 from dsee_scale.config import TrainConfig
 from dsee_scale.chat import use_chat_template
@@ -227,12 +227,21 @@ class Recipe:
             return {}
         return batches.loss_share(rows[batches.global_indices(step)]["labels"])
 
+    def _stage_batches(self, stage: str) -> tuple[Dataset, GlobalBatches]:
+        """What the steps of training stage `stage` read: the rows (tokenized, or packed windows: a
+        packed window is one row of the global batch) and the stage's global batches."""
+        rows = self.train_rows if self.train_windows is None else self.train_windows
+        return rows, GlobalBatches(len(rows), self.micro, self.accum, self.world, seed=self.cfg.seed + (1 if stage == "retune" else 0))
+
     def train(self, stage: str, steps: int) -> None:
         """Optimizer steps of `stage` ('tune' or 'retune'); resumes from the checkpointed step."""
         cfg, engine = self.cfg, self.engine
         start = self.state.start_step(stage)
-        rows = self.train_rows if self.train_windows is None else self.train_windows  # a packed window is one row of the global batch
-        batches = GlobalBatches(len(rows), self.micro, self.accum, self.world, seed=cfg.seed + (1 if stage == "retune" else 0))
+        rows, batches = self._stage_batches(stage)
+        kd = self.pruning.distill if stage == "retune" else None  # --prune.distill as pruning decided it
+        teacher = distill.TeacherStore(self.run_dir / distill.TEACHER, cfg.task, steps, batches.global_batch) if kd else None
+        if kd:
+            log.info("re-tune distilled from the tuned model's outputs in %s: alpha %g, T %g (as pruning decided)", teacher.folder, kd["alpha"], kd["t"])
         schedule = self._schedule(steps, start)
         if schedule is not None and cfg.warmup_steps > steps:
             log.warning("warm-up (%d steps) is longer than the %s stage (%d steps): the LR never reaches --lr", cfg.warmup_steps, stage, steps)
@@ -253,7 +262,12 @@ class Recipe:
                 # dropout keyed by each row's (or packed window's) place in the global batch: the same masks in any split (backward recomputes under checkpointing)
                 keyed = dropout.rows(cfg.seed, stage, step, batches.micro_positions(accum, self.rank), batch["attention_mask"]) if cfg.row_dropout else contextlib.nullcontext()
                 with keyed:
-                    loss = faults.training_loss(engine(**self._model_inputs(batch), **share).loss, stage, step + 1)
+                    out = engine(**self._model_inputs(batch), **share)
+                    loss = out.loss
+                    if teacher is not None:
+                        kept = teacher.rows(step, batches.micro_positions(accum, self.rank))
+                        loss = distill.distilled_loss(loss, out.logits, batch["labels"], kept, cfg.task, kd["alpha"], kd["t"], share.get("num_items_in_batch"))
+                    loss = faults.training_loss(loss, stage, step + 1)
                     engine.backward(loss)
                 engine.step()
                 total += torch.cat([loss.detach().double().reshape(1) / self.accum, batch_counts(batch).double()])
@@ -305,8 +319,12 @@ class Recipe:
     # ---- pruning -----------------------------------------------------------------------------
     def prune(self) -> None:
         """Structured removal and/or global (or per-layer, or N:M) pruning of the frozen backbone
-        by prune.score; the masks and the plan stay fixed afterwards."""
+        by prune.score; the masks and the plan stay fixed afterwards. With prune.distill, first
+        the teacher pass over the re-tune's batches, on the model as tuned."""
         p, pruning, timings = self.cfg.prune, self.pruning, self.state.timings
+        if p.distill:
+            self._label_retune()
+            pruning.distill = {"alpha": p.distill_alpha, "t": p.distill_t}
         if p.heads or p.ffn:
             tic = time.time()
             calibration = self._calibration_batches(p.calibration_batches) if p.structured_score == "gradient" else None
@@ -335,15 +353,33 @@ class Recipe:
                 pruning.confine_adapters(self.model)
         self.state.summary["sparsity"] = sparsity_report(self.model, p.include, p.exclude, frozen_only=self.cfg.method != "full")["total"]
 
-    def _forward(self, batch: dict) -> None:
-        """One forward in eval mode (no dropout, no loss), for the activation score's input norms."""
+    def _forward(self, batch: dict) -> torch.Tensor:
+        """One forward in eval mode (no dropout, no loss, no cache): the logits. For the activation
+        score's input norms and the re-fit's inputs, and distillation's teacher outputs."""
         was_training = self.engine.module.training
         self.engine.eval()
+        inputs = self._model_inputs({k: v for k, v in batch.items() if k != "labels"})
         try:
             with torch.no_grad():
-                self.engine(**{k: v for k, v in batch.items() if k != "labels"})
+                return self.engine(**inputs, **({"use_cache": False} if self.cfg.task == "lm" else {})).logits
         finally:
             self.engine.train(was_training)
+
+    def _label_retune(self) -> None:
+        """--prune.distill: the tuned model's outputs on every re-tune batch, kept in the run
+        folder before pruning changes the model (distill.py). Collective."""
+        cfg = self.cfg
+        rows, batches = self._stage_batches("retune")
+
+        def micro_batches(step: int):
+            return ((batches.micro_positions(accum, self.rank), self._micro_batch(rows, batches, step, accum)) for accum in range(self.accum))
+
+        tic = time.time()
+        kept = distill.label(self.run_dir / distill.TEACHER, cfg.retune_steps, micro_batches, self._forward, cfg.task, cfg.prune.distill_topk,
+                             batches.global_batch, self.writer)
+        self.state.timings["teacher_s"] = time.time() - tic
+        self.state.summary["teacher_mb"] = kept / 2**20
+        log.info("teacher outputs of %d re-tune steps in %.1fs (%.1f MB in %s)", cfg.retune_steps, self.state.timings["teacher_s"], kept / 2**20, self.run_dir / distill.TEACHER)
 
     def _calibration_batches(self, n: int) -> list[dict]:
         """This rank's micro-batches of the first n global batches of their own shuffle, split as

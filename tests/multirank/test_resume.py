@@ -2,7 +2,9 @@
 as if never stopped. Checkpoints hold only world-size-independent state (checkpoint.py).
 
 The model is the built-in tiny LLaMA, which has no dropout: dropout masks are drawn per rank,
-so with dropout another world size trains on other (equally random) masks."""
+so with dropout another world size trains on other (equally random) masks. The unstructured runs
+re-tune self-distilled (prune.distill, top-8 of 512 tokens): the teacher outputs the 2-rank run
+kept before pruning are what a resume on 1, 2 or 3 ranks reads (distill.py)."""
 import json
 import shutil
 
@@ -13,7 +15,7 @@ from launch_utils import launch, run_launcher
 GLOBAL_BATCH = 6  # 6, 3 and 2 rows per rank on 1, 2 and 3 ranks
 COMMON = ["--ds_config", "ds_configs/zero3.json", "--model", "builtin:tiny-llama", "--steps", 6, "--retune_steps", 4, "--save_every", 2,
           "--log_every", 1, "--stages", "tune,prune,retune,export", "--gen_samples", 2, "--gen_max_new_tokens", 2]
-UNSTRUCTURED = ["--prune.sparsity", 0.5, "--prune.reconstruct", "true"]  # the re-fitted backbone must come back too
+UNSTRUCTURED = ["--prune.sparsity", 0.5, "--prune.reconstruct", "true", "--prune.distill", "true", "--prune.distill_topk", 8]  # the re-fitted backbone must come back too
 STRUCTURED = ["--prune.sparsity", 0.3, "--prune.heads", 0.25, "--prune.ffn", 0.25]
 
 
@@ -86,8 +88,9 @@ def test_killed_mid_retune_resumes_bit_for_bit_on_2_ranks_and_within_rounding_on
     root, flags, reference = unstructured
     same = resumed(killed_mid_retune, root / "same", flags, 2)
     assert same["losses"] == reference["losses"]
-    # Masks and re-fitted weights come from the run folder: another prune setting now would change them.
-    fewer = resumed(killed_mid_retune, root / "one_rank", flags + ["--prune.score", "delta", "--prune.sparsity", 0.2, "--prune.reconstruct", "false"], 1)
+    # Masks, re-fitted weights and the distillation come from the run folder: another prune setting now would change them.
+    fewer = resumed(killed_mid_retune, root / "one_rank", flags + ["--prune.score", "delta", "--prune.sparsity", 0.2, "--prune.reconstruct", "false",
+                                                                   "--prune.distill_alpha", 0], 1)
     assert fewer["world_size"] == 1
     assert close(fewer["losses"], reference["losses"])
     assert fewer["sparsity"] == same["sparsity"] == reference["sparsity"] == 0.5
@@ -120,6 +123,17 @@ def test_structured_run_resumes_after_removal_on_2_and_on_1_rank(structured):
     assert close(one["losses"], reference["losses"])
     assert one["final_sparsity"] == reference["final_sparsity"]
     torch.testing.assert_close(export_logits(root / "one_rank", "lm"), export_logits(root / "reference", "lm"), atol=1e-5, rtol=0)
+
+
+def test_distillation_at_alpha_0_is_the_plain_re_tune_bit_for_bit(structured):
+    """The teacher pass (before heads and neurons are removed) leaves the run as it was, and its
+    term at α = 0 adds nothing: the structured reference's losses, to the bit."""
+    root, flags, reference = structured
+    run_launcher("ranks", "launch/train.py", flags + ranks(2) + ["--prune.distill", "true", "--prune.distill_alpha", 0, "--output_dir", root / "alpha_0"])
+    summary = json.loads((root / "alpha_0" / "summary.json").read_text())
+    assert summary["losses"] == reference["losses"]
+    assert summary["timings"]["teacher_s"] > 0 and not (root / "reference" / "teacher").exists()
+    assert sorted(p.name for p in (root / "alpha_0" / "teacher").iterdir()) == ["meta.json", *(f"step-00000{s}.safetensors" for s in range(4))]
 
 
 def test_a_checkpoint_of_another_run_is_refused_before_launch(unstructured, tmp_path, capsys):
