@@ -168,7 +168,7 @@ def main() -> None:
         ppl = perplexity(merged, test)
         summary = json.loads((out / "summary.json").read_text())
         record({**base, "pattern": pattern, "method": method, "ppl": ppl, "ratio": ppl / dense if dense else None, "sparsity": export_sparsity(merged),
-                    "retune_steps": args.retune_steps if "retune" in flags[flags.index("--stages") + 1] else 0, "trainable": summary.get("trainable"),
+                    "retune_steps": args.retune_steps if "retune" in flags[flags.index("--stages") + 1] else 0, "trainable_pct": summary.get("trainable_pct"),
                     "run_s": round(trained, 1), "wall_s": round(time.time() - tic, 1), "command": " ".join(cmd)}, args.out)
 
 

@@ -57,7 +57,8 @@ def teacher_outputs(logits: torch.Tensor, labels: torch.Tensor, task: str, k: in
         raise ValueError(f"prune.distill_topk {k} is more than the model's {logits.shape[-1]} logits per token: lower --prune.distill_topk")
     mask = target_mask(labels)
     rows, cols = mask.nonzero(as_tuple=True)
-    values, ids = [torch.empty(0, k, dtype=torch.bfloat16)], [torch.empty(0, k, dtype=torch.int32)]
+    # cpu: the teacher's labels are staged to disk from the host, chunk by chunk
+    values, ids = [torch.empty(0, k, dtype=torch.bfloat16, device="cpu")], [torch.empty(0, k, dtype=torch.int32, device="cpu")]
     for start in range(0, len(rows), CHUNK_TOKENS):
         top = logits[rows[start : start + CHUNK_TOKENS], cols[start : start + CHUNK_TOKENS]].float().topk(k, dim=-1)
         values.append(top.values.to(torch.bfloat16).cpu())

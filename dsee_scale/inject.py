@@ -138,9 +138,11 @@ def is_trainable_module(name: str, patterns: list[str]) -> bool:
 
 
 def mark_only_dsee_as_trainable(model: nn.Module, trainable_modules: list[str] | None = None) -> None:
-    """Freeze everything but A, B, S values and the task head (modules named in trainable_modules)."""
+    """Freeze everything but A, B, S values and the task head (modules named in trainable_modules).
+    An empty S (--dsee.nnz 0, DSEE's LoRA) stays frozen: there is nothing in it to train, and
+    ZeRO keeps no optimizer state for an empty tensor."""
     patterns = DEFAULT_TRAINABLE_MODULES if trainable_modules is None else trainable_modules
-    adapters = {id(p) for p in adapter_parameters(model)}
+    adapters = {id(p) for p in adapter_parameters(model) if zero.full_numel(p) > 0}
     for name, param in model.named_parameters():
         module_name = name.rsplit(".", 1)[0] if "." in name else ""
         param.requires_grad = id(param) in adapters or is_trainable_module(module_name, patterns)

@@ -74,12 +74,12 @@ def check_blocks(targets: list[PruneTarget]) -> None:
 
 def owl_sparsities(outlier_ratios: list[float], sparsity: float, owl_lambda: float) -> list[float]:
     """OWL's block sparsities from the blocks' outlier ratios D_l (the module docstring)."""
-    d = torch.tensor(outlier_ratios, dtype=torch.float64)
-    spread = d.max() - d.min()
-    if spread == 0:
+    low, high = min(outlier_ratios), max(outlier_ratios)
+    if high == low:
         return [sparsity] * len(outlier_ratios)
-    r = (d - d.min()) / spread * 2 * owl_lambda
-    return (sparsity - (r - r.mean())).tolist()
+    r = [(d - low) / (high - low) * 2 * owl_lambda for d in outlier_ratios]
+    mean = sum(r) / len(r)
+    return [sparsity - (x - mean) for x in r]
 
 
 def outlier_ratios(targets: list[PruneTarget], score: str, owl_m: float) -> list[float]:

@@ -1,7 +1,8 @@
 """--eval_perplexity through whole runs: the perplexity of a WikiText-2 excerpt before the first
 stage and after each stage that changes the model, on 1 process and on 2 ZeRO-3 ranks (windows
 split over the ranks, a filler window on one): the same figures; the export re-evaluated with
-plain transformers (python -m dsee_scale.evaluate's path) gives the run's last one."""
+plain transformers (python -m dsee_scale.evaluate's path) gives the run's last one. The adapters are
+DSEE's LoRA (--dsee.nnz 0: an empty S, which ZeRO-3 keeps no optimizer state for)."""
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from launch_utils import one_process, run_launcher, tail_per_rank
 from dsee_scale.evaluate import evaluate_folder
 
 FLAGS = ["--model", "builtin:tiny-llama", "--max_length", 64, "--micro_batch_size", 2, "--stages", "tune,prune,retune,export,evaluate",
-         "--steps", 2, "--retune_steps", 1, "--warmup_steps", 0, "--save_every", 0, "--gen_samples", 2, "--gen_max_new_tokens", 2]
+         "--steps", 2, "--retune_steps", 1, "--dsee.nnz", 0, "--warmup_steps", 0, "--save_every", 0, "--gen_samples", 2, "--gen_max_new_tokens", 2]
 
 
 def test_perplexity_after_every_stage_does_not_depend_on_the_world_size(tmp_path):

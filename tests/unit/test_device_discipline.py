@@ -24,6 +24,7 @@ ALLOWED_CPU = {
     ("support.py", "grebsmo_sparse_part"): "the seeded CPU generator for those probes",
     ("support.py", "random_support"): "random Ω from the seeded CPU generator",
     ("checkpoint.py", "_step_like"): "torch's AdamW keeps its step count on the host",
+    ("distill.py", "teacher_outputs"): "the teacher's top-k labels are staged to disk from the host",
     ("packing.py", "position_ids"): "a packed micro-batch's position ids, collated on the host with its other tensors and moved with them",
     ("zero/single_host.py", "_shm_room_everywhere"): "whether /dev/shm has room on every rank, agreed over gloo (CPU ranks only)",
     ("zero/single_host.py", "_shm_nonce"): "a /dev/shm file name, broadcast over gloo (CPU ranks only)",
