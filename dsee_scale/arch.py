@@ -55,6 +55,10 @@ class Arch:
     # the model types of this entry whose causal LM takes position ids and a 4-D attention mask as given,
     # verified by tests/unit/test_packing.py: packed rows can be kept apart (packing.py)
     packs: tuple[str, ...] = ()
+    # prune.scope when unset: the comparison group that keeps this family's quality. Decoders prune
+    # per output row (Wanda's; the global threshold empties a decoder's early layers: the LM table in
+    # benchmarks/RESULTS.md); encoders keep the paper's global threshold (the GLUE table).
+    prune_scope: str = "global"
 
 
 ARCHS: dict[str, Arch] = {}
@@ -74,6 +78,15 @@ def arch_of(model: nn.Module) -> Arch:
     if model_type(model) not in ARCHS:
         raise ValueError(f"model type {model_type(model)!r} is not one dsee_scale knows ({', '.join(sorted(ARCHS))}): add an Arch in dsee_scale/arch.py")
     return ARCHS[model_type(model)]
+
+
+def prune_scope_of(model: nn.Module, task: str) -> str:
+    """prune.scope when the run leaves it unset: its family's (Arch.prune_scope); for a family
+    dsee_scale does not know, 'row' for a language model and the paper's 'global' otherwise."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if model_type(base) in ARCHS:
+        return ARCHS[model_type(base)].prune_scope
+    return "row" if task == "lm" else "global"
 
 
 def logits_are_head_output(model: nn.Module) -> bool:
@@ -137,7 +150,7 @@ def _gpt2_set_heads(module: nn.Module, heads: int, kv_heads: int, head_dim: int)
 register(Arch(
     model_types=("gpt2",), targets=("c_attn:q,v",), blocks=lambda m: list(m.transformer.h), attention=lambda b: _gpt2_attention(b.attn),
     ffn=lambda b: FFN([(b.mlp.c_fc, 0)], b.mlp.c_proj, _out(b.mlp.c_fc)), set_heads=_gpt2_set_heads,
-    ffn_field="n_inner", head_dim_in_config=False, fused={"c_attn": lambda a: _qkv_parts(_gpt2_attention(a))}, packs=("gpt2",),
+    ffn_field="n_inner", head_dim_in_config=False, fused={"c_attn": lambda a: _qkv_parts(_gpt2_attention(a))}, packs=("gpt2",), prune_scope="row",
 ))
 
 
@@ -187,6 +200,7 @@ def _llama_ffn(block: nn.Module) -> FFN:
 register(Arch(
     model_types=("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"), targets=("q_proj", "v_proj"), blocks=lambda m: list(m.model.layers),
     attention=_llama_attention, ffn=_llama_ffn, set_heads=_llama_set_heads, ffn_field="intermediate_size", head_dim_in_config=True, packs=("llama", "mistral", "qwen2"),
+    prune_scope="row",
 ))
 
 
@@ -230,6 +244,7 @@ register(Arch(
     model_types=("phi3",), targets=("qkv_proj:q,v",), blocks=lambda m: list(m.model.layers), attention=lambda b: _phi3_attention(b.self_attn),
     ffn=lambda b: _phi3_ffn(b.mlp), set_heads=_phi3_set_heads, ffn_field="intermediate_size", head_dim_in_config=True,
     fused={"qkv_proj": lambda a: _qkv_parts(_phi3_attention(a)), "gate_up_proj": lambda m: dict.fromkeys(("gate", "up"), _phi3_ffn(m).size)},
+    prune_scope="row",
 ))
 
 

@@ -125,10 +125,11 @@ class PruneConfig:
     """Sparsity after tuning: unstructured pruning (by score, over all weights, per matrix, per row or per block's OWL ratio, or N:M) and/or removal of heads and FFN neurons."""
 
     sparsity: Fraction = field(default=0.0, metadata={"help": "fraction of selected weights set to zero (0 disables unstructured pruning)"})
-    scope: PruneScope = field(default="global", metadata={"help": "which weights compete for pruning: 'global': all selected weights against one threshold (the paper's, for BERT; scores of "
+    scope: PruneScope | None = field(default=None, metadata={"help": "which weights compete for pruning: 'global': all selected weights against one threshold (the paper's, for BERT; scores of "
                               "different scales across layers can empty a decoder's layer); 'layer': the same fraction of every matrix (magnitude and SparseGPT baselines); "
                               "'row': the same fraction of every output row (Wanda's comparison group); 'owl': per row at each transformer block's own sparsity, higher "
-                              "where the block has more outlier scores (OWL, Yin et al. 2024; prune.owl_m, prune.owl_lambda)"})
+                              "where the block has more outlier scores (OWL, Yin et al. 2024; prune.owl_m, prune.owl_lambda). Unset: by the model's family, 'row' for "
+                              "decoders (GPT-2, LLaMA, Mistral, Qwen, Gemma, Phi-3) and for language models of other families, 'global' for encoders (dsee_scale/arch.py)"})
     owl_m: PositiveFloat = field(default=OWL_M, metadata={"help": "scope owl: a score is an outlier above owl_m × its block's mean score (the paper's M)"})
     owl_lambda: Fraction = field(default=OWL_LAMBDA, metadata={"help": "scope owl: the blocks' sparsities spread over 2 × owl_lambda around prune.sparsity, their mean (the paper's λ)"})
     score: PruneScore = field(default="activation", metadata={"help": "'activation': |W + ΔW|·‖x_j‖, Wanda's, with x_j's norm over calibration_batches (the most accurate in benchmarks/RESULTS.md); 'weight': |W| (the paper's, data-free); 'merged': |W + ΔW|; 'delta': |ΔW| (the released DSEE code)"})
@@ -154,10 +155,9 @@ class PruneConfig:
     distill_t: Annotated[float, Field(gt=0.0)] = field(default=2.0, metadata={"help": "distillation temperature T > 0: teacher and student distributions are softmax(logits / T); the term is scaled by T² so its gradient keeps the task loss's scale"})
     distill_topk: PositiveInt = field(default=32, metadata={"help": "task lm: the teacher's largest logits kept per target token, in bf16 with their int32 ids (6·k bytes per target token on disk, for every re-tune step)"})
 
-    @property
-    def scope_options(self) -> dict[str, float]:
-        """The chosen scope's own settings, its selector's keywords: the fields named '<scope>_...'."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith(f"{self.scope}_")}
+    def scope_options(self, scope: str) -> dict[str, float]:
+        """A scope's own settings, its selector's keywords: the fields named '<scope>_...'."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith(f"{scope}_")}
 
     @property
     def refits(self) -> bool:
@@ -171,9 +171,9 @@ class PruneConfig:
             n, m = parse_pattern(self.pattern)
             if self.sparsity not in (0.0, 1 - n / m):
                 raise ValueError(f"prune.pattern {self.pattern} prunes {1 - n / m:.0%} of every group: set prune.sparsity to {1 - n / m:g} or 0")
-            if self.scope != "global":
+            if self.scope is not None:
                 raise ValueError(f"prune.scope {self.scope} chooses which weights compete in unstructured pruning; prune.pattern {self.pattern} keeps N of every M "
-                                 f"in each group instead: leave prune.scope at its default (global)")
+                                 f"in each group instead: leave prune.scope unset")
         elif self.scope == "owl" and self.sparsity > 0:
             check_owl(self.sparsity, self.owl_lambda)
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from dsee_scale import checkpoint, dist, distill, dropout, faults, packing, run_folder, zero
+from dsee_scale.arch import model_type, prune_scope_of
 from dsee_scale.baselines import apply_peft_lora, merge_peft_lora, train_everything
 from dsee_scale.config import TrainConfig
 from dsee_scale.chat import use_chat_template
@@ -340,8 +341,12 @@ class Recipe:
             if p.pattern:
                 pruning.masks = prune_nm(self.model, p.pattern, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse)
             else:
-                pruning.masks = prune_unstructured(self.model, p.sparsity, p.scope, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse,
-                                                  p.scope_options)
+                scope = p.scope or prune_scope_of(self.model, self.cfg.task)
+                if p.scope is None:
+                    log.info("prune.scope unset: %s, the default for %s models (--prune.scope chooses another)", scope, model_type(self.model) or "these")
+                pruning.masks = prune_unstructured(self.model, p.sparsity, scope, p.score, p.include, p.exclude, calibration, p.refits, p.keep_sparse,
+                                                  p.scope_options(scope))
+                self.state.summary["prune_scope"] = scope
             timings["prune_s"] = time.time() - tic
             log.info("pruned (%s) in %.1fs", p.pattern or f"{100 * p.sparsity:.1f}%", timings["prune_s"])
             pruning.keep_sparse = p.keep_sparse

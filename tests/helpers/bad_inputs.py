@@ -75,7 +75,7 @@ BAD_INPUTS: list[Case] = [
     ("OWL's block sparsities could leave [0, 1)", ["--prune.scope", "owl", "--prune.sparsity", "0.1"], "lower prune.owl_lambda to at most 0.05"),
     ("OWL on weights outside the transformer blocks", CLS + ["--prune.scope", "owl", "--prune.include", ".*pooler.*"],
      "prune.scope owl sets a sparsity per transformer block, and ['bert.pooler.dense.weight'] lie in none"),
-    ("a prune scope with an N:M pattern", ["--prune.scope", "row", "--prune.pattern", "2:4"], "leave prune.scope at its default (global)"),
+    ("a prune scope with an N:M pattern", ["--prune.scope", "row", "--prune.pattern", "2:4"], "leave prune.scope unset"),
     ("re-fit without pruning", ["--prune.reconstruct", "true", "--prune.sparsity", "0"], "prune.reconstruct re-fits the weights that unstructured or N:M pruning keeps"),
     ("distillation weight outside [0, 1]", ["--prune.distill", "--prune.distill_alpha", "2"], "--prune.distill_alpha: Input should be less than or equal to 1 (got '2')"),
     ("distillation for a baseline", ["--method", "peft_lora", "--prune.sparsity", "0", "--prune.distill"], "prune.distill teaches the pruned model its own outputs from before pruning, and method peft_lora does not prune"),

@@ -426,9 +426,24 @@ def test_owl_and_row_scopes_refuse_what_they_cannot_do():
         prune_unstructured(adapted("llama"), 0.5, scope="owl", include=[r".*layers\.0\..*weight$", r"lm_head\.weight"])
     with pytest.raises(ValueError, match="lower prune.owl_lambda to at most 0.05"):
         PruneConfig(scope="owl", sparsity=0.1)
-    assert PruneConfig(scope="owl", sparsity=0.5, owl_m=3.0).scope_options == {"owl_m": 3.0, "owl_lambda": 0.08}
-    assert PruneConfig(scope="row", sparsity=0.5).scope_options == {}
+    assert PruneConfig(scope="owl", sparsity=0.5, owl_m=3.0).scope_options("owl") == {"owl_m": 3.0, "owl_lambda": 0.08}
+    assert PruneConfig(scope="row", sparsity=0.5).scope_options("row") == {}
     with pytest.raises(ValueError, match="owl_m\n  Input should be greater than 0"):
         PruneConfig(scope="owl", owl_m=0)
-    with pytest.raises(ValueError, match=r"prune.pattern 2:4 keeps N of every M in each group instead: leave prune.scope at its default \(global\)"):
+    with pytest.raises(ValueError, match=r"prune.pattern 2:4 keeps N of every M in each group instead: leave prune.scope unset"):
         PruneConfig(scope="row", pattern="2:4", sparsity=0.5)
+
+
+def test_an_unset_scope_is_the_models_familys_row_for_decoders_global_for_encoders():
+    """The global threshold empties a real decoder's early layers (the LM table in
+    benchmarks/RESULTS.md): decoders compare within each output row unless the run says otherwise."""
+    from types import SimpleNamespace
+
+    from dsee_scale.arch import prune_scope_of
+
+    assert PruneConfig(sparsity=0.5).scope is None and PruneConfig(pattern="2:4").scope is None
+    assert prune_scope_of(tiny_model("llama", "lm"), "lm") == prune_scope_of(tiny_model("gpt2", "lm"), "lm") == "row"
+    assert prune_scope_of(tiny_model("bert", "cls"), "cls") == "global"
+    unknown = torch.nn.Linear(2, 2)
+    unknown.config = SimpleNamespace(model_type="opt")
+    assert (prune_scope_of(unknown, "lm"), prune_scope_of(unknown, "cls")) == ("row", "global")
