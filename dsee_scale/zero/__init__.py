@@ -19,6 +19,7 @@ from dsee_scale.zero.shards import (
     full_dtype,
     full_numel,
     full_shape,
+    gather_to,
     gathered,
     init_context,
     is_partitioned,
@@ -27,6 +28,7 @@ from dsee_scale.zero.shards import (
     on_nvme_count,
     partition_new_parameters,
     partition_of,
+    scatter_from,
     shard_device,
     shard_in_memory,
     shard_range,
@@ -37,8 +39,8 @@ from dsee_scale.zero.single_host import can_share_frozen_weights, share_frozen_w
 
 __all__ = [
     "TorchLinear", "can_share_frozen_weights", "check_created_like", "edit_local_shard", "full_dtype", "full_numel", "full_shape",
-    "gathered", "hook_per_block", "hook_per_layer", "init_context", "is_partitioned", "is_whole", "keep_whole", "local_shard",
-    "on_nvme_count", "partition_new_parameters", "partition_of", "shard_device", "shard_in_memory", "shard_range",
+    "gather_to", "gathered", "hook_per_block", "hook_per_layer", "init_context", "is_partitioned", "is_whole", "keep_whole", "local_shard",
+    "on_nvme_count", "partition_new_parameters", "partition_of", "scatter_from", "shard_device", "shard_in_memory", "shard_range",
     "share_frozen_weights", "shares_memory", "torch_linear_where_whole", "whole_model", "whole_model_fits", "with_fetch_defaults",
     "zero3_active",
 ]

@@ -156,6 +156,51 @@ def _sync_whole_copy(param: torch.Tensor) -> None:
     param.data.view(-1).copy_(flat[: param.ds_numel])
 
 
+@torch.no_grad()
+def gather_to(param: torch.Tensor, dst: int) -> torch.Tensor | None:
+    """The whole flattened parameter (its dtype, on the communication device) on rank dst, None
+    on the others: each rank sends its shard, so only dst receives a whole matrix (`gathered`
+    gives every rank one). Collective."""
+    from dsee_scale import dist
+
+    if not is_partitioned(param) or not dist.initialized():  # every rank holds it whole
+        return param.data.view(-1) if dist.rank() == dst else None
+    import torch.distributed as tdist
+
+    size = param.ds_tensor.ds_numel
+    with shard_in_memory(param):
+        mine = local_shard(param)
+        part = torch.nn.functional.pad(mine.to(dist.comm_device()), (0, size - mine.numel()))
+    flat = torch.empty(size * tdist.get_world_size(group=param.ds_process_group), dtype=part.dtype, device=part.device) if dist.rank() == dst else None
+    tdist.gather(part, None if flat is None else list(flat.split(size)), dst=dst, group=param.ds_process_group)
+    return None if flat is None else flat[: param.ds_numel]
+
+
+@torch.no_grad()
+def scatter_from(param: torch.Tensor, whole: torch.Tensor | None, src: int) -> torch.Tensor:
+    """This rank's slice (`shard_range`) of `whole`, a flat tensor of the parameter's full numel
+    and dtype (`full_dtype`) that only rank src holds: src sends each rank its shard's span, so no
+    other rank receives a whole matrix (a rank of an unpartitioned parameter gets all of it).
+    Collective."""
+    from dsee_scale import dist
+
+    if not dist.initialized():
+        return whole
+    if not is_partitioned(param):
+        return dist.broadcast(whole if dist.rank() == src else torch.empty(param.numel(), dtype=param.dtype, device=param.device), src)
+    import torch.distributed as tdist
+
+    size = param.ds_tensor.ds_numel
+    part = torch.empty(size, dtype=full_dtype(param), device=dist.comm_device())
+    parts = None
+    if dist.rank() == src:
+        padded = torch.nn.functional.pad(whole.to(part.device), (0, size * tdist.get_world_size(group=param.ds_process_group) - whole.numel()))
+        parts = list(padded.split(size))
+    tdist.scatter(part, parts, src=src, group=param.ds_process_group)
+    start, stop = shard_range(param)
+    return part[: stop - start]
+
+
 @contextlib.contextmanager
 def gathered(params: Sequence[torch.Tensor], modify: bool = False) -> Iterator[None]:
     """Make full copies of params available; with modify=True, rank 0's edits are kept everywhere.

@@ -136,7 +136,8 @@ def recorded_input_norms(model, batches) -> dict[str, torch.Tensor]:
 
 def check_prune_tiny_results(results: dict, base: Path, task: str, on_gpu: bool = False) -> None:
     """prune_tiny.py's masks.pt against one process here on the same weights: the 2:4 re-fit on all
-    the calibration batches, the ranks' all-reduced input norms, and every case's masks
+    the calibration batches (spread over the ranks, and equal to rank 0 fitting alone), the ranks'
+    all-reduced input norms, and every case's masks
     (torch.nn.utils.prune's, or the N:M loop's) with its count of zeros. on_gpu: the ranks ran on
     GPUs, whose products (ΔW = B·A, activations) round otherwise than this CPU's, so scores within
     rounding of a threshold may fall on either side: masks scored from |W| alone stay exact, the
@@ -147,8 +148,20 @@ def check_prune_tiny_results(results: dict, base: Path, task: str, on_gpu: bool 
     model = apply_dsee(build_model(base, task), DSEE).eval()
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in reconstructed["calibration"]]
     prune_nm(model, "2:4", score="activation", calibration=(batches, lambda batch: model(**batch)), reconstruct=True)
-    for t in prune_targets(model, DEFAULTS.include, DEFAULTS.exclude):
+    targets = prune_targets(model, DEFAULTS.include, DEFAULTS.exclude)
+    for t in targets:
         torch.testing.assert_close(reconstructed["weights"][t.name], t.param.detach(), rtol=refit_tol[0], atol=refit_tol[1], msg=t.name)
+    # spread over the ranks (each fitted some) and on rank 0 alone: the same fit of the same XᵀX,
+    # so on CPUs the same masks and weights bit for bit (GPUs: 0.1% of the masks, weights to refit_tol)
+    spread, alone = reconstructed["fitted_per_rank"], reconstructed["fitted_alone_per_rank"]
+    assert sum(spread) == len(targets) and min(spread) > 0 and alone == [len(targets)] + [0] * (len(alone) - 1), (spread, alone)
+    assert set(reconstructed["masks"]) == set(reconstructed["rank0_alone_masks"]) == {t.name for t in targets}
+    for name, weight in reconstructed["rank0_alone"].items():
+        assert (reconstructed["masks"][name] != reconstructed["rank0_alone_masks"][name]).float().mean().item() <= (1e-3 if on_gpu else 0.0), name
+        if on_gpu:
+            torch.testing.assert_close(reconstructed["weights"][name], weight, rtol=refit_tol[0], atol=refit_tol[1], msg=name)
+        else:
+            assert torch.equal(reconstructed["weights"][name], weight), name
 
     for key, got in results.items():
         scope, score, sparsity = key.split("-")

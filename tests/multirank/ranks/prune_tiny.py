@@ -2,6 +2,7 @@
 Batches go to the engine's device and what is written to the CPU: the CPU tier runs it on CPU
 ranks, the gpu tier (tests/gpu) on GPU shards."""
 import argparse
+import importlib
 import json
 
 import torch
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from common import batch, full_masks, shard, start
 
 from dsee_scale import DSEEConfig, apply_dsee, zero
+from dsee_scale import dist as dist_helpers
 from dsee_scale.engine import create_engine
 from dsee_scale.models import build_model
 from dsee_scale.config import PruneConfig
@@ -85,17 +87,32 @@ else:
         report = sparsity_report(model)
         results[key] = {"masks": masks, "zeros": report["zeros"], "numel": report["numel"], "norms": norms, "calibration": calibration}
         engine.destroy()
-    # Reconstruction: the grams all-reduced over the ranks' halves, each matrix re-fitted whole.
-    model = fresh_model()
-    engine = create_engine(model, config, lr=1e-2)
-    engine.eval()
-    prune_nm(model, "2:4", score="activation", calibration=([shard(b, rank, world, engine.device) for b in calibration], lambda b: engine(**b)), reconstruct=True)
-    weights = {}
-    for t in prune_targets(model, PruneConfig().include, PruneConfig().exclude):
-        with zero.gathered([t.param]):
-            weights[t.name] = t.param.detach().to("cpu", copy=True)  # a copy: the gathered memory is released after
-    results["reconstruct"] = {"weights": weights, "calibration": calibration}
-    engine.destroy()
+    # Reconstruction: the grams all-reduced over the ranks' halves, each matrix re-fitted whole by
+    # the rank that fit_rounds gives it; and again with every matrix on rank 0 (spread=False).
+    refit_module = importlib.import_module("dsee_scale.prune.refit")  # the module (the package exports its refit function by that name)
+    fits = []  # one entry per matrix this rank fitted
+    refit_module.obs_reconstruct = lambda *a, _fit=refit_module.obs_reconstruct, **kw: fits.append(1) or _fit(*a, **kw)
+    reconstructed, chosen = {}, {}
+    for spread in (True, False):
+        model = fresh_model()
+        engine = create_engine(model, config, lr=1e-2)
+        engine.eval()
+        mine = ([shard(b, rank, world, engine.device) for b in calibration], lambda b: engine(**b))
+        if spread:
+            masks = prune_nm(model, "2:4", score="activation", calibration=mine, reconstruct=True)
+            fitted_here = len(fits)
+        else:  # what prune_nm does with reconstruct, through refit's baseline switch
+            masks = {}
+            refit_module.refit(prune_targets(model, PruneConfig().include, PruneConfig().exclude), masks, mine, keep_sparse=True, nm=(2, 4), spread=False)
+        weights = {}
+        for t in prune_targets(model, PruneConfig().include, PruneConfig().exclude):
+            with zero.gathered([t.param]):
+                weights[t.name] = t.param.detach().to("cpu", copy=True)  # a copy: the gathered memory is released after
+        reconstructed[spread], chosen[spread] = weights, full_masks(masks)
+        engine.destroy()
+    counts = dist_helpers.all_gather_object((fitted_here, len(fits) - fitted_here))
+    results["reconstruct"] = {"weights": reconstructed[True], "masks": chosen[True], "rank0_alone": reconstructed[False], "rank0_alone_masks": chosen[False],
+                              "calibration": calibration, "fitted_per_rank": [spread for spread, _ in counts], "fitted_alone_per_rank": [alone for _, alone in counts]}
     if rank == 0:
         torch.save(results, out / "masks.pt")
 dist.barrier()
