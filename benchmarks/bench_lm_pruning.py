@@ -21,7 +21,9 @@ joined into rows of 1024 tokens: --calibration rows for the activation score and
 - sparsegpt+lora, sparsegpt+dsee: the sparsegpt row, then a re-tune with the masks fixed and the
   export as sparse (prune.keep_sparse): low-rank only (`--dsee.nnz 0`, the masked-LoRA recipe of
   SQFT/LoSA) or DSEE's low-rank + sparse residual (rank 8 on all seven projections either way;
-  DSEE's 64 entries of S a matrix add 0.7% to LoRA's trainable parameters).
+  DSEE's 64 entries of S a matrix add 0.6% to LoRA's trainable parameters);
+- sparsegpt+dsee_kd: DSEE's re-tune distilled from the dense model (--prune.distill: its top-32
+  logits on every re-tune token, labelled before pruning; α 0.5, T 2).
 
 One JSON line per row (`model`, `pattern`, `method`, `ppl`, `ratio` to dense, `sparsity` of the
 reloaded export's prunable weights, `seed`, the command) in benchmarks/results/lm_pruning.jsonl;
@@ -59,7 +61,7 @@ ONE_SHOT = {
         "sparsegpt": ["--prune.reconstruct", "true"],
     },
 }
-RETUNES = {"lora": ["--dsee.nnz", "0"], "dsee": ["--dsee.nnz", "64"]}
+RETUNES = {"lora": ["--dsee.nnz", "0"], "dsee": ["--dsee.nnz", "64"], "dsee_kd": ["--dsee.nnz", "64", "--prune.distill", "true"]}
 
 
 def rows_of(pattern: str) -> dict[str, list[str]]:
