@@ -330,7 +330,9 @@ def lm_pruning_targets(rows: dict) -> list[str]:
         line = f"- {pattern}: DSEE's re-tune closes **{100 * gap(dsee):.0f}%** of one-shot SparseGPT's gap to dense (target ≥ {100 * target:.0f}%: {verdict})"
         if lora:
             better = "beats" if dsee["ppl"] < lora["ppl"] else "does not beat"
-            line += f"; the masked-LoRA re-tune closes {100 * gap(lora):.0f}%, so DSEE {better} it ({dsee['ppl']:.2f} vs {lora['ppl']:.2f})"
+            margin = abs(dsee["ppl"] / lora["ppl"] - 1)
+            line += (f"; the masked-LoRA re-tune closes {100 * gap(lora):.0f}%, so DSEE {better} it ({dsee['ppl']:.2f} vs {lora['ppl']:.2f}, "
+                     f"{100 * margin:.1f}% apart{', within what one seed can tell apart' if margin < 0.01 else ''})")
         out.append(line + ".")
     return out
 

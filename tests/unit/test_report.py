@@ -142,3 +142,13 @@ def test_help_prints_usage_and_writes_nothing(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         report.main()
     assert done.value.code == 0 and "usage: report.py" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def test_lm_pruning_verdicts_give_the_gap_closed_and_how_far_dsee_and_lora_are_apart():
+    rows = {("50%", m): {"ppl": p, "ratio": p / 20, "sparsity": 0.5} for m, p in (("dense", 20.0), ("sparsegpt", 40.0), ("sparsegpt+lora", 30.2), ("sparsegpt+dsee", 30.0))}
+    rows |= {("2:4", m): {"ppl": p, "ratio": p / 20, "sparsity": 0.5} for m, p in (("dense", 20.0), ("sparsegpt", 60.0), ("sparsegpt+dsee", 36.0))}
+    half, nm = report.lm_pruning_targets(rows)
+    assert half.startswith("- 50%: DSEE's re-tune closes **50%**") and "missed by 10 pt" in half
+    assert "closes 49%, so DSEE beats it (30.00 vs 30.20, 0.7% apart, within what one seed can tell apart)" in half
+    assert nm == "- 2:4: DSEE's re-tune closes **60%** of one-shot SparseGPT's gap to dense (target ≥ 50%: met)."
+    assert "| sparsegpt+dsee | 30.00 | 1.50× | 50.0% |" in report.lm_pruning_table(rows)
