@@ -344,7 +344,15 @@ def lm_pruning_section() -> str:
     return "\n".join([lm_pruning_table(rows), "", *lm_pruning_targets(rows)])
 
 
-README_SECTIONS = {"glue": glue_headline}
+def lm_pruning_headline() -> str:
+    """README's headline: perplexity and its ratio to dense at both patterns, for the rows the verdicts compare."""
+    rows = lm_pruning_rows()
+    body = [[method] + [f"{r['ppl']:.2f} ({r['ratio']:.2f}×)" if (r := rows.get((pattern, method))) else "" for pattern in ("50%", "2:4")]
+            for method in ("dense", "wanda", "sparsegpt", "sparsegpt+lora", "sparsegpt+dsee", "sparsegpt+dsee_kd") if any((p, method) in rows for p in ("50%", "2:4"))]
+    return table(body, ["method", "50% perplexity (× dense)", "2:4 perplexity (× dense)"]) if body else "_not run yet_"
+
+
+README_SECTIONS = {"glue": glue_headline, "lm-pruning": lm_pruning_headline}
 SECTIONS = {"memory": memory_section, "memory-minilm": lambda: memory_section("minilm"), "memory-peer": peer_section, "support": support_section, "prune": prune_section, "gpt2xl": gpt2xl_section,
             "glue": glue_section, "sst2-short": sst2_short_section, "lm-pruning": lm_pruning_section}
 
