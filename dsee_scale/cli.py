@@ -12,6 +12,7 @@ SentencePiece tokenizer trained on a generated corpus, every stage). `--help` li
 import logging
 import os
 import sys
+import time
 import traceback
 
 from dsee_scale.checkpoint import CheckpointError
@@ -21,6 +22,8 @@ from dsee_scale.extras import MissingExtra
 from dsee_scale.trainer import NonFiniteLoss, Recipe
 from dsee_scale.validate import launched_rank
 
+RANK0_GRACE_S = 30.0
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run DSEE as the flags say; 0 when every stage finished, 2 on bad input (nothing started)."""
@@ -29,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = Recipe(cfg)
         recipe.setup()
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError, MissingExtra) as err:
-        if launched_rank() == 0:
-            print(f"dsee_scale: error: {err}", file=sys.stderr)
+        say_once(err)
         return 2
     try:
         recipe.run()
@@ -38,14 +40,24 @@ def main(argv: list[str] | None = None) -> int:
         # Leave at once: a collective clean-up would wait forever for ranks that are still
         # inside another collective; the launcher then stops every rank.
         if isinstance(err, (CheckpointError, NonFiniteLoss)):  # every rank raises it: one message
-            if launched_rank() == 0:
-                print(f"dsee_scale: error: {err}", file=sys.stderr)
+            say_once(err)
         else:
             traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
     recipe.close()
     return 0
+
+
+def say_once(err: BaseException) -> None:
+    """An error every rank meets, said by rank 0. The launcher stops every rank as soon as one
+    exits, so the others first give rank 0 RANK0_GRACE_S to say it (and are stopped with it); a
+    rank that met it alone (a file missing on its node) then says it itself."""
+    if launched_rank() == 0:
+        print(f"dsee_scale: error: {err}", file=sys.stderr, flush=True)
+        return
+    time.sleep(RANK0_GRACE_S)
+    print(f"dsee_scale: error (rank {launched_rank()}): {err}", file=sys.stderr, flush=True)
 
 
 def leave(code: int) -> None:

@@ -144,7 +144,8 @@ def _write_back(target: PruneTarget, mask: ShardMask | None, fitted: tuple[torch
     shape = zero.full_shape(target.param)
     weight, pruned = fitted or (None, None)
     part = zero.scatter_from(target.param, weight, owner)
-    bits = torch.from_numpy(np.packbits(pruned.cpu().numpy())) if pruned is not None else torch.empty((shape.numel() + 7) // 8, dtype=torch.uint8)
+    # cpu: numpy packs the pruned positions on the host; dist.broadcast moves them to the communication device
+    bits = torch.from_numpy(np.packbits(pruned.cpu().numpy())) if pruned is not None else torch.empty((shape.numel() + 7) // 8, dtype=torch.uint8, device="cpu")
     pruned = torch.from_numpy(np.unpackbits(dist.broadcast(bits, owner).numpy(), count=shape.numel()).astype(bool))
     zero.edit_local_shard(target.param, lambda shard, start: shard.copy_(part))
     if keep_sparse and target.layer is not None:  # as the re-tune will run it; later calibration passes see it so

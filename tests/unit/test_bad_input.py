@@ -68,3 +68,19 @@ def test_every_shipped_recipe_parses_into_a_train_config(recipe):
     assert cfg.model
     if cfg.ds_config is not None:  # None: chosen by device
         resolve_ds_config(cfg.ds_config)  # raises ConfigError naming a missing config
+
+
+def test_a_rank_other_than_0_leaves_the_message_to_rank_0_then_says_it_itself(tmp_path, capsys, monkeypatch):
+    """The launcher stops every rank when the first exits: a rank > 0 that said nothing and left
+    at once could end rank 0 before its message is out (seen under load in CI). It waits
+    RANK0_GRACE_S first, and is stopped with rank 0; one that outlives it speaks for itself."""
+    from dsee_scale import cli
+
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    args = argv(["--ds_config", "missing.json"], tmp_path)
+    assert main(args) == 2 and not waits
+    assert capsys.readouterr().err.startswith("dsee_scale: error: DeepSpeed config missing.json does not exist")
+    monkeypatch.setattr(cli, "launched_rank", lambda: 1)
+    assert main(args) == 2 and waits == [cli.RANK0_GRACE_S]
+    assert capsys.readouterr().err.startswith("dsee_scale: error (rank 1): DeepSpeed config missing.json does not exist")

@@ -25,6 +25,7 @@ ALLOWED_CPU = {
     ("support.py", "random_support"): "random Ω from the seeded CPU generator",
     ("checkpoint.py", "_step_like"): "torch's AdamW keeps its step count on the host",
     ("distill.py", "teacher_outputs"): "the teacher's top-k labels are staged to disk from the host",
+    ("prune/refit.py", "_write_back"): "the pruned positions, bit-packed by numpy on the host before their broadcast",
     ("packing.py", "position_ids"): "a packed micro-batch's position ids, collated on the host with its other tensors and moved with them",
     ("zero/single_host.py", "_shm_room_everywhere"): "whether /dev/shm has room on every rank, agreed over gloo (CPU ranks only)",
     ("zero/single_host.py", "_shm_nonce"): "a /dev/shm file name, broadcast over gloo (CPU ranks only)",
