@@ -22,7 +22,7 @@ demo: setup
 	$(LAUNCH) launch/train.py
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit
