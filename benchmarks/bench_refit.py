@@ -1,6 +1,6 @@
 """The SparseGPT re-fit spread over 2 ranks vs fitted on rank 0 alone (2 CPU ranks, ZeRO-3).
 
-    python benchmarks/bench_refit.py                 # GPT-2-medium shapes (24 blocks, 96 matrices), 2:4, ~10 min
+    python benchmarks/bench_refit.py                 # GPT-2-medium shapes (24 blocks, 96 matrices), 2:4, ~20 min
     python benchmarks/bench_refit.py --layers 2      # 2 blocks of the same shapes (~4 min on a loaded 2-core host)
 
 Random-init builtin:gpt2-medium with DSEE adapters under ZeRO-3 on 2 CPU ranks (one core each,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -352,9 +353,64 @@ def lm_pruning_headline() -> str:
     return table(body, ["method", "50% perplexity (× dense)", "2:4 perplexity (× dense)"]) if body else "_not run yet_"
 
 
-README_SECTIONS = {"glue": glue_headline, "lm-pruning": lm_pruning_headline}
+INSTRUCT_METHODS = ("dense", "full", "peft_lora", "dsee", "dsee_50%", "dsee_2:4")
+
+
+def lm_instruct_runs(task: str = "gsm8k") -> dict[str, list[dict]]:
+    """method -> the newest lm_instruct.jsonl line of each seed, of the setting (train rows, steps) the dsee cell was last run at."""
+    runs = [r for r in lines("lm_instruct.jsonl") if r["task"] == task]
+    setting = next(((r["train_rows"], r["steps"]) for r in reversed(runs) if r["method"] == "dsee"), None)
+    newest: dict[tuple[str, int], dict] = {}
+    for r in runs:
+        if r["method"] == "dense" or (r["train_rows"], r["steps"]) == setting:
+            newest[(r["method"], r["seed"])] = r
+    out: dict[str, list[dict]] = defaultdict(list)
+    for (method, _), r in sorted(newest.items(), key=lambda item: item[0][1]):
+        out[method].append(r)
+    return out
+
+
+def lm_instruct_table(runs: dict[str, list[dict]]) -> str:
+    body = [[method, mean_std([r["answer_ppl"] for r in rs]), mean_std([100 * r["exact_match"] for r in rs]), span(rs, "sparsity", 100, 1) + "%",
+             span(rs, "trainable_pct", 1, 2) + ("%" if any(r.get("trainable_pct") for r in rs) else "")]
+            for method in INSTRUCT_METHODS if (rs := runs.get(method))]
+    return table(body, ["method", "answer-token perplexity", "exact match % (greedy)", "export sparsity", "trainable %"])
+
+
+def lm_instruct_targets(runs: dict[str, list[dict]]) -> list[str]:
+    """The issue's verdicts: DSEE against PEFT LoRA in nats of answer-token loss, and DSEE + 50% against DSEE's perplexity."""
+    mean = lambda method: statistics.mean(r["answer_ppl"] for r in runs[method])  # noqa: E731
+    out = []
+    if runs.get("dsee") and runs.get("peft_lora"):
+        nats = math.log(mean("dsee")) - math.log(mean("peft_lora"))
+        verdict = "met" if nats <= 0.05 else f"missed by {nats - 0.05:.3f} nats"
+        out.append(f"- DSEE's answer-token loss is {nats:+.3f} nats from PEFT LoRA's at the same rank (target ≤ +0.05: {verdict}).")
+    for method in ("dsee_50%", "dsee_2:4"):
+        if runs.get("dsee") and runs.get(method):
+            ratio = mean(method) / mean("dsee") - 1
+            verdict = "met" if ratio <= 0.10 else f"missed by {100 * (ratio - 0.10):.1f} pt"
+            target = " (target ≤ +10%: " + verdict + ")" if method == "dsee_50%" else ""
+            out.append(f"- {method}: answer-token perplexity {100 * ratio:+.1f}% of unpruned DSEE's{target}.")
+    return out
+
+
+def lm_instruct_section() -> str:
+    runs = lm_instruct_runs()
+    if not runs:
+        return "(no rows yet: python benchmarks/bench_lm_instruct.py)"
+    return "\n".join([lm_instruct_table(runs), "", *lm_instruct_targets(runs)])
+
+
+def lm_instruct_headline() -> str:
+    runs = lm_instruct_runs()
+    body = [[method, mean_std([r["answer_ppl"] for r in rs]), mean_std([100 * r["exact_match"] for r in rs])] for method in INSTRUCT_METHODS if (rs := runs.get(method))]
+    return table(body, ["method", "GSM8K answer-token perplexity", "exact match %"]) if body else "_not run yet_"
+
+
+README_SECTIONS = {"glue": glue_headline, "lm-pruning": lm_pruning_headline, "lm-instruct": lm_instruct_headline}
 SECTIONS = {"memory": memory_section, "memory-minilm": lambda: memory_section("minilm"), "memory-peer": peer_section, "support": support_section, "prune": prune_section, "gpt2xl": gpt2xl_section,
-            "glue": glue_section, "sst2-short": sst2_short_section, "lm-pruning": lm_pruning_section}
+            "glue": glue_section, "sst2-short": sst2_short_section, "lm-pruning": lm_pruning_section,
+            "lm-instruct": lm_instruct_section}
 
 
 def replace_block(text: str, name: str, body: str, where: str = "RESULTS.md") -> str:

@@ -225,6 +225,30 @@ def generate(model, tokenizer, source: str, max_new_tokens: int, synced_gpus: bo
 
 
 @torch.no_grad()
+def chat_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy replies to conversations, rendered with the tokenizer's chat template and its
+    generation prompt as training rendered them (chat.py), in batches padded on the left; each
+    reply stops at the end-of-turn token (or EOS). One process, plain transformers."""
+    from dsee_scale.chat import end_of_turn
+    from dsee_scale.data import with_pad_token
+
+    tokenizer = with_pad_token(tokenizer)
+    stops = [t for t in (end_of_turn(tokenizer), tokenizer.eos_token_id) if t is not None]
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    replies = []
+    try:
+        for start in range(0, len(conversations), batch_size):
+            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations[start : start + batch_size]]
+            batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
+            replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [r.strip() for r in replies]
+
+
+@torch.no_grad()
 def evaluate_folder(model_dir: str, eval_file: str | None, task: str = "lm", batch_size: int = 8, latency_batch: int = 0, perplexity_file: str | None = None,
                     **data_options) -> dict:
     """Load an exported HF folder (model + tokenizer) with plain transformers and evaluate it on

@@ -1,6 +1,7 @@
 """LM data formats on a tiny LLaMA's SentencePiece tokenizer (and GPT-2's BPE) with the built-in
 ChatML template: where the loss is, BOS/EOS, fitting rows to max_length, auto detection, bad chat
-rows, and an export that generates with its chat template and stops at <|im_end|>."""
+rows, and an export that generates with its chat template and stops at <|im_end|> (alone and in
+left-padded batches)."""
 import json
 
 import pytest
@@ -219,3 +220,12 @@ def test_export_generates_with_its_chat_template_and_stops_at_the_end_of_turn(tm
     prompt = plain.apply_chat_template(chat[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     new = reloaded.generate(**prompt, max_new_tokens=20, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
     assert new == [t for t in rows[0]["labels"] if t != -100] and new[-1] == end and plain.decode(new[:-1]).strip() == "Zizzi ."
+
+    # evaluate.chat_replies (bench_lm_instruct's greedy replies): batched with left padding beside a
+    # longer conversation, the reply is the same and stops at <|im_end|> as well
+    from dsee_scale.evaluate import chat_replies
+
+    conversations, side = [chat[:1], CHAT[1:2]], plain.padding_side
+    replies = chat_replies(reloaded, plain, conversations, max_new_tokens=12, batch_size=2)
+    assert replies[0] == "Zizzi ." and replies == chat_replies(reloaded, plain, conversations, max_new_tokens=12, batch_size=1)
+    assert plain.padding_side == side  # restored

@@ -1,0 +1,43 @@
+"""bench_lm_instruct.py's GSM8K scoring (the final number of a reply) and report.py's table and
+verdicts from lm_instruct.jsonl."""
+import json
+
+import bench_lm_instruct
+import pytest
+import report
+
+
+@pytest.mark.parametrize("text, number", [
+    ("She sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"),
+    ("#### 1,000", "1000"),
+    ("The answer is 18.0.", "18"),
+    ("So she earns $10 an hour, 3 hours: 30 dollars", "30"),
+    ("#### -5 (after 3 steps)", "-5"),
+    ("no number here", None),
+])
+def test_final_number_reads_gsm8k_answers_and_free_replies(text, number):
+    assert bench_lm_instruct.final_number(text) == number
+
+
+def test_chat_rows_put_the_question_in_the_user_turn_and_the_answer_in_the_assistant_turn(tmp_path):
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a\n#### {i}"}) + "\n" for i in range(5)))
+    rows = [json.loads(line) for line in bench_lm_instruct.chat_rows(source, 3, tmp_path / "chat.jsonl").read_text().splitlines()]
+    assert rows == [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a\n#### {i}"}]} for i in range(3)]
+
+
+def test_instruct_table_keeps_the_dsee_cells_setting_and_judges_the_targets(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    base = {"task": "gsm8k", "seed": 0, "train_rows": 256, "steps": 12, "sparsity": 0.0}
+    rows = [{**base, "method": "dsee", "answer_ppl": 9.0, "exact_match": 0.3, "steps": 4},  # another setting: replaced below
+            {**base, "method": "dense", "answer_ppl": 20.0, "exact_match": 0.1},
+            {**base, "method": "peft_lora", "answer_ppl": 2.0, "exact_match": 0.2, "trainable_pct": 3.1},
+            {**base, "method": "dsee", "answer_ppl": 2.2, "exact_match": 0.25, "trainable_pct": 3.12},
+            {**base, "method": "dsee_50%", "answer_ppl": 2.31, "exact_match": 0.2, "sparsity": 0.5}]
+    (tmp_path / "lm_instruct.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = report.lm_instruct_section()
+    assert "| dsee | 2.20 (1 seed) | 25.00 (1 seed) | 0.0% | 3.12% |" in section
+    assert "| dsee_50% | 2.31 (1 seed) | 20.00 (1 seed) | 50.0% |" in section
+    assert "+0.095 nats from PEFT LoRA's at the same rank (target ≤ +0.05: missed by 0.045 nats)" in section  # log(2.2/2.0)
+    assert "dsee_50%: answer-token perplexity +5.0% of unpruned DSEE's (target ≤ +10%: met)" in section
+    assert "9.00" not in section
