@@ -370,11 +370,16 @@ def lm_instruct_runs(task: str = "gsm8k") -> dict[str, list[dict]]:
     return out
 
 
-def lm_instruct_table(runs: dict[str, list[dict]]) -> str:
-    body = [[method, mean_std([r["answer_ppl"] for r in rs]), mean_std([100 * r["exact_match"] for r in rs]), span(rs, "sparsity", 100, 1) + "%",
+# (column, value of one run) of each task's table
+INSTRUCT_METRICS = {"gsm8k": [("answer-token perplexity", lambda r: r["answer_ppl"]), ("exact match % (greedy)", lambda r: 100 * r["exact_match"])],
+                    "e2e": [("BLEU (grouped references)", lambda r: r["bleu"]), ("reference-token perplexity", lambda r: r["answer_ppl"])]}
+
+
+def lm_instruct_table(runs: dict[str, list[dict]], task: str = "gsm8k") -> str:
+    body = [[method, *(mean_std([value(r) for r in rs]) for _, value in INSTRUCT_METRICS[task]), span(rs, "sparsity", 100, 1) + "%",
              span(rs, "trainable_pct", 1, 2) + ("%" if any(r.get("trainable_pct") for r in rs) else "")]
             for method in INSTRUCT_METHODS if (rs := runs.get(method))]
-    return table(body, ["method", "answer-token perplexity", "exact match % (greedy)", "export sparsity", "trainable %"])
+    return table(body, ["method", *(name for name, _ in INSTRUCT_METRICS[task]), "export sparsity", "trainable %"])
 
 
 def lm_instruct_targets(runs: dict[str, list[dict]]) -> list[str]:
@@ -401,16 +406,32 @@ def lm_instruct_section() -> str:
     return "\n".join([lm_instruct_table(runs), "", *lm_instruct_targets(runs)])
 
 
+def lm_e2e_section() -> str:
+    """E2E: grouped-reference BLEU beside the reference-token perplexity; the issue sets no E2E
+    target, so the lines say how far DSEE is from PEFT LoRA and what pruning cost it."""
+    runs = lm_instruct_runs("e2e")
+    if not runs:
+        return "(no rows yet: python benchmarks/bench_lm_instruct.py --task e2e)"
+    bleu = lambda method: statistics.mean(r["bleu"] for r in runs[method])  # noqa: E731
+    notes = [f"- {method}: BLEU {bleu(method) - bleu(against):+.2f} against {against}."
+             for method, against in (("dsee", "peft_lora"), ("dsee_50%", "dsee"), ("dsee_2:4", "dsee")) if runs.get(method) and runs.get(against)]
+    return "\n".join([lm_instruct_table(runs, "e2e"), "", *notes])
+
+
 def lm_instruct_headline() -> str:
-    runs = lm_instruct_runs()
-    body = [[method, mean_std([r["answer_ppl"] for r in rs]), mean_std([100 * r["exact_match"] for r in rs])] for method in INSTRUCT_METHODS if (rs := runs.get(method))]
-    return table(body, ["method", "GSM8K answer-token perplexity", "exact match %"]) if body else "_not run yet_"
+    """GSM8K's two metrics and E2E's BLEU, one row per method."""
+    runs = {task: lm_instruct_runs(task) for task in INSTRUCT_METRICS}
+    (ppl, exact), (bleu, _) = INSTRUCT_METRICS["gsm8k"], INSTRUCT_METRICS["e2e"]
+    columns = [("GSM8K answer-token perplexity", "gsm8k", ppl[1]), ("exact match %", "gsm8k", exact[1]), ("E2E BLEU", "e2e", bleu[1])]
+    body = [[method, *(mean_std([value(r) for r in rs]) if (rs := runs[task].get(method)) else "" for _, task, value in columns)]
+            for method in INSTRUCT_METHODS if any(runs[task].get(method) for task in runs)]
+    return table(body, ["method", *(name for name, _, _ in columns)]) if body else "_not run yet_"
 
 
 README_SECTIONS = {"glue": glue_headline, "lm-pruning": lm_pruning_headline, "lm-instruct": lm_instruct_headline}
 SECTIONS = {"memory": memory_section, "memory-minilm": lambda: memory_section("minilm"), "memory-peer": peer_section, "support": support_section, "prune": prune_section, "gpt2xl": gpt2xl_section,
             "glue": glue_section, "sst2-short": sst2_short_section, "lm-pruning": lm_pruning_section,
-            "lm-instruct": lm_instruct_section}
+            "lm-instruct": lm_instruct_section, "lm-e2e": lm_e2e_section}
 
 
 def replace_block(text: str, name: str, body: str, where: str = "RESULTS.md") -> str:

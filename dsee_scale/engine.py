@@ -55,6 +55,14 @@ def end_process_group_at_exit() -> None:
         torch.distributed.destroy_process_group()
 
 
+def hooks_per_block(model: nn.Module, ds_config: dict, hook_per_block: bool, share_frozen: bool) -> bool:
+    """Whether ZeRO-3 should hook whole transformer blocks: only where frozen weights will be
+    shared whole (ZeRO-3, not on NVMe, shared memory available). A model with nothing frozen (full
+    fine-tuning) has nothing to share, and keeps hooks per layer without a warning."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return frozen and hook_per_block and share_frozen and is_zero3(ds_config) and not nvme_offload(ds_config) and zero.can_share_frozen_weights()
+
+
 def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), share_frozen: bool = True,
                   hook_per_block: bool = True):
     """deepspeed.initialize with a torch AdamW over the trainable parameters only.
@@ -71,7 +79,7 @@ def create_engine(model: nn.Module, ds_config: dict, lr: float, weight_decay: fl
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: call apply_dsee first")
-    per_block = hook_per_block and share_frozen and is_zero3(ds_config) and not nvme_offload(ds_config) and zero.can_share_frozen_weights()
+    per_block = hooks_per_block(model, ds_config, hook_per_block, share_frozen)
     if per_block:  # (weights on NVMe are not shared)
         zero.hook_per_block(arch.blocks(model))
     else:  # a model's earlier engine may have hooked it per block

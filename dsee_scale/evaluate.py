@@ -173,13 +173,9 @@ def corpus_bleu(model, tokenizer, rows, samples: int, max_new_tokens: int, synce
     """Greedy generation from each unique source (the first `samples`), split over the ranks;
     corpus BLEU against all of each source's references, and the tokens this rank generated.
     Collective."""
-    import sacrebleu
-
     from dsee_scale import dist
 
-    refs: dict[str, list[str]] = {}
-    for source, target in zip(rows["source"], rows["target"]):
-        refs.setdefault(source, []).append(target)
+    refs = references(rows)
     sources = sorted(refs)[:samples]
     share, per_rank = _my_share(len(sources))
     mine = [sources[i] for i in share]
@@ -187,9 +183,26 @@ def corpus_bleu(model, tokenizer, rows, samples: int, max_new_tokens: int, synce
     for _ in range(per_rank - len(mine) if synced_gpus else 0):  # keep the collective forwards in step across ranks
         generate(model, tokenizer, sources[0], max_new_tokens, synced_gpus)
     pairs = [p for part in dist.all_gather_object([(s, text) for s, (text, _) in zip(mine, outputs)]) for p in part]
+    return grouped_bleu(pairs, refs), sum(n for _, n in outputs)
+
+
+def references(rows) -> dict[str, list[str]]:
+    """source -> its references, in row order: E2E lists each meaning representation once per
+    human reference, and its metric scores a generation against all of them."""
+    refs: dict[str, list[str]] = {}
+    for source, target in zip(rows["source"], rows["target"]):
+        refs.setdefault(source, []).append(target)
+    return refs
+
+
+def grouped_bleu(pairs: list[tuple[str, str]], refs: dict[str, list[str]]) -> float:
+    """Corpus BLEU (sacrebleu) of (source, generation) pairs, each against all of its source's
+    references (a source with fewer references repeats its last, as sacrebleu needs equal streams)."""
+    import sacrebleu
+
     depth = max(len(refs[s]) for s, _ in pairs)
     streams = [[refs[s][min(i, len(refs[s]) - 1)] for s, _ in pairs] for i in range(depth)]
-    return sacrebleu.corpus_bleu([h for _, h in pairs], streams).score, sum(n for _, n in outputs)
+    return sacrebleu.corpus_bleu([h for _, h in pairs], streams).score
 
 
 def engine_bleu(engine, tokenizer, rows, samples: int, max_new_tokens: int, whole_if_fits: bool) -> dict:
@@ -213,10 +226,8 @@ def engine_bleu(engine, tokenizer, rows, samples: int, max_new_tokens: int, whol
 def generate(model, tokenizer, source: str, max_new_tokens: int, synced_gpus: bool) -> tuple[str, int]:
     """Greedy continuation of `source ||` and its length in tokens; synced_gpus keeps ZeRO-3
     ranks in step."""
-    from dsee_scale.data import PAIR_SEPARATOR
-
     device = next(model.parameters()).device
-    ids = tokenizer(source + " " + PAIR_SEPARATOR, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    ids = tokenizer(pair_prompt(source), add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
@@ -224,28 +235,48 @@ def generate(model, tokenizer, source: str, max_new_tokens: int, synced_gpus: bo
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), out.shape[1] - ids.shape[1]
 
 
+def pair_prompt(source: str) -> str:
+    """What an e2e row's target continues, as data.lm_example trains it: `source ||`."""
+    from dsee_scale.data import PAIR_SEPARATOR
+
+    return source + " " + PAIR_SEPARATOR
+
+
 @torch.no_grad()
-def chat_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy replies to conversations, rendered with the tokenizer's chat template and its
-    generation prompt as training rendered them (chat.py), in batches padded on the left; each
-    reply stops at the end-of-turn token (or EOS). One process, plain transformers."""
-    from dsee_scale.chat import end_of_turn
+def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int, stops: list[int], batch_size: int = 16) -> list[str]:
+    """Greedy continuations of rendered prompt texts, in batches padded on the left (the same
+    replies as one at a time); each stops at one of the `stops` token ids. One process, plain
+    transformers."""
     from dsee_scale.data import with_pad_token
 
     tokenizer = with_pad_token(tokenizer)
-    stops = [t for t in (end_of_turn(tokenizer), tokenizer.eos_token_id) if t is not None]
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     replies = []
     try:
-        for start in range(0, len(conversations), batch_size):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations[start : start + batch_size]]
-            batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt").to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
             replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return [r.strip() for r in replies]
+
+
+def chat_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy replies to conversations, rendered with the tokenizer's chat template and its
+    generation prompt as training rendered them (chat.py); each reply stops at the end-of-turn
+    token (or EOS)."""
+    from dsee_scale.chat import end_of_turn
+
+    stops = [t for t in (end_of_turn(tokenizer), tokenizer.eos_token_id) if t is not None]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    return greedy_continuations(model, tokenizer, texts, max_new_tokens, stops, batch_size)
+
+
+def pair_continuations(model, tokenizer, sources: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy targets of e2e sources (`source ||` continued up to EOS), batched."""
+    return greedy_continuations(model, tokenizer, [pair_prompt(s) for s in sources], max_new_tokens, [tokenizer.eos_token_id], batch_size)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """bench_lm_instruct.py's GSM8K scoring (the final number of a reply) and report.py's table and
 verdicts from lm_instruct.jsonl."""
 import json
+import sys
 
 import bench_lm_instruct
 import pytest
@@ -41,3 +42,35 @@ def test_instruct_table_keeps_the_dsee_cells_setting_and_judges_the_targets(tmp_
     assert "+0.095 nats from PEFT LoRA's at the same rank (target ≤ +0.05: missed by 0.045 nats)" in section  # log(2.2/2.0)
     assert "dsee_50%: answer-token perplexity +5.0% of unpruned DSEE's (target ≤ +10%: met)" in section
     assert "9.00" not in section
+
+
+def test_e2e_subset_keeps_the_first_representations_with_all_their_references(tmp_path):
+    source = tmp_path / "test.txt"
+    source.write_text("a : 1||One .\na : 1||The one .\nb : 2 ||Two .\n\nc : 3||Three .\nb : 2|| Second two .\n")
+    subset = bench_lm_instruct.e2e_subset(source, 2, tmp_path / "subset.txt")
+    assert bench_lm_instruct.e2e_references(subset) == {"a : 1": ["One .", "The one ."], "b : 2": ["Two .", "Second two ."]}
+
+
+def test_e2e_table_and_the_headlines_bleu_column(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    base = {"seed": 0, "train_rows": 547, "steps": 12, "sparsity": 0.0}
+    rows = [{**base, "task": "gsm8k", "method": "dsee", "answer_ppl": 3.0, "exact_match": 0.02},
+            {**base, "task": "e2e", "method": "peft_lora", "bleu": 60.0, "answer_ppl": 4.0, "trainable_pct": 1.78},
+            {**base, "task": "e2e", "method": "dsee", "bleu": 61.5, "answer_ppl": 3.9, "trainable_pct": 1.79},
+            {**base, "task": "e2e", "method": "dsee_2:4", "bleu": 55.25, "answer_ppl": 6.0, "sparsity": 0.5}]
+    (tmp_path / "lm_instruct.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = report.lm_e2e_section()
+    assert "| dsee | 61.50 (1 seed) | 3.90 (1 seed) | 0.0% | 1.79% |" in section
+    assert "- dsee: BLEU +1.50 against peft_lora." in section and "- dsee_2:4: BLEU -6.25 against dsee." in section
+    assert "exact" not in section  # GSM8K's rows stay in their own table
+    headline = report.lm_instruct_headline()
+    assert "| dsee | 3.00 (1 seed) | 2.00 (1 seed) | 61.50 (1 seed) |" in headline
+    assert "| peft_lora |  |  | 60.00 (1 seed) |" in headline
+
+
+def test_help_prints(monkeypatch, capsys):
+    """argparse formats help strings with %: the cell name dsee_50% in --cells' help once crashed --help."""
+    monkeypatch.setattr(sys, "argv", ["bench_lm_instruct.py", "--help"])
+    with pytest.raises(SystemExit) as stop:
+        bench_lm_instruct.main()
+    assert stop.value.code == 0 and "dsee_50%, dsee_2:4" in capsys.readouterr().out

@@ -163,3 +163,37 @@ def test_harness_runs_a_local_multiple_choice_task_on_an_export(tmp_path, monkey
     assert result["n-samples"]["tiny_yes_no"]["effective"] == 10 and result["n-shot"]["tiny_yes_no"] == 0
     accuracy = result["results"]["tiny_yes_no"]["acc,none"]
     assert isinstance(accuracy, float) and 0.0 <= accuracy <= 1.0
+
+
+def test_e2e_continuations_in_left_padded_batches_equal_one_at_a_time_and_bleu_groups_references(gpt2_tokenizer):
+    """evaluate.pair_continuations (bench_lm_instruct's E2E generations): batched with left padding,
+    each source's greedy target is generate()'s one at a time; grouped_bleu scores a generation
+    against every reference of its own source, not another's."""
+    from dsee_scale.evaluate import generate, grouped_bleu, pair_continuations, pair_prompt
+
+    tokenizer = gpt2_tokenizer
+    pairs = [("name : Zizzi | eatType : pub", "Zizzi is a pub ."), ("name : The Mill | area : riverside | food : Indian", "The Mill serves Indian food by the river .")]
+    model = tiny_model("gpt2", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    rows = []
+    for source, target in pairs:
+        prompt, answer = tokenizer(pair_prompt(source))["input_ids"], tokenizer(" " + target)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((torch.tensor([prompt + answer]), torch.tensor([[-100] * len(prompt) + answer])))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(40):
+        for ids, labels in rows:
+            model(input_ids=ids, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval()
+    sources = [source for source, _ in pairs]
+    batched = pair_continuations(model, tokenizer, sources, max_new_tokens=16, batch_size=2)
+    assert batched == [target for _, target in pairs]  # learned, and stopped at EOS
+    assert batched == [generate(model, tokenizer, s, 16, synced_gpus=False)[0] for s in sources]
+    assert tokenizer.padding_side == "right"  # restored
+
+    refs = {sources[0]: ["A pub named Zizzi .", pairs[0][1]], sources[1]: ["Indian food at The Mill ."]}
+    assert grouped_bleu(list(zip(sources, batched)), refs) < 100  # the second generation matches none of its references
+    refs[sources[1]].append(pairs[1][1])
+    assert grouped_bleu(list(zip(sources, batched)), refs) == pytest.approx(100.0)
+    assert grouped_bleu([(sources[1], batched[0])], refs) < 50  # another source's reference does not count

@@ -111,3 +111,21 @@ def test_zero3_sums_only_in_its_fetch_by_all_reduce():
     # these star-import partition_parameters: they must keep their own deepspeed.comm, as they do
     # when imported before the wrapper is installed
     assert all(module.dist is deepspeed.comm for module in (parameter_offload, partitioned_param_coordinator, stage3))
+
+
+def test_blocks_are_hooked_whole_only_where_frozen_weights_will_be_shared(monkeypatch):
+    """engine.hooks_per_block: full fine-tuning freezes nothing, so nothing is shared and hooks stay
+    per layer (it once hooked per block, then warned that frozen weights 'could not be shared')."""
+    from dsee_scale.engine import hooks_per_block
+
+    monkeypatch.setattr(zero, "can_share_frozen_weights", lambda: True)
+    zero3, zero2 = {"zero_optimization": {"stage": 3}}, {"zero_optimization": {"stage": 2}}
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    assert not hooks_per_block(model, zero3, hook_per_block=True, share_frozen=True)  # everything trainable
+    model[0].weight.requires_grad_(False)
+    assert hooks_per_block(model, zero3, hook_per_block=True, share_frozen=True)
+    assert not hooks_per_block(model, zero2, hook_per_block=True, share_frozen=True)
+    assert not hooks_per_block(model, zero3, hook_per_block=False, share_frozen=True)
+    assert not hooks_per_block(model, zero3, hook_per_block=True, share_frozen=False)
+    monkeypatch.setattr(zero, "can_share_frozen_weights", lambda: False)
+    assert not hooks_per_block(model, zero3, hook_per_block=True, share_frozen=True)
