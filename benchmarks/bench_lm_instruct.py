@@ -18,7 +18,7 @@ adapters; DSEE's 64 entries of S a matrix add 0.6% to LoRA's trainable parameter
 - dense: the pretrained model as shipped, no tuning (the reference the tuned cells start from);
 - full, peft_lora, dsee: --method full (lr --full_lr, the usual tenth of the adapters'),
   peft_lora or dsee, --steps of --global_batch packed windows (the defaults, 12 × 4 windows,
-  are about one epoch of 192 GSM8K questions, a fifth of E2E's 4672 references: 2-core CPU
+  are about one epoch of 192 GSM8K questions, a sixth of E2E's 4672 references: 2-core CPU
   time, not a converged fine-tune);
 - dsee_50%, dsee_2:4: the dsee cell's run folder, copied and resumed with prune and retune added
   (the tuned adapters are the same, not re-trained): pruning with the family's defaults (per-row
