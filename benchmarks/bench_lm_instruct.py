@@ -86,19 +86,20 @@ def chat_rows(source: Path, n: int, out: Path) -> Path:
 
 def e2e_references(path: Path) -> dict[str, list[str]]:
     """An E2E file (`representation||reference` lines) as representation -> its references, in file
-    order, both stripped as data.py's loader strips them."""
-    refs: dict[str, list[str]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if "||" in line:
-            mr, target = (part.strip() for part in line.split("||", 1))
-            refs.setdefault(mr, []).append(target)
-    return refs
+    order (evaluate.references), both stripped as data.py's loader strips them."""
+    from dsee_scale.data import PAIR_SEPARATOR
+    from dsee_scale.evaluate import references
+
+    pairs = [[part.strip() for part in line.split(PAIR_SEPARATOR, 1)] for line in path.read_text(encoding="utf-8").splitlines() if PAIR_SEPARATOR in line]
+    return references({"source": [mr for mr, _ in pairs], "target": [target for _, target in pairs]})
 
 
 def e2e_subset(source: Path, n: int, out: Path) -> Path:
     """The first n meaning representations of an E2E file with all of their references."""
+    from dsee_scale.data import PAIR_SEPARATOR
+
     refs = list(e2e_references(source).items())[:n]
-    out.write_text("".join(f"{mr}||{target}\n" for mr, targets in refs for target in targets), encoding="utf-8")
+    out.write_text("".join(f"{mr}{PAIR_SEPARATOR}{target}\n" for mr, targets in refs for target in targets), encoding="utf-8")
     return out
 
 
