@@ -87,10 +87,10 @@ def chat_rows(source: Path, n: int, out: Path) -> Path:
 def e2e_references(path: Path) -> dict[str, list[str]]:
     """An E2E file (`representation||reference` lines) as representation -> its references, in file
     order (evaluate.references), both stripped as data.py's loader strips them."""
-    from dsee_scale.data import PAIR_SEPARATOR
+    from dsee_scale.data import PAIR_SEPARATOR, split_pair
     from dsee_scale.evaluate import references
 
-    pairs = [[part.strip() for part in line.split(PAIR_SEPARATOR, 1)] for line in path.read_text(encoding="utf-8").splitlines() if PAIR_SEPARATOR in line]
+    pairs = [split_pair(line) for line in path.read_text(encoding="utf-8").splitlines() if PAIR_SEPARATOR in line]
     return references({"source": [mr for mr, _ in pairs], "target": [target for _, target in pairs]})
 
 

@@ -167,15 +167,34 @@ def glue_targets(cells: dict) -> list[list]:
 
 def glue_costs(cells: dict, methods: list[str]) -> list[list]:
     """Per method: what it trains, how sparse and how much cheaper its export is, what a run took,
-    and the re-tune's step and distillation's teacher pass (medians, where the runs recorded them)."""
+    the re-tune's step and distillation's teacher pass (medians, where the runs recorded them), and
+    a distilled row's re-tune step against the same method's without distillation."""
     rows = []
     for method in methods:
         runs = method_runs(cells, method)
         minutes = [r["wall_s"] / 60 for r in runs if r.get("wall_s")]
         rows.append([method, span(runs, "trainable_pct", 1, 2), span(runs, "final_sparsity", 100, 1), span(runs, "flops_saved", 100, 1),
                      f"{statistics.median(minutes):.0f} ({min(minutes):.0f}–{max(minutes):.0f})" if minutes else "—", median(runs, "retune_s_per_step"),
-                     median(runs, "teacher_s"), len(runs)])
+                     median(runs, "teacher_s"), distilled_step_ratio(cells, method), len(runs)])
     return rows
+
+
+DISTILLED_STEP_RATIO = 1.1  # issue 43: a distilled re-tune step costs at most this many times one without
+
+
+def distilled_step_ratio(cells: dict, method: str) -> str:
+    """A `_kd` method's median re-tune step over its base method's, on the tasks where both recorded
+    step times, with the verdict; "—" for other methods or before both are timed."""
+    if not method.endswith("_kd"):
+        return "—"
+    base = method.removesuffix("_kd")
+    tasks = {t for (t, m), by_seed in cells.items() if m == method and any(r.get("retune_s_per_step") for r in by_seed.values())}
+    tasks &= {t for (t, m), by_seed in cells.items() if m == base and any(r.get("retune_s_per_step") for r in by_seed.values())}
+    if not tasks:
+        return "—"
+    steps = {m: statistics.median(r["retune_s_per_step"] for t in tasks for r in cells[t, m].values() if r.get("retune_s_per_step")) for m in (method, base)}
+    ratio = round(steps[method] / steps[base], 2)
+    return f"{ratio:.2f} ({'met' if ratio <= DISTILLED_STEP_RATIO else 'missed'}; {', '.join(sorted(tasks))})"
 
 
 def median(runs: list[dict], key: str) -> str:
@@ -229,7 +248,7 @@ def glue_section() -> str:
     _plot_glue(methods, task_means(cells))
     modes = sorted({(r.get("nproc", 2), r.get("jobs", 1)) for cell in cells.values() for r in cell.values()})
     how = "; ".join(f"{nproc} rank{'s' * (nproc > 1)} per run, {jobs} run{'s' * (jobs > 1)} at once" for nproc, jobs in modes)
-    costs = table(glue_costs(cells, methods), ["method", "trainable %", "final sparsity %", "FLOPs saved %", "wall min per run, median (range; some runs paused or beside other work)", "re-tune s/step", "teacher pass s", "runs"])
+    costs = table(glue_costs(cells, methods), ["method", "trainable %", "final sparsity %", "FLOPs saved %", "wall min per run, median (range; some runs paused or beside other work)", "re-tune s/step", "teacher pass s", f"re-tune step ÷ without distillation (≤ {DISTILLED_STEP_RATIO:g})", "runs"])
     return "\n\n".join([glue_table(cells, methods), f"Runs: {how}.", "![GLUE dev scores](glue.png)", glue_targets_table(cells), costs])
 
 
@@ -384,20 +403,34 @@ def lm_instruct_table(runs: dict[str, list[dict]], task: str = "gsm8k") -> str:
     return table(body, ["method", *(name for name, _ in INSTRUCT_METRICS[task]), "export sparsity", "trainable %"])
 
 
+def paired_means(runs: dict[str, list[dict]], method: str, against: str, key: str) -> tuple[float, float, int] | None:
+    """The two methods' mean `key` over the seeds both have, and how many; None if they share none
+    (so a seed run for one method only does not move a comparison)."""
+    by_seed = {m: {r["seed"]: r[key] for r in runs.get(m, [])} for m in (method, against)}
+    shared = sorted(set(by_seed[method]) & set(by_seed[against]))
+    if not shared:
+        return None
+    return statistics.mean(by_seed[method][s] for s in shared), statistics.mean(by_seed[against][s] for s in shared), len(shared)
+
+
+def seeds_said(n: int) -> str:
+    return f"{n} seed{'s' * (n > 1)}"
+
+
 def lm_instruct_targets(runs: dict[str, list[dict]]) -> list[str]:
-    """The issue's verdicts: DSEE against PEFT LoRA in nats of answer-token loss, and DSEE + 50% against DSEE's perplexity."""
-    mean = lambda method: statistics.mean(r["answer_ppl"] for r in runs[method])  # noqa: E731
+    """The issue's verdicts, each on the seeds both cells share: DSEE against PEFT LoRA in nats of
+    answer-token loss, and DSEE + 50% against DSEE's perplexity."""
     out = []
-    if runs.get("dsee") and runs.get("peft_lora"):
-        nats = math.log(mean("dsee")) - math.log(mean("peft_lora"))
+    if pair := paired_means(runs, "dsee", "peft_lora", "answer_ppl"):
+        nats = math.log(pair[0]) - math.log(pair[1])
         verdict = "met" if nats <= 0.05 else f"missed by {nats - 0.05:.3f} nats"
-        out.append(f"- DSEE's answer-token loss is {nats:+.3f} nats from PEFT LoRA's at the same rank (target ≤ +0.05: {verdict}).")
+        out.append(f"- DSEE's answer-token loss is {nats:+.3f} nats from PEFT LoRA's at the same rank (target ≤ +0.05: {verdict}; {seeds_said(pair[2])}).")
     for method in ("dsee_50%", "dsee_2:4"):
-        if runs.get("dsee") and runs.get(method):
-            ratio = mean(method) / mean("dsee") - 1
+        if pair := paired_means(runs, method, "dsee", "answer_ppl"):
+            ratio = pair[0] / pair[1] - 1
             verdict = "met" if ratio <= 0.10 else f"missed by {100 * (ratio - 0.10):.1f} pt"
-            target = " (target ≤ +10%: " + verdict + ")" if method == "dsee_50%" else ""
-            out.append(f"- {method}: answer-token perplexity {100 * ratio:+.1f}% of unpruned DSEE's{target}.")
+            target = f"target ≤ +10%: {verdict}; " if method == "dsee_50%" else ""
+            out.append(f"- {method}: answer-token perplexity {100 * ratio:+.1f}% of unpruned DSEE's ({target}{seeds_said(pair[2])}).")
     return out
 
 
@@ -414,9 +447,8 @@ def lm_e2e_section() -> str:
     runs = lm_instruct_runs("e2e")
     if not runs:
         return "(no rows yet: python benchmarks/bench_lm_instruct.py --task e2e)"
-    bleu = lambda method: statistics.mean(r["bleu"] for r in runs[method])  # noqa: E731
-    notes = [f"- {method}: BLEU {bleu(method) - bleu(against):+.2f} against {against}."
-             for method, against in (("dsee", "peft_lora"), ("dsee_50%", "dsee"), ("dsee_2:4", "dsee")) if runs.get(method) and runs.get(against)]
+    notes = [f"- {method}: BLEU {pair[0] - pair[1]:+.2f} against {against} ({seeds_said(pair[2])})."
+             for method, against in (("dsee", "peft_lora"), ("dsee_50%", "dsee"), ("dsee_2:4", "dsee")) if (pair := paired_means(runs, method, against, "bleu"))]
     return "\n".join([lm_instruct_table(runs, "e2e"), "", *notes])
 
 

@@ -27,6 +27,14 @@ if TYPE_CHECKING:
 PAIR_SEPARATOR = "||"
 
 
+def split_pair(line: str) -> tuple[str, str]:
+    """One `source||target` line (E2E's format, and the built-in corpus's) as its two stripped sides."""
+    if PAIR_SEPARATOR not in line:
+        raise ValueError(f"{line[:80]!r}: no {PAIR_SEPARATOR!r} between source and target; a file of pairs has one on every line")
+    source, target = line.split(PAIR_SEPARATOR, 1)
+    return source.strip(), target.strip()
+
+
 TABLE_SUFFIXES = (".tsv", ".csv")
 PEEK_ROWS = 20  # examples read by peek_columns: enough to see what a label column holds
 
@@ -77,8 +85,8 @@ def _load_local(path: str, header: bool = True):
     if suffix == ".txt":
         lines = [line.rstrip("\n") for line in file.open(encoding="utf-8") if line.strip()]
         if lines and all(PAIR_SEPARATOR in line for line in lines[:100]):
-            pairs = [line.split(PAIR_SEPARATOR, 1) for line in lines]
-            return datasets.Dataset.from_dict({"source": [s.strip() for s, _ in pairs], "target": [t.strip() for _, t in pairs]})
+            pairs = [split_pair(line) for line in lines]
+            return datasets.Dataset.from_dict({"source": [s for s, _ in pairs], "target": [t for _, t in pairs]})
         return datasets.Dataset.from_dict({"text": lines})
     raise ValueError(f"data file {path}: unsupported format {suffix!r}; use .tsv, .csv, .json, .jsonl or .txt")
 
@@ -208,7 +216,7 @@ def peek_columns(path: str, header: bool = True) -> tuple[list[str], list[dict] 
         return list(examples[0]), examples
     if suffix == ".txt":
         if lines and PAIR_SEPARATOR in lines[0]:
-            return ["source", "target"], [dict(zip(("source", "target"), line.split(PAIR_SEPARATOR, 1))) for line in lines]
+            return ["source", "target"], [dict(zip(("source", "target"), split_pair(line))) for line in lines if PAIR_SEPARATOR in line]
         return ["text"], [{"text": line} for line in lines]
     raise ValueError(f"data file {path}: unsupported format {suffix!r}; use .tsv, .csv, .json, .jsonl or .txt")
 

@@ -39,9 +39,21 @@ def test_instruct_table_keeps_the_dsee_cells_setting_and_judges_the_targets(tmp_
     section = report.lm_instruct_section()
     assert "| dsee | 2.20 (1 seed) | 25.00 (1 seed) | 0.0% | 3.12% |" in section
     assert "| dsee_50% | 2.31 (1 seed) | 20.00 (1 seed) | 50.0% |" in section
-    assert "+0.095 nats from PEFT LoRA's at the same rank (target ≤ +0.05: missed by 0.045 nats)" in section  # log(2.2/2.0)
-    assert "dsee_50%: answer-token perplexity +5.0% of unpruned DSEE's (target ≤ +10%: met)" in section
+    assert "+0.095 nats from PEFT LoRA's at the same rank (target ≤ +0.05: missed by 0.045 nats; 1 seed)" in section  # log(2.2/2.0)
+    assert "dsee_50%: answer-token perplexity +5.0% of unpruned DSEE's (target ≤ +10%: met; 1 seed)" in section
     assert "9.00" not in section
+
+
+def test_instruct_verdicts_compare_only_the_seeds_both_cells_have(tmp_path, monkeypatch):
+    """A seed run for one cell only (seed 2 of dsee here) moves its table row, not the verdicts."""
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    ppl = {("peft_lora", 0): 2.0, ("peft_lora", 1): 4.0, ("dsee", 0): 2.0, ("dsee", 1): 4.4, ("dsee", 2): 100.0, ("dsee_50%", 1): 4.62}
+    rows = [{"task": "gsm8k", "seed": seed, "train_rows": 256, "steps": 12, "method": m, "answer_ppl": v, "exact_match": 0.1} for (m, seed), v in ppl.items()]
+    (tmp_path / "lm_instruct.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = report.lm_instruct_section()
+    assert "| dsee | 35.47 ± 55.90 |" in section  # the table: every seed of the cell
+    assert "+0.065 nats from PEFT LoRA's at the same rank (target ≤ +0.05: missed by 0.015 nats; 2 seeds)" in section  # log(3.2/3.0)
+    assert "dsee_50%: answer-token perplexity +5.0% of unpruned DSEE's (target ≤ +10%: met; 1 seed)" in section  # 4.62 against seed 1's 4.4
 
 
 def test_e2e_subset_keeps_the_first_representations_with_all_their_references(tmp_path):
@@ -61,7 +73,7 @@ def test_e2e_table_and_the_headlines_bleu_column(tmp_path, monkeypatch):
     (tmp_path / "lm_instruct.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     section = report.lm_e2e_section()
     assert "| dsee | 61.50 (1 seed) | 3.90 (1 seed) | 0.0% | 1.79% |" in section
-    assert "- dsee: BLEU +1.50 against peft_lora." in section and "- dsee_2:4: BLEU -6.25 against dsee." in section
+    assert "- dsee: BLEU +1.50 against peft_lora (1 seed)." in section and "- dsee_2:4: BLEU -6.25 against dsee (1 seed)." in section
     assert "exact" not in section  # GSM8K's rows stay in their own table
     headline = report.lm_instruct_headline()
     assert "| dsee | 3.00 (1 seed) | 2.00 (1 seed) | 61.50 (1 seed) |" in headline

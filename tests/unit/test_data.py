@@ -70,6 +70,14 @@ def test_lm_plain_text_and_jsonl(tmp_path, tokenizer):
         assert row["labels"] == row["input_ids"] == tokenizer("hello world")["input_ids"] + [tokenizer.eos_token_id]
 
 
+def test_a_pair_file_with_a_line_missing_its_separator_names_the_line(tmp_path):
+    path = tmp_path / "pairs.txt"
+    path.write_text("name : A || A is a pub .\n" * 100 + "name : B , no separator\n")
+    cfg = TrainConfig(task="lm", train_file=str(path), eval_file=str(path))
+    with pytest.raises(ValueError, match="'name : B , no separator': no '\\|\\|' between source and target"):
+        load_split(cfg, "train")
+
+
 def test_e2e_pairs_put_the_loss_on_the_target_only(tokenizer):
     cfg = TrainConfig(task="lm", train_file=str(SHARED_DATA / "e2e" / "valid.txt"), eval_file=str(SHARED_DATA / "e2e" / "valid.txt"), max_train_samples=3)
     rows = tokenize(load_split(cfg, "train"), tokenizer, cfg)

@@ -56,9 +56,9 @@ def test_glue_targets_say_the_gap_per_task_the_average_and_by_how_much_a_target_
     assert rows["dsee_structured"][0] == "dsee_structured − dsee ≥ −2, FLOPs saved ≥ 25%"
     assert rows["dsee_structured"][-1] == "FLOPs saved 20.0% < 25% so far (2 of 5 tasks, 2 of its gaps on under 3 seeds)"
     costs = {r[0]: r for r in report.glue_costs(cells, ["dsee", "dsee_prune50", "full"])}
-    assert costs["dsee"] == ["dsee", "1.30", "—", "—", "20 (10–30)", "—", "—", 15]  # 10, 20 and 30 min on each of five tasks; no step timings recorded
+    assert costs["dsee"] == ["dsee", "1.30", "—", "—", "20 (10–30)", "—", "—", "—", 15]  # 10, 20 and 30 min on each of five tasks; no step timings recorded
     assert costs["dsee_prune50"][2:4] == ["50.0", "47.0"]
-    assert costs["full"] == ["full", "—", "—", "—", "—", "—", "—", 0]
+    assert costs["full"] == ["full", "—", "—", "—", "—", "—", "—", "—", 0]
 
 
 def test_the_distilled_rows_targets_name_a_task_below_its_floor_and_costs_show_the_teacher_pass():
@@ -70,7 +70,15 @@ def test_the_distilled_rows_targets_name_a_task_below_its_floor_and_costs_show_t
     assert kd[0] == "dsee_prune50_kd − dsee ≥ −1, each task ≥ −2.5"
     assert kd[1:] == ["+0.00", "-3.00", "+0.00", "+0.00", "+0.00", "**-0.60**", "cola -3.00 < −2.5"]
     (costs,) = report.glue_costs(cells, ["dsee_prune50_kd"])
-    assert costs[-3:] == ["0.50", "12.00", 15]
+    assert costs[-4:] == ["0.50", "12.00", "—", 15]  # no dsee_prune50 step times to compare with
+
+
+def test_the_distilled_step_cost_is_the_ratio_of_medians_on_the_tasks_both_timed():
+    cells = dict([glue_cell("dsee_prune50_kd", t, 80, 80, 80, retune_s_per_step=s) for t, s in (("cola", 0.66), ("rte", 0.9))]
+                 + [glue_cell("dsee_prune50", "cola", 80, 80, 80, retune_s_per_step=0.5), glue_cell("dsee_prune50", "sst2", 80, retune_s_per_step=0.1),
+                    glue_cell("dsee_structured_kd", "cola", 80, retune_s_per_step=0.45), glue_cell("dsee_structured", "cola", 80, retune_s_per_step=0.44)])
+    costs = {r[0]: r[-2] for r in report.glue_costs(cells, ["dsee_prune50", "dsee_prune50_kd", "dsee_structured_kd"])}
+    assert costs == {"dsee_prune50": "—", "dsee_prune50_kd": "1.32 (missed; cola)", "dsee_structured_kd": "1.02 (met; cola)"}
 
 
 def test_a_gap_pairs_seeds_both_ways_and_a_task_without_a_shared_seed_is_pending():
