@@ -187,13 +187,14 @@ def distilled_step_ratio(cells: dict, method: str) -> str:
     step times, with the verdict; "—" for other methods or before both are timed."""
     if not method.endswith("_kd"):
         return "—"
-    base = method.removesuffix("_kd")
-    tasks = {t for (t, m), by_seed in cells.items() if m == method and any(r.get("retune_s_per_step") for r in by_seed.values())}
-    tasks &= {t for (t, m), by_seed in cells.items() if m == base and any(r.get("retune_s_per_step") for r in by_seed.values())}
+    pair = (method, method.removesuffix("_kd"))
+    timed = {m: {t: times for (t, name), by_seed in cells.items() if name == m and (times := [r["retune_s_per_step"] for r in by_seed.values() if r.get("retune_s_per_step")])}
+             for m in pair}
+    tasks = set(timed[pair[0]]) & set(timed[pair[1]])
     if not tasks:
         return "—"
-    steps = {m: statistics.median(r["retune_s_per_step"] for t in tasks for r in cells[t, m].values() if r.get("retune_s_per_step")) for m in (method, base)}
-    ratio = round(steps[method] / steps[base], 2)
+    steps = {m: statistics.median(s for t in tasks for s in timed[m][t]) for m in pair}
+    ratio = round(steps[pair[0]] / steps[pair[1]], 2)
     return f"{ratio:.2f} ({'met' if ratio <= DISTILLED_STEP_RATIO else 'missed'}; {', '.join(sorted(tasks))})"
 
 
