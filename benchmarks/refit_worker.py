@@ -1,4 +1,4 @@
-"""The 2:4 SparseGPT re-fit of a partitioned GPT-2 config (random init, DSEE adapters, keep_sparse)
+"""The 2:4 SparseGPT re-fit of a partitioned builtin config (GPT-2-medium unless --model; random init, DSEE adapters, keep_sparse)
 on the ranks that launched it, timed spread over the ranks (`refit`'s default) and on rank 0
 alone (spread=False, the schedule before the spread), alternating spread / alone / alone /
 spread ... after an untimed warm-up of each on the first block, so load on a shared machine falls
@@ -6,6 +6,7 @@ on both alike. Rank 0 appends one JSON line to --out."""
 import argparse
 import importlib
 import os
+import shutil
 import statistics
 import time
 
@@ -16,8 +17,9 @@ from results_io import record
 
 from dsee_scale import DSEEConfig, apply_dsee, zero
 from dsee_scale.config import PruneConfig
+from dsee_scale.ds_config import check_nvme_buffers, load_ds_config
 from dsee_scale.engine import create_engine, init_distributed
-from dsee_scale.models import build_model, builtin_config
+from dsee_scale.models import TASK_MODELS, build_model, builtin_config
 from dsee_scale.prune import prune_targets
 
 refit_module = importlib.import_module("dsee_scale.prune.refit")  # the module: the package exports its refit function by that name
@@ -28,6 +30,7 @@ p.add_argument("--layers", type=int, help="keep only the first N blocks (same ma
 p.add_argument("--batches", type=int, default=2, help="calibration micro-batches per rank")
 p.add_argument("--tokens", type=int, default=128, help="tokens per calibration row (one row per micro-batch)")
 p.add_argument("--repeats", type=int, default=1, help="spread/alone/alone/spread cycles")
+p.add_argument("--nvme", help="a folder on a local disk: the frozen shards swapped there (ds_configs/zero3_nvme.json), not kept in memory")
 p.add_argument("--out", required=True)
 args, _ = p.parse_known_args()
 init_distributed()
@@ -35,8 +38,15 @@ rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 config = builtin_config(args.model)
 if args.layers:
-    config.n_layer = args.layers
-ds_config = zero.with_fetch_defaults({"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    config.num_hidden_layers = args.layers  # GPT-2 maps it to n_layer
+ds_config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+if args.nvme:
+    nvme = load_ds_config("zero3_nvme")
+    ds_config["zero_optimization"] = {**nvme["zero_optimization"], "offload_param": {**nvme["zero_optimization"]["offload_param"], "nvme_path": f"{args.nvme}/rank{rank}"}}
+    ds_config["aio"] = nvme["aio"]
+    with torch.device("meta"):
+        check_nvme_buffers(ds_config, TASK_MODELS["lm"].from_config(config), world)  # resolves buffer_size "auto"
+ds_config = zero.with_fetch_defaults(ds_config)
 model = apply_dsee(build_model(config, "lm", ds_config=ds_config), DSEEConfig(rank=8, nnz=64, support="magnitude", init="normal"), ds_config=ds_config)
 engine = create_engine(model, ds_config, lr=1e-4)
 engine.eval()
@@ -71,7 +81,7 @@ for spread in [True, False, False, True] * args.repeats:
 if rank == 0:
     best = {s: min(t for t, _ in times[s]) for s in times}
     fit = {s: min(t - g for t, g in times[s]) for s in times}
-    line = {"model": args.model, "layers": config.n_layer, "matrices": len(targets), "world_size": world, "calibration_tokens_per_rank": args.batches * args.tokens,
+    line = {"model": args.model, "layers": config.num_hidden_layers, "frozen_shards": "nvme" if args.nvme else "memory", "on_nvme": zero.on_nvme_count(model), "matrices": len(targets), "world_size": world, "calibration_tokens_per_rank": args.batches * args.tokens,
             "spread_s": [round(t, 1) for t, _ in times[True]], "rank0_alone_s": [round(t, 1) for t, _ in times[False]],
             "grams_s": [round(g, 1) for s in (True, False) for _, g in times[s]],
             "speedup_best": round(best[False] / best[True], 3), "speedup_mean": round(statistics.mean(t for t, _ in times[False]) / statistics.mean(t for t, _ in times[True]), 3),
@@ -79,3 +89,5 @@ if rank == 0:
             "cpu_cores": os.cpu_count(), "load_1min_after": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d")}
     record(line, args.out, echo=False)
 dist.barrier()
+if args.nvme:
+    shutil.rmtree(f"{args.nvme}/rank{rank}", ignore_errors=True)
