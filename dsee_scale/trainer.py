@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import datasets
 import torch
+import transformers
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -44,6 +46,12 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 log = logging.getLogger("dsee_scale")
+
+
+def shows_progress() -> bool:
+    """Progress bars on rank 0 at a terminal only: in a log file every refresh adds a line's worth
+    of carriage returns, so there the log_every records are logged instead."""
+    return dist.is_main() and sys.stderr.isatty()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -74,6 +82,9 @@ class Recipe:
         # the one acted on, and no rank is still reading it once rank 0 may replace it.
         cfg.resume, cfg.overwrite = dist.all_gather_object((cfg.resume, cfg.overwrite))[0]
         logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+        if not shows_progress():  # the libraries' bars as well: datasets reading and tokenizing, transformers loading weights
+            datasets.disable_progress_bars()
+            transformers.utils.logging.disable_progress_bar()
         self.writer = run_folder.is_writer(self.run_dir)
         if self.writer:
             run_folder.prepare(cfg, self.ds_config, self.world)
@@ -247,9 +258,7 @@ class Recipe:
         if schedule is not None and cfg.warmup_steps > steps:
             log.warning("warm-up (%d steps) is longer than the %s stage (%d steps): the LR never reaches --lr", cfg.warmup_steps, stage, steps)
         engine.train()
-        # A bar only on a terminal: in a log file every refresh would add a line's worth of
-        # carriage returns, so there the log_every records below are logged instead.
-        bar = tqdm(range(start, steps), desc=stage, disable=not (dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True)
+        bar = tqdm(range(start, steps), desc=stage, disable=not shows_progress(), dynamic_ncols=True)
         window, tic, stage_tic = [], time.time(), time.time()
         examples = tokens = stage_tokens = 0.0  # examples and real input tokens since the last log record; real input tokens of the stage
         for step in bar:

@@ -106,6 +106,12 @@ def run_launcher(launcher: str, script: str, args: list, **options) -> str:
     return output
 
 
+def progress_bar_in(output: str) -> bool:
+    """Whether a job's output shows a tqdm bar ("[00:01<00:02, ..." or "[00:00, ..."): read back as
+    text, the carriage returns a bar writes come back as newlines, so they cannot be looked for."""
+    return re.search(r"\[\d\d:\d\d[<,]", output) is not None
+
+
 def tail_per_rank(output: str, chars: int) -> str:
     """The last `chars` characters of a job's output, shared between the ranks spawn_ranks labelled.
     The list of extension modules a fatal error ends with is dropped: the stacks above it stay."""

@@ -5,7 +5,7 @@ import math
 
 import pytest
 from conftest import RECIPES
-from launch_utils import run_launcher
+from launch_utils import progress_bar_in, run_launcher
 
 from dsee_scale.evaluate import evaluate_folder
 from helpers.glue import FORMATS, TINY, recipe_config
@@ -21,12 +21,13 @@ def test_two_ranks_run_each_glue_format_end_to_end(task, tmp_path):
     """The recipe's data settings, a tiny BERT and a slice of the data through every stage on 2
     ZeRO-3 ranks. 15 evaluation rows over 2 ranks of micro-batch 4: rank 1 pads its share with a
     filler row; the gathered metrics equal a plain single-process evaluation of the export, so
-    every row was counted once."""
+    every row was counted once. Its output, not a terminal's, has no progress bar."""
     out = tmp_path / "run"
     flags = ["--config", RECIPES / f"glue-{task}.yaml", *TINY, "--steps", 2, "--retune_steps", 1, "--warmup_steps", 0, "--max_train_samples", 16,
              "--max_eval_samples", 15, "--max_length", 32, "--micro_batch_size", 4, "--stages", "tune,prune,retune,export,evaluate",
              "--output_dir", out, *(STRUCTURED if task == "stsb" else [])]
-    run_launcher("ranks", "launch/train.py", flags)
+    output = run_launcher("ranks", "launch/train.py", flags, env={"HF_DATASETS_CACHE": str(tmp_path / "datasets")})  # read and tokenized afresh
+    assert not progress_bar_in(output)  # a log, not a terminal: no progress bar, the libraries' (reading, tokenizing, loading) included
     summary = json.loads((out / "summary.json").read_text())
     cfg = recipe_config(task, *flags[2:])
     for when in ("before", "after"):
