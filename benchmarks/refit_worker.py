@@ -1,10 +1,14 @@
-"""The 2:4 SparseGPT re-fit of a partitioned builtin config (GPT-2-medium unless --model; random init, DSEE adapters, keep_sparse)
-on the ranks that launched it, timed spread over the ranks (`refit`'s default) and on rank 0
-alone (spread=False, the schedule before the spread), alternating spread / alone / alone /
-spread ... after an untimed warm-up of each on the first block, so load on a shared machine falls
-on both alike. Rank 0 appends one JSON line to --out."""
+"""The 2:4 SparseGPT re-fit of a partitioned builtin config (GPT-2-medium unless --model; random
+init, DSEE adapters, keep_sparse) on the ranks that launched it, timed spread over the ranks
+(`refit`'s default) and on rank 0 alone (spread=False, the schedule before the spread),
+alternating spread / alone / alone / spread ... after an untimed warm-up of each on the first
+block, so load on a shared machine falls on both alike. With --nvme the frozen shards live on disk
+(ds_configs/zero3_nvme.json's offload_param, a swap folder per rank under --nvme, removed at the
+end): each fit reads its matrix from there and writes its rows back. Rank 0 appends one JSON line
+to --out."""
 import argparse
 import importlib
+import json
 import os
 import shutil
 import statistics
@@ -17,7 +21,7 @@ from results_io import record
 
 from dsee_scale import DSEEConfig, apply_dsee, zero
 from dsee_scale.config import PruneConfig
-from dsee_scale.ds_config import check_nvme_buffers, load_ds_config
+from dsee_scale.ds_config import check_nvme_buffers, check_nvme_offload, resolve_ds_config
 from dsee_scale.engine import create_engine, init_distributed
 from dsee_scale.models import TASK_MODELS, build_model, builtin_config
 from dsee_scale.prune import prune_targets
@@ -41,9 +45,11 @@ if args.layers:
     config.num_hidden_layers = args.layers  # GPT-2 maps it to n_layer
 ds_config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 if args.nvme:
-    nvme = load_ds_config("zero3_nvme")
+    name, file = resolve_ds_config("zero3_nvme")
+    nvme = json.loads(file.read_text())
     ds_config["zero_optimization"] = {**nvme["zero_optimization"], "offload_param": {**nvme["zero_optimization"]["offload_param"], "nvme_path": f"{args.nvme}/rank{rank}"}}
     ds_config["aio"] = nvme["aio"]
+    check_nvme_offload(ds_config, f"{name} with nvme_path {args.nvme}")  # this folder writable, libaio there
     with torch.device("meta"):
         check_nvme_buffers(ds_config, TASK_MODELS["lm"].from_config(config), world)  # resolves buffer_size "auto"
 ds_config = zero.with_fetch_defaults(ds_config)
